@@ -1,0 +1,29 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned in the same command as timm so pip takes the local wheels
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint install clean
+
+$(BIN)/kdcli: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH) -e '.[test]'
+	touch $@
+
+install: $(BIN)/kdcli
+
+demo: install
+	$(BIN)/kdcli demo
+
+test: install
+	$(BIN)/ruff check kdcli tests benchmarks
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check kdcli tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

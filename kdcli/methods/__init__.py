@@ -1,0 +1,109 @@
+"""Method registry: ``@register`` a :class:`Method` subclass; ``build`` finds it by name.
+
+``build("cwd+fgd", ...)`` combines several methods; each keeps its own weight and options
+(``--set cwd.weight=2``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import ConfigError, MethodError
+from ..models.taps import ModelOutput, TapInfo
+from .base import Method
+
+_REGISTRY: dict[str, type[Method]] = {}
+# Modules imported on first lookup; each registers its methods.
+_BUILTIN = ("kd", "fitnet", "cankd")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    for mod in _BUILTIN:
+        importlib.import_module(f"{__name__}.{mod}")
+
+
+def available() -> dict[str, type[Method]]:
+    _load_builtin()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get(name: str) -> type[Method]:
+    methods = available()
+    if name not in methods:
+        raise MethodError(f"--method: unknown method '{name}' (valid: {', '.join(methods)})")
+    return methods[name]
+
+
+class MethodSet(Method):
+    """Several methods applied to the same taps; their losses are summed by the engine."""
+
+    name = "+"
+
+    def __init__(self, methods: dict[str, Method], task: str) -> None:
+        super().__init__({}, {}, task)
+        from torch import nn
+
+        self.methods = nn.ModuleDict(methods)
+        self.needs = tuple(dict.fromkeys(n for m in methods.values() for n in m.needs))
+
+    @property
+    def needs_targets_any(self) -> bool:
+        return any(type(m).needs_targets for m in self.methods.values())
+
+    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for m in self.methods.values():
+            out.update(m(s, t, targets))
+        return out
+
+
+def split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{"cwd.weight": 2}`` → per-method dicts; unprefixed keys go to a single method."""
+    per: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in overrides.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in per:
+            per[head][rest] = value
+        elif len(names) == 1:
+            per[names[0]][key] = value
+        else:
+            raise ConfigError(
+                f"--set {key}: with several methods prefix the option with the method name "
+                f"({', '.join(f'{n}.{key}' for n in names)})"
+            )
+    return per
+
+
+def build(
+    spec: str,
+    student: dict[str, TapInfo],
+    teacher: dict[str, TapInfo],
+    task: str,
+    overrides: dict[str, Any] | None = None,
+) -> MethodSet:
+    """Build the method(s) named by ``spec`` (``"cankd"`` or ``"cwd+fgd"``)."""
+    names = [n.strip() for n in spec.split("+") if n.strip()]
+    if not names:
+        raise MethodError("--method: empty method name")
+    per = split_overrides(names, overrides or {})
+    built: dict[str, Method] = {}
+    for n in names:
+        cls = get(n)
+        if task not in cls.tasks:
+            raise MethodError(f"method '{n}' does not support {task} (it supports {', '.join(cls.tasks)})")
+        hp = cls.resolve_hparams(task, per[n])
+        built[n] = cls(student, teacher, task, **hp)
+    return MethodSet(built, task)
+
+
+__all__ = ["Method", "MethodSet", "available", "build", "get", "register"]

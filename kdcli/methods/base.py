@@ -1,0 +1,123 @@
+"""Method base class: two sets of taps in, named weighted losses out."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError, MethodError
+from ..models.taps import ModelOutput, TapInfo, fpn_taps
+
+
+class Method(nn.Module):
+    """A distillation method.
+
+    Subclasses set the class attributes below and implement :meth:`forward`. The constructor
+    receives the student's and teacher's tap info (channels, strides), the task, and the
+    resolved hyper-parameters (preset of the task, then user overrides). Learnable parts
+    (adapters, generators, attention) are submodules: they are trained with the student and
+    never exported.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = ("detection", "segmentation")
+    needs_targets: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True
+    # task -> hyper-parameters; copied from the official configs where they exist.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(
+        self,
+        student: dict[str, TapInfo],
+        teacher: dict[str, TapInfo],
+        task: str,
+        **hp: Any,
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.hp = hp
+        self.needs: tuple[str, ...] = ()
+
+    def forward(
+        self, s: ModelOutput, t: ModelOutput, targets: Any = None
+    ) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- helpers shared by subclasses -------------------------------------------------
+    @classmethod
+    def resolve_hparams(cls, task: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Preset for ``task`` updated with ``overrides`` (strings are coerced to the preset's types)."""
+        if task not in cls.presets:
+            raise MethodError(
+                f"method '{cls.name}' has no preset for task '{task}' (it supports: "
+                f"{', '.join(sorted(cls.presets))})"
+            )
+        hp = copy.deepcopy(cls.presets[task])
+        for key, value in (overrides or {}).items():
+            if key not in hp:
+                raise ConfigError(
+                    f"--set {key}: '{cls.name}' has no such option (valid: {', '.join(sorted(hp))})"
+                )
+            hp[key] = coerce(value, hp[key], f"--set {key}")
+        return hp
+
+
+def coerce(value: Any, like: Any, where: str) -> Any:
+    """Convert a command-line string to the type of the preset value ``like``."""
+    if not isinstance(value, str) or isinstance(like, str):
+        return value
+    try:
+        if isinstance(like, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+        if isinstance(like, (list, tuple)):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+            if like and not isinstance(like[0], str):
+                return type(like)(coerce(v, like[0], where) for v in items)
+            return type(like)(items)
+    except ValueError:
+        raise ConfigError(f"{where}: cannot read '{value}' as {type(like).__name__}") from None
+    return value
+
+
+def select_taps(
+    spec: str | list[str] | tuple[str, ...],
+    student: dict[str, TapInfo],
+    teacher: dict[str, TapInfo],
+    method: str,
+) -> tuple[str, ...]:
+    """Resolve a tap spec to names both models have.
+
+    ``spec`` is a list of tap names, or ``"fpn"`` (all FPN levels), or ``"fpn:K"`` (the K finest
+    FPN levels of the student: P3..P6 for RetinaNet/FCOS, P2..P5 for Faster R-CNN).
+    """
+    if isinstance(spec, str):
+        if spec.startswith("fpn"):
+            levels = fpn_taps(student)
+            if ":" in spec:
+                levels = levels[: int(spec.split(":", 1)[1])]
+            names: tuple[str, ...] = tuple(levels)
+        else:
+            names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    else:
+        names = tuple(spec)
+    if not names:
+        raise MethodError(f"method '{method}': tap spec {spec!r} selects no tap of the student")
+    for n in names:
+        for who, info in (("student", student), ("teacher", teacher)):
+            if n not in info:
+                raise MethodError(
+                    f"method '{method}' needs tap '{n}' but the {who} has only "
+                    f"{', '.join(info) or 'no taps'}; choose taps with --set taps=..."
+                )
+    return names

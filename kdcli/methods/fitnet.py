@@ -1,0 +1,114 @@
+r"""FitNet — hint learning with a regressor (Romero et al., "FitNets: Hints for Thin Deep Nets",
+ICLR 2015), in the dense-prediction form of CIRKD's re-implementation (Yang et al., "Cross-Image
+Relational Knowledge Distillation for Semantic Segmentation", CVPR 2022, winycg/CIRKD
+``losses/fitnet.py``). Spec: shared/methods/feature-methods.md §6.
+
+Equation implemented, per tap (the paper's hint loss L_HT = ½‖u_h − r(v_g)‖², with a 1×1 conv
+regressor r and CIRKD's mean over all elements instead of ½·sum)::
+
+    L_tap = w · mean_{n,c,h,w} ( r(F_S) − F_T )²
+
+Per-tap losses are returned separately and summed by the engine.
+
+Presets:
+
+- segmentation (CIRKD §6.1): tap ``seg_feat`` (the head feature after the ASPP 3×3 block), r =
+  1×1 conv **without bias**, applied even when the channel counts are equal, PyTorch default
+  init, w = 10.
+- detection (§6.3, no official config): every FPN level (``taps="fpn"``), r = 1×1 conv with bias
+  per level (default init, always applied), w = 1.0 per level — our choice. Mean MSE on raw FPN
+  features is O(1e-1..1e0) at the start, so with 4–5 levels the distillation term starts at O(1),
+  the same order as RetinaNet's focal + box loss, and shrinks as r fits; PKD/CanKD use effective
+  weights 3–5 but on instance/standardised features, whose MSE is larger.
+
+Deviations and assumptions:
+
+- The paper trains the hint stage separately (stage-wise) before KD; here, as in CIRKD, the hint
+  loss is added to the task loss from the first iteration.
+- CIRKD's official script also adds pixel-wise logit KD (λ = 1); here that is a separate method
+  (``--method fitnet+kd``).
+- Computed in float32 with autocast disabled (the regressor runs in float32 too).
+
+Heterogeneous pairs: the regressor maps student channels to teacher channels (it exists for every
+tap whenever the channel counts differ, and also when they are equal unless
+``adapter_always=False``); a student map of a different H×W is resized to the teacher's after the
+regressor (bilinear, ``align_corners=False``; a 1×1 conv commutes with bilinear resizing, so the
+order does not change the result).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..errors import MethodError
+from ..models.taps import ModelOutput, TapInfo
+from . import register
+from .base import Method, select_taps
+from .common import build_adapter, float32_region, match_spatial, upcast
+
+
+@register
+class FitNet(Method):
+    """Adapter + mean-squared hint loss per tap (module docstring: equations and deviations)."""
+
+    name = "fitnet"
+    paper = "Romero et al., FitNets: Hints for Thin Deep Nets (ICLR 2015); dense form of CIRKD (CVPR 2022)"
+    tasks = ("detection", "segmentation")
+    needs_targets = False
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # no official detection config (spec §6.3): weight is ours, see the module docstring
+        "detection": {
+            "taps": "fpn",
+            "weight": 1.0,
+            "adapter_bias": True,
+            "adapter_always": True,
+            "adapter_init": "default",
+        },
+        # CIRKD train_fitnet.sh: λ = 10, bias-free 1×1 conv always applied, default init
+        "segmentation": {
+            "taps": "seg_feat",
+            "weight": 10.0,
+            "adapter_bias": False,
+            "adapter_always": True,
+            "adapter_init": "default",
+        },
+    }
+
+    def __init__(
+        self,
+        student: dict[str, TapInfo],
+        teacher: dict[str, TapInfo],
+        task: str,
+        **hp: Any,
+    ) -> None:
+        super().__init__(student, teacher, task, **hp)
+        self.taps = select_taps(hp["taps"], student, teacher, self.name)
+        self.needs = self.taps
+        self.weight = float(hp["weight"])
+        always = bool(hp["adapter_always"])
+        self.adapters = nn.ModuleDict()
+        for tap in self.taps:
+            cs, ct = student[tap].channels, teacher[tap].channels
+            if always or cs != ct:
+                self.adapters[tap] = build_adapter(
+                    cs, ct, bias=bool(hp["adapter_bias"]), init=str(hp["adapter_init"])
+                )
+
+    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for tap in self.taps:
+            fs, ft = s.taps[tap], t.taps[tap]
+            if fs.dim() != 4 or ft.dim() != 4:
+                raise MethodError(
+                    f"method 'fitnet': tap '{tap}' must be a feature map (N, C, H, W); got student "
+                    f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
+                )
+            with float32_region(fs):
+                fs, ft = upcast(fs), upcast(ft.detach())
+                if tap in self.adapters:
+                    fs = self.adapters[tap](fs)
+                fs = match_spatial(fs, ft)
+                out[f"{self.name}.{tap}"] = self.weight * (fs - ft).pow(2).mean()
+        return out

@@ -1,0 +1,54 @@
+"""Build a :class:`TapModel` from a zoo spec, optionally loading its weights strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ZooError
+from ..weights import cached_file, load_strict, read_state_dict
+from ..zoo import ModelSpec
+from .base import TapModel
+
+
+def build_model(spec: ModelSpec, weights: Path | str | None = None) -> TapModel:
+    """Build ``spec`` with ``weights=None`` everywhere; then load ``weights``:
+    a local file, ``"zoo"`` (the spec's source, from the cache only), or ``None`` (as built)."""
+    if spec.task == "detection":
+        from .detection import DetectionModel, build_detector
+
+        model: TapModel = DetectionModel(spec, build_detector(spec))
+    elif spec.task == "segmentation":
+        from .segmentation import SegmentationModel, build_segmenter
+
+        model = SegmentationModel(spec, build_segmenter(spec))
+    else:
+        raise ZooError(f"{spec.name}: unknown task '{spec.task}'")
+    if weights == "zoo":
+        load_zoo_weights(model, spec)
+    elif weights is not None:
+        load_strict(model.net, read_state_dict(Path(weights)), str(weights))
+    return model
+
+
+def load_zoo_weights(model: TapModel, spec: ModelSpec) -> None:
+    if spec.weights_kind == "none" or spec.weights == "none":
+        raise ZooError(f"{spec.name}: the zoo has no weights for it; train it with `kdcli train --model {spec.name}`")
+    path = cached_file(spec.weights, spec.name)
+    state = read_state_dict(path)
+    if spec.weights_kind == "full":
+        load_strict(model.net, state, str(path))
+    else:
+        load_strict(backbone_body(model.net), strip_classifier(state), str(path))
+
+
+def backbone_body(net: nn.Module) -> nn.Module:
+    body = getattr(net.backbone, "body", net.backbone)
+    return body
+
+
+def strip_classifier(state: dict) -> dict:
+    """ImageNet checkpoints carry a classifier (``fc.*``, ``classifier.*``, ``head.*``) the dense
+    model does not have."""
+    return {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier.", "head.fc."))}

@@ -1,0 +1,175 @@
+"""torchvision RetinaNet / FCOS / Faster R-CNN / Mask R-CNN as tap-producing models.
+
+The forward runs the detector's parts explicitly (transform once, backbone body, FPN, head,
+anchors, losses), so taps come out without hooks and the task losses equal
+``model(images, targets)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
+
+from ..errors import ZooError
+from ..zoo import ModelSpec
+from .backbones import fpn_backbone, freeze_batchnorm, split_backbone
+from .base import Batch, TapModel
+from .taps import ModelOutput
+
+
+def build_detector(spec: ModelSpec) -> nn.Module:
+    pp = spec.preprocess
+    common: dict[str, Any] = dict(
+        min_size=int(pp.get("min_size", 800)),
+        max_size=int(pp.get("max_size", 1333)),
+        image_mean=list(pp.get("mean", (0.485, 0.456, 0.406))),
+        image_std=list(pp.get("std", (0.229, 0.224, 0.225))),
+    )
+    lib, arch = split_backbone(spec.backbone)
+    if lib == "torchvision" and arch.startswith("mobilenet"):
+        if spec.architecture != "fasterrcnn":
+            raise ZooError(f"{spec.name}: MobileNet backbones are available for fasterrcnn only")
+        from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+
+        net = fasterrcnn_mobilenet_v3_large_fpn(
+            weights=None, weights_backbone=None, num_classes=spec.num_classes, **common
+        )
+        return freeze_batchnorm(net) if spec.norm == "frozen" else net
+    first = 1 if spec.architecture in ("fasterrcnn", "maskrcnn") else 2
+    backbone = fpn_backbone(spec.backbone, spec.fpn_channels, spec.extra_levels, spec.norm, first)
+    nc = spec.num_classes
+    if spec.architecture == "retinanet":
+        base = spec.anchor_sizes or [32, 64, 128, 256, 512]
+        # three scales per octave and three aspect ratios, as torchvision/mmdet RetinaNet
+        sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in base)
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        return RetinaNet(backbone, nc, anchor_generator=anchors, **common)
+    if spec.architecture == "fcos":
+        base = spec.anchor_sizes or [8, 16, 32, 64, 128]
+        anchors = AnchorGenerator(tuple((s,) for s in base), ((1.0,),) * len(base))
+        return FCOS(backbone, nc, anchor_generator=anchors, **common)
+    if spec.architecture == "fasterrcnn":
+        return FasterRCNN(backbone, nc, **common)
+    if spec.architecture == "maskrcnn":
+        return MaskRCNN(backbone, nc, **common)
+    raise ZooError(f"{spec.name}: unknown detection architecture '{spec.architecture}'")
+
+
+def _level_name(stride: int, prefix: str) -> str:
+    return f"{prefix}{int(round(math.log2(stride)))}"
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Two outputs at one stride (MobileNetV3's last two stages) get ``a``, ``b``... suffixes."""
+    out = []
+    for i, n in enumerate(names):
+        same = [j for j, m in enumerate(names) if m == n]
+        out.append(n if len(same) == 1 else f"{n}{'abcdefgh'[same.index(i)]}")
+    return out
+
+
+class DetectionModel(TapModel):
+    task = "detection"
+
+    def __init__(self, spec: ModelSpec, net: nn.Module) -> None:
+        super().__init__(spec, net)
+        self.one_stage = isinstance(net, (RetinaNet, FCOS))
+        self._names: tuple[list[str], list[str]] | None = None
+
+    def dry_run_size(self) -> int:
+        return 256
+
+    def preprocess(self, images: list[Tensor], targets: Any = None) -> Batch:
+        orig = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
+        il, targets = self.net.transform(list(images), targets)
+        return Batch(il.tensors, list(il.image_sizes), orig, targets, self.mean, self.std)
+
+    def _tap_names(self, x: Tensor, stages: OrderedDict[str, Tensor], levels: dict[str, Tensor]) -> None:
+        h = x.shape[-2]
+        self._names = (
+            _unique([_level_name(h // f.shape[-2], "c") for f in stages.values()]),
+            _unique([_level_name(h // f.shape[-2], "p") for f in levels.values()]),
+        )
+
+    def _names_for(self, x: Tensor, stages: Any, levels: Any) -> tuple[list[str], list[str]]:
+        if self._names is None:
+            # names come from strides on the first call; padded inputs keep them exact
+            # because transform pads to a multiple of 32 (the coarsest backbone stride).
+            self._tap_names(x, stages, levels)
+        assert self._names is not None
+        return self._names
+
+    def forward(
+        self, batch: Batch, need: set[str] | None = None, losses: bool = True, predict: bool = False
+    ) -> ModelOutput:
+        x = self.input_for(batch)
+        backbone = self.net.backbone
+        stages = (backbone.stages(x) if hasattr(backbone, "stages") else backbone.body(x))
+        levels = backbone.fpn(stages)
+        stage_names, level_names = self._names_for(x, stages, levels)
+        out = ModelOutput()
+        out.taps.update(zip(stage_names, stages.values()))
+        out.taps.update(zip(level_names, levels.values()))
+        targets = batch.targets if losses else None
+        head_needed = need is None or "cls_logits" in need or targets is not None or predict
+        if not head_needed:
+            return out
+        feats = list(levels.values())
+        images = ImageList(x, batch.image_sizes)
+        if self.one_stage:
+            self._one_stage(out, images, feats, targets, predict, batch)
+        else:
+            self._two_stage(out, images, levels, targets, predict, batch)
+        return out
+
+    def _one_stage(
+        self, out: ModelOutput, images: ImageList, feats: list[Tensor], targets: Any, predict: bool, batch: Batch
+    ) -> None:
+        net = self.net
+        head = net.head(feats)
+        out.taps["cls_logits"] = head["cls_logits"]
+        anchors = net.anchor_generator(images, feats)
+        per_level = [f.shape[-2] * f.shape[-1] for f in feats]
+        a = head["cls_logits"].shape[1] // sum(per_level)
+        per_level = [n * a for n in per_level]
+        out.extras.update(head=head, anchors=anchors, num_anchors_per_level=per_level)
+        if targets is not None:
+            if isinstance(net, FCOS):
+                out.losses.update(net.compute_loss(targets, head, anchors, [n // a for n in per_level]))
+            else:
+                out.losses.update(net.compute_loss(targets, head, anchors))
+        if predict:
+            split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
+            split_anchors = [list(t.split(per_level)) for t in anchors]
+            dets = net.postprocess_detections(split_head, split_anchors, images.image_sizes)
+            out.extras["detections"] = net.transform.postprocess(dets, images.image_sizes, batch.original_sizes)
+
+    def _two_stage(
+        self, out: ModelOutput, images: ImageList, levels: dict[str, Tensor], targets: Any, predict: bool,
+        batch: Batch,
+    ) -> None:
+        net = self.net
+        # torchvision's RPN and RoI heads compute losses in train mode and detections in eval mode
+        proposals, rpn_losses = net.rpn(images, levels, targets if self.training else None)
+        dets, roi_losses = net.roi_heads(levels, proposals, images.image_sizes,
+                                         targets if self.training else None)
+        if targets is not None and self.training:
+            out.losses.update(rpn_losses)
+            out.losses.update(roi_losses)
+        if predict and not self.training:
+            out.extras["detections"] = net.transform.postprocess(dets, images.image_sizes, batch.original_sizes)
+
+
+def empty_detections(n: int, device: torch.device) -> list[dict[str, Tensor]]:
+    return [
+        {"boxes": torch.zeros(0, 4, device=device), "scores": torch.zeros(0, device=device),
+         "labels": torch.zeros(0, dtype=torch.int64, device=device)}
+        for _ in range(n)
+    ]

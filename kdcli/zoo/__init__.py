@@ -1,0 +1,188 @@
+"""The model zoo: a TOML manifest shipped in the wheel, read into :class:`ModelSpec`.
+
+Names follow ``<backbone>-<architecture>`` as users type them (``r101-retina``). A spec says how
+to build the model (always with ``weights=None``) and where its weights come from; kdcli loads
+weights itself, strictly. Nothing here downloads: a missing file is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ZooError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TASKS = ("detection", "segmentation")
+ARCHITECTURES = {
+    "retinanet": "detection",
+    "fcos": "detection",
+    "fasterrcnn": "detection",
+    "maskrcnn": "detection",
+    "deeplabv3": "segmentation",
+    "fcn": "segmentation",
+    "lraspp": "segmentation",
+}
+
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+]
+SHAPES_DET = ["circle", "square", "triangle"]
+SHAPES_SEG = ["background", *SHAPES_DET]
+
+
+def class_names(classes: str | list[str], task: str) -> list[str]:
+    """Class names for a named set. Detection lists foreground classes only (torchvision adds
+    background at index 0), except ``coco`` which keeps torchvision's 91-slot layout."""
+    if isinstance(classes, list):
+        return list(classes)
+    if classes == "shapes":
+        return list(SHAPES_DET if task == "detection" else SHAPES_SEG)
+    if classes == "cityscapes":
+        return list(CITYSCAPES_CLASSES)
+    if classes in ("coco", "voc"):
+        from torchvision.models import _meta
+
+        if classes == "coco":
+            return list(_meta._COCO_CATEGORIES[1:])  # drop "__background__"
+        return list(_meta._VOC_CATEGORIES)
+    raise ZooError(f"zoo: unknown class set '{classes}' (valid: coco, voc, cityscapes, shapes, or a list)")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model and find its weights."""
+
+    name: str
+    task: str
+    architecture: str
+    backbone: str
+    classes: list[str]
+    preprocess: dict[str, Any]
+    fpn_channels: int = 256
+    extra_levels: str = "p6p7-from-p5"
+    anchor_sizes: list[int] | None = None
+    output_stride: int = 8
+    head_channels: int | None = None
+    norm: str = "bn"
+    weights: str = "none"
+    weights_kind: str = "none"
+    metric: dict[str, float] = field(default_factory=dict)
+    license: str = ""
+    notes: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of the classifier (detection: + background)."""
+        return len(self.classes) + (1 if self.task == "detection" else 0)
+
+    def with_classes(self, classes: list[str]) -> ModelSpec:
+        return replace(self, classes=list(classes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> ModelSpec:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ZooError(f"{where}: unknown model field(s) {', '.join(sorted(unknown))}")
+        try:
+            return cls(**d)
+        except TypeError as err:
+            raise ZooError(f"{where}: incomplete model spec ({err})") from None
+
+
+@lru_cache(maxsize=1)
+def _manifest() -> dict[str, ModelSpec]:
+    specs: dict[str, ModelSpec] = {}
+    for res in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
+        if not res.name.endswith(".toml"):
+            continue
+        try:
+            data = tomllib.loads(res.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ZooError(f"zoo manifest {res.name}: {err}") from None
+        defaults = data.pop("defaults", {})
+        for name, entry in data.items():
+            arch = entry.get("architecture")
+            if arch not in ARCHITECTURES:
+                raise ZooError(f"zoo manifest {res.name} [{name}]: unknown architecture '{arch}'")
+            task = ARCHITECTURES[arch]
+            merged = {**defaults.get(task, {}), **entry}
+            specs[name] = ModelSpec.from_dict({"name": name, "task": task, **merged}, f"zoo [{name}]")
+    return specs
+
+
+def names() -> list[str]:
+    return sorted(_manifest())
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec of a zoo entry with its class names resolved."""
+    specs = _manifest()
+    if name not in specs:
+        close = [n for n in specs if name.split("-")[-1] in n][:6]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ZooError(f"unknown model '{name}'{hint}; `kdcli zoo list` shows all names")
+    spec = specs[name]
+    if isinstance(spec.classes, str):
+        spec = replace(spec, classes=class_names(spec.classes, spec.task))
+    return spec
+
+
+def raw_spec(name: str) -> ModelSpec:
+    """The manifest entry as written (class set by name), for listing without importing torch."""
+    if name not in _manifest():
+        get_spec(name)
+    return _manifest()[name]
+
+
+@dataclass
+class ModelRef:
+    """A model named on the command line: a zoo entry, a run folder or an exported folder."""
+
+    spec: ModelSpec
+    weights: Path | None  # local file, or None (build from scratch / source resolved later)
+    source: str  # what the user named
+
+
+def load_model_config(path: Path) -> ModelSpec:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ZooError(f"{path}: cannot read model config ({err})") from None
+    return ModelSpec.from_dict(data.get("model", data), str(path))
+
+
+def resolve_ref(ref: str) -> ModelRef:
+    """Zoo name → spec (+ weights source); run folder or export folder → spec + local weights."""
+    p = Path(ref)
+    if p.exists():
+        if p.is_dir():
+            for cfg, w in (
+                ("config.json", "model.safetensors"),  # exported folder
+                ("model.json", "weights/best.safetensors"),  # run folder
+            ):
+                if (p / cfg).is_file():
+                    weights = p / w
+                    if not weights.is_file():
+                        raise ZooError(f"{weights}: missing weights file in {p}")
+                    return ModelRef(load_model_config(p / cfg), weights, ref)
+            raise ZooError(
+                f"{p}: not a kdcli run folder (model.json) or exported model (config.json)"
+            )
+        raise ZooError(f"{p}: expected a run or export folder, or a zoo name")
+    return ModelRef(get_spec(ref), None, ref)
