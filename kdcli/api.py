@@ -19,7 +19,8 @@ def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
     return cfg.merged(updates)
 
 
-def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[str] | None = None) -> tuple[Path, dict]:
+def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[str] | None = None,
+          stop_after: int | None = None) -> tuple[Path, dict]:
     """Train ``cfg.model`` (no teacher), or distil when ``cfg.teacher``/``cfg.method`` are set."""
     import torch
 
@@ -29,7 +30,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
         cfg = _with_task_defaults(cfg, explicit)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = build_run(cfg, log=log)
-    metrics = fit(run, resume=resume)
+    metrics = fit(run, resume=resume, stop_after=stop_after)
     return run.folder, metrics
 
 

@@ -28,6 +28,9 @@ from kdcli.data import (
 from kdcli.data.shapes import CATEGORY_IDS, CLASSES, ensure_shapes, write_shapes
 from kdcli.errors import DataError
 
+# torchvision 0.29 flags its (still working) image decoders as deprecated in favour of torchcodec.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
 N_TRAIN, N_VAL, SIZE, SEED = 10, 6, 64, 3
 SEG_CLASSES = ["background", *CLASSES]
 
@@ -243,11 +246,12 @@ def test_semantic_loader(root: Path) -> None:
     coco = CocoDetection(root / "coco", "val")
     for i in range(len(ds)):
         image, mask = ds[i]
-        assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE)
+        assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8
+        assert image.shape == (3, SIZE, SIZE)
         assert isinstance(mask, tv_tensors.Mask) and mask.dtype == torch.int64 and mask.shape == (SIZE, SIZE)
         assert set(mask.unique().tolist()) <= {0, 1, 2, 3}
         # Same picture as the COCO split (PNG there, JPEG q95 here).
-        assert (image.float() - coco[i][0].float()).abs().mean() < 4
+        assert (image.float() - coco[i][0].float()).abs().mean() < 12  # unrelated images: ~60
 
 
 def test_semantic_missing_label_and_bad_values(root: Path, tmp_path: Path) -> None:
@@ -255,7 +259,8 @@ def test_semantic_missing_label_and_bad_values(root: Path, tmp_path: Path) -> No
     label = cs / "gtFine" / "val" / "shapes" / f"{_stem(N_TRAIN + 1)}_gtFine_labelTrainIds.png"
     arr = np.array(Image.open(label))
     label.unlink()
-    with pytest.raises(DataError, match=f"{label.name} not found for image .*{_stem(N_TRAIN + 1)}_leftImg8bit"):
+    stem = _stem(N_TRAIN + 1)
+    with pytest.raises(DataError, match=f"{label.name} not found for image .*{stem}_leftImg8bit"):
         SemanticFolder(cs, "val", classes=SEG_CLASSES)
     arr[0, 0] = 9
     Image.fromarray(arr).save(label)
@@ -297,8 +302,8 @@ def test_detection_flip_keeps_boxes_on_objects(root: Path) -> None:
         torch.manual_seed(seed)
         img, t = tf(image, dict(target))
         assert img.dtype == torch.float32 and float(img.max()) <= 1.0
-        flipped = torch.equal(img, TF.horizontal_flip(image).float() / 255)
-        assert flipped or torch.equal(img, image.float() / 255)
+        flipped = torch.allclose(img, TF.horizontal_flip(image).float() / 255)
+        assert flipped or torch.allclose(img, image.float() / 255)
         flipped_seen |= flipped
         for box, mask in zip(t["boxes"].tolist(), t["masks"], strict=True):
             ys, xs = torch.nonzero(mask, as_tuple=True)
@@ -371,6 +376,7 @@ def test_collate(root: Path) -> None:
     det = CocoDetection(root / "coco", "val", transforms=build_transforms("detection", False, SIZE))
     images, targets = collate_detection([det[0], det[1]])
     assert len(images) == 2 and images[0].shape == (3, SIZE, SIZE) and targets[1]["image_id"] == det.ids[1]
+    assert type(images[0]) is torch.Tensor and images[0].dtype == torch.float32
     a = (tv_tensors.Image(torch.rand(3, 4, 6)), tv_tensors.Mask(torch.ones(4, 6, dtype=torch.int64)))
     b = (tv_tensors.Image(torch.rand(3, 5, 3)), tv_tensors.Mask(torch.full((5, 3), 2, dtype=torch.int64)))
     x, y = collate_segmentation([a, b])

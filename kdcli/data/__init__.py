@@ -111,8 +111,10 @@ def subset(ds: Dataset, n: int) -> Subset:
 
 
 def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
-    """Detection models take lists (images of different sizes), so nothing is stacked."""
-    return [img for img, _ in batch], [target for _, target in batch]
+    """Detection models take lists (images of different sizes), so nothing is stacked. Images are
+    unwrapped to plain tensors; target boxes stay ``BoundingBoxes`` (a Tensor subclass) for later
+    box-aware code."""
+    return [img.as_subclass(Tensor) for img, _ in batch], [target for _, target in batch]
 
 
 def collate_segmentation(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

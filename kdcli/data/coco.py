@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,12 +13,6 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from ..errors import DataError
-
-# torchvision 0.29 marks its decoders deprecated in favour of torchcodec; they still work and are
-# what we rely on, so silence only that notice (it would otherwise repeat for every worker).
-warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
-)
 
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
 _ANN_KEYS = ("id", "image_id", "category_id", "bbox")

@@ -201,6 +201,7 @@ def ensure_shapes(root: Path | None = None, **kw: int) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         write_shapes(tmp, **args)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; it is a shared cache, not a secret
         if root.exists():  # stale version: move aside first, os.replace cannot overwrite a full folder
             stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
             os.replace(root, stale / "old")

@@ -294,8 +294,11 @@ def main_metric(task: str) -> str:
     return "mAP" if task == "detection" else "mIoU"
 
 
-def fit(run: Run, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train for ``cfg.epochs`` epochs, validating and checkpointing after each."""
+def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Train for ``cfg.epochs`` epochs, validating and checkpointing after each.
+
+    ``stop_after`` ends the session after that many epochs of the schedule (the run stays
+    resumable); used to split a run across sessions and by the resume test."""
     from ..report import describe_run, epoch_progress
 
     cfg = run.cfg
@@ -327,7 +330,8 @@ def fit(run: Run, resume: bool = False, progress: bool = True) -> dict[str, Any]
         describe_run(run)
     metric_name = main_metric(run.task)
     metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, end):
         run.student.train()
         if run.method is not None:
             run.method.train()

@@ -173,8 +173,8 @@ def resolve_ref(ref: str) -> ModelRef:
     if p.exists():
         if p.is_dir():
             for cfg, w in (
+                ("model.json", "weights/best.safetensors"),  # run folder (also has a config.json)
                 ("config.json", "model.safetensors"),  # exported folder
-                ("model.json", "weights/best.safetensors"),  # run folder
             ):
                 if (p / cfg).is_file():
                     weights = p / w

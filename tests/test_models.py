@@ -1,0 +1,126 @@
+"""Every zoo architecture builds with no weights and exposes the documented taps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdcli.errors import ZooError
+from kdcli.models import build_model
+from kdcli.models.taps import fpn_taps
+from kdcli.zoo import get_spec, names, resolve_ref
+
+ONE_STAGE = ["shapes-r18-retina", "shapes-r18-fcos", "timm-r18d-fcos"]
+
+
+def _det_batch(model, n=2, size=64):
+    images = [torch.rand(3, size, size) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])} for _ in range(n)]
+    return model.preprocess(images, targets)
+
+
+def test_manifest_has_required_entries():
+    required = {"r18-retina", "r50-retina", "r101-retina", "r50-fcos", "r101-fcos", "mbv3-fasterrcnn",
+                "r50-fasterrcnn", "r50-maskrcnn", "r18-deeplabv3", "r50-deeplabv3", "r101-deeplabv3",
+                "mbv3-deeplabv3", "mbv3-lraspp"}
+    assert required <= set(names())
+    assert any(get_spec(n).backbone.startswith("timm:") and get_spec(n).task == "detection" for n in names())
+    assert any(get_spec(n).backbone.startswith("timm:") and get_spec(n).task == "segmentation" for n in names())
+
+
+def test_unknown_model_is_one_line_error():
+    with pytest.raises(ZooError, match="unknown model 'r999-retina'"):
+        resolve_ref("r999-retina")
+
+
+@pytest.mark.parametrize("name", names())
+def test_taps_of_every_entry(name):
+    spec = get_spec(name)
+    model = build_model(spec)
+    info = model.tap_info
+    if spec.task == "detection":
+        levels = fpn_taps(info)
+        assert len(levels) >= 3
+        assert all(info[p].channels == spec.fpn_channels for p in levels)
+        strides = [info[p].stride for p in levels]
+        assert strides == sorted(strides)
+        if spec.architecture in ("retinanet", "fcos"):
+            assert levels == ["p3", "p4", "p5", "p6", "p7"]
+            assert info["cls_logits"].channels == spec.num_classes
+        elif spec.backbone.startswith("torchvision:resnet"):
+            assert levels == ["p2", "p3", "p4", "p5", "p6"]
+    else:
+        assert {"c5", "seg_feat", "seg_logits"} <= set(info)
+        assert info["seg_logits"].channels == spec.num_classes
+        assert info["seg_logits"].stride in (8, 16)
+
+
+@pytest.mark.parametrize("name", ONE_STAGE)
+def test_one_stage_losses_equal_torchvision_forward(name):
+    """Running the parts explicitly gives exactly the losses of ``model(images, targets)``."""
+    torch.manual_seed(0)
+    model = build_model(get_spec(name))
+    model.train()
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])} for _ in range(2)]
+    batch = model.preprocess(images, [dict(t) for t in targets])
+    ours = model(batch).losses
+    # BatchNorm in train mode: the reference pass sees the same batch, so statistics agree
+    ref = model.net(images, [dict(t) for t in targets])
+    assert set(ours) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_stops_after_the_neck_when_only_fpn_is_needed():
+    model = build_model(get_spec("shapes-r18-retina")).eval()
+    batch = _det_batch(model)
+    with torch.no_grad():
+        out = model(batch, need={"p3", "p4"}, losses=False)
+    assert "p3" in out.taps and "cls_logits" not in out.taps and not out.losses
+
+
+def test_eval_predictions_in_original_image_size():
+    model = build_model(get_spec("shapes-r18-fcos")).eval()
+    images = [torch.rand(3, 50, 70)]
+    batch = model.preprocess(images)
+    with torch.no_grad():
+        out = model(batch, losses=False, predict=True)
+    det = out.extras["detections"][0]
+    assert set(det) >= {"boxes", "scores", "labels"}
+    if len(det["boxes"]):
+        assert float(det["boxes"][:, 2].max()) <= 70 + 1e-3 and float(det["boxes"][:, 3].max()) <= 50 + 1e-3
+
+
+def test_two_stage_losses_in_train_mode():
+    model = build_model(get_spec("mbv3-fasterrcnn").with_classes(["a", "b"]))
+    model.train()
+    out = model(_det_batch(model, size=96))
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} == set(out.losses)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+
+
+@pytest.mark.parametrize("name", ["shapes-r18-deeplabv3", "shapes-mbv3-lraspp", "r50-fcn"])
+def test_segmentation_loss_ignores_255(name):
+    spec = get_spec(name).with_classes(["bg", "a", "b"])
+    model = build_model(spec).train()
+    x = torch.rand(2, 3, 64, 64)
+    target = torch.full((2, 64, 64), 255, dtype=torch.long)
+    target[:, :8, :8] = 1
+    out = model(model.preprocess(x, target))
+    assert torch.isfinite(out.losses["ce"])
+    # all pixels ignored → CE is NaN by definition of mean over zero elements; a real label gives a value
+    assert out.taps["seg_logits"].shape[1] == 3
+
+
+def test_teacher_input_renormalised_when_statistics_differ():
+    a = build_model(get_spec("shapes-r18-fcos"))
+    batch = _det_batch(a)
+    from dataclasses import replace
+
+    spec_b = replace(get_spec("shapes-r18-fcos"), preprocess={"min_size": 128, "max_size": 128,
+                                                                   "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
+    b = build_model(spec_b)
+    raw = batch.images * torch.tensor(a.std).view(1, 3, 1, 1) + torch.tensor(a.mean).view(1, 3, 1, 1)
+    torch.testing.assert_close(b.input_for(batch), (raw - 0.5) / 0.5)
+    assert a.input_for(batch) is batch.images
