@@ -112,6 +112,7 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], where: str) -> None
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if bad_shape:
             k = bad_shape[0]
-            parts.append(f"{len(bad_shape)} of other shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            got, want = tuple(state[k].shape), tuple(own[k].shape)
+            parts.append(f"{len(bad_shape)} of other shape (e.g. {k}: {got} vs {want})")
         raise ZooError(f"{where}: weights do not fit the model: {'; '.join(parts)}")
     module.load_state_dict(state, strict=False)

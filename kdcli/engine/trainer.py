@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..config import TASK_DEFAULTS, RunConfig
 from ..errors import ConfigError, KdcliError, TrainingError
 from ..models import TapModel, build_model
-from ..zoo import ModelSpec, get_spec, resolve_ref
+from ..zoo import ModelSpec, resolve_ref
 from . import checkpoint as ckpt
 from .evaluate_model import evaluate_model
 
@@ -94,7 +94,7 @@ def recalibrate_bn(model: TapModel, batches: Iterable[Any], n: int, device: torc
             break
         b = model.preprocess([im.to(device) for im in images] if isinstance(images, list) else images.to(device))
         model(b, need={"seg_logits"} if model.task == "segmentation" else None, losses=False)
-    for m, mom in zip(bns, saved):
+    for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was)
 
@@ -352,7 +352,8 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
                     sums[k] = sums.get(k, 0.0) + v
                 advance(values)
         train_time = time.time() - t0
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_time_s": round(train_time, 2)}
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+                               "train_time_s": round(train_time, 2)}
         row.update({f"loss/{k}": round(v / max(n, 1), 6) for k, v in sums.items()})
         last_epoch = epoch + 1 == cfg.epochs
         if cfg.bn_recal > 0:

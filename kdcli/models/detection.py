@@ -115,8 +115,8 @@ class DetectionModel(TapModel):
         levels = backbone.fpn(stages)
         stage_names, level_names = self._names_for(x, stages, levels)
         out = ModelOutput()
-        out.taps.update(zip(stage_names, stages.values()))
-        out.taps.update(zip(level_names, levels.values()))
+        out.taps.update(zip(stage_names, stages.values(), strict=True))
+        out.taps.update(zip(level_names, levels.values(), strict=True))
         targets = batch.targets if losses else None
         head_needed = need is None or "cls_logits" in need or targets is not None or predict
         if not head_needed:
