@@ -120,11 +120,11 @@ def export(run: str | Path, out: str | Path | None = None) -> Path:
 DEMO = {
     "detection": {
         "teacher": "shapes-r34-fcos", "student": "shapes-r18-fcos", "method": "cankd",
-        "teacher_epochs": 8, "student_epochs": 5, "lr": 1e-3, "optimizer": "adamw", "amp": "bf16",
+        "teacher_epochs": 16, "student_epochs": 8, "lr": 1e-3, "optimizer": "adamw", "amp": "bf16",
     },
     "segmentation": {
-        "teacher": "shapes-r18-deeplabv3", "student": "shapes-mbv3-lraspp", "method": "cankd",
-        "teacher_epochs": 6, "student_epochs": 5, "lr": 1e-3, "optimizer": "adamw", "amp": "bf16",
+        "teacher": "shapes-r18-deeplabv3", "student": "shapes-mbv3-lraspp", "method": "kd",
+        "teacher_epochs": 8, "student_epochs": 6, "lr": 1e-3, "optimizer": "adamw", "amp": "bf16",
     },
 }
 
@@ -138,7 +138,7 @@ def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quic
     for task in tasks:
         d = DEMO[task]
         base = dict(optimizer=d["optimizer"], lr=d["lr"], amp=d["amp"], data="shapes", warmup_iters=50,
-                    weight_decay=1e-4, schedule="cosine", seed=0)
+                    weight_decay=1e-4, schedule="cosine", seed=0, eval_every=2)
         if task == "segmentation":
             base["schedule"] = "poly"
         if quick:

@@ -223,11 +223,22 @@ def demo(
         write_text(out / f"{t}-results.md", markdown_table(rows, t))
 
 
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error; errors re-raised from DataLoader workers carry the
+    worker's traceback text, whose last line is ``module.Class: message``."""
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    last = lines[-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def main() -> None:
     try:
         app()
     except KdcliError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"error: {one_line(err)}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

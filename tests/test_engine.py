@@ -120,3 +120,13 @@ def test_segmentation_distill_kd_runs(tiny_shapes: Path, tmp_path: Path):
     spec = load_model_config(folder / "model.json")
     assert spec.classes == ["background", "circle", "square", "triangle"]
     build_model(spec, folder / "weights" / "best.safetensors")  # strict load of the student
+
+
+def test_incompatible_taps_refused_before_training(teacher_run: Path, tiny_shapes: Path, tmp_path: Path):
+    from kdcli.errors import MethodError
+
+    cfg = _cfg(tiny_shapes, tmp_path / "x", model="shapes-r18-fcos", teacher=str(teacher_run), method="cankd",
+               set={"taps": "p2"})
+    with pytest.raises(MethodError, match="needs tap 'p2'"):
+        api.train(cfg, log=lambda s: None)
+    assert not (tmp_path / "x" / "weights").exists()

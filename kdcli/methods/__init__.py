@@ -16,8 +16,8 @@ from ..models.taps import ModelOutput, TapInfo
 from .base import Method
 
 _REGISTRY: dict[str, type[Method]] = {}
-# Modules imported on first lookup; each registers its methods.
-_BUILTIN = ("kd", "fitnet", "cankd")
+# Every module of this package except these is a method file, imported on first lookup.
+_NOT_METHODS = {"base", "common"}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -28,8 +28,11 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def _load_builtin() -> None:
-    for mod in _BUILTIN:
-        importlib.import_module(f"{__name__}.{mod}")
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _NOT_METHODS and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def available() -> dict[str, type[Method]]:
