@@ -115,6 +115,8 @@ class DetectionModel(TapModel):
         levels = backbone.fpn(stages)
         stage_names, level_names = self._names_for(x, stages, levels)
         out = ModelOutput()
+        # methods that map boxes to levels (FGD) need the resized sizes inside the padded input
+        out.extras.update(image_sizes=batch.image_sizes, input_shape=(int(x.shape[-2]), int(x.shape[-1])))
         out.taps.update(zip(stage_names, stages.values(), strict=True))
         out.taps.update(zip(level_names, levels.values(), strict=True))
         targets = batch.targets if losses else None
