@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,8 @@ def export(run: str | Path, out: str | Path | None = None) -> Path:
         "task": spec.task,
         "classes": json.dumps(spec.classes),
         "preprocess": json.dumps(spec.preprocess),
-        "teacher": str(config["teacher"]),
-        "method": str(config["method"]),
+        "teacher": str(config["teacher"] or ""),
+        "method": str(config["method"] or ""),
         "metrics": json.dumps(config["metrics"]),
         "kdcli_version": __version__,
     }
@@ -143,6 +144,8 @@ def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quic
             base["schedule"] = "poly"
         if quick:
             base.update(max_train_images=16, max_val_images=8, batch_size=4)
+        for sub in (f"{task}-baseline", f"{task}-{d['method']}"):
+            shutil.rmtree(out / sub, ignore_errors=True)  # a demo rerun replaces its student runs
         t_epochs = 1 if quick else d["teacher_epochs"]
         s_epochs = 1 if quick else d["student_epochs"]
         key = f"{d['teacher']}-e{t_epochs}{'-quick' if quick else ''}"
@@ -150,6 +153,7 @@ def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quic
         t0 = time.time()
         if fresh_teacher or not (t_dir / "weights" / "best.safetensors").exists():
             log(f"[{task}] training the teacher {d['teacher']} ({t_epochs} epochs; cached in {t_dir})")
+            shutil.rmtree(t_dir, ignore_errors=True)  # an interrupted teacher run starts over
             train(RunConfig(model=d["teacher"], out=str(t_dir), epochs=t_epochs, **base), log=log)
         else:
             log(f"[{task}] teacher {d['teacher']} from cache {t_dir}")
@@ -170,4 +174,6 @@ def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quic
         rows.append((f"student + {d['method']}", k_metrics))
         log(f"[{task}] distillation done in {time.time() - t0:.0f}s")
         tables[task] = rows
+        log(f"[{task}] run folders: {t_dir} (teacher), {out / (task + '-baseline')}, "
+            f"{out / (task + '-' + d['method'])}")
     return tables

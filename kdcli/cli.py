@@ -103,7 +103,12 @@ def distill(
     opts = _train_options(data, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_iters,
                           grad_clip, seed, workers, image_size, device, amp, max_train_images, max_val_images,
                           bn_recal, out)
-    opts.update(model=student, teacher=teacher, method=method, set=parse_sets(set_), inherit=inherit)
+    opts.update(model=student, teacher=teacher, method=method)
+    # only options given on the command line override a --config file
+    if set_:
+        opts["set"] = parse_sets(set_)
+    if inherit:
+        opts["inherit"] = True
     _run_training(opts, config, resume)
 
 

@@ -33,7 +33,8 @@ def _torchvision_url(source: str) -> str:
 
 def cached_file(source: str, model_name: str = "") -> Path:
     """Local path of a weight source, or a one-line error naming the missing file."""
-    fetch = f"; run `kdcli zoo fetch {model_name}` on a machine with network" if model_name else ""
+    # kdcli never downloads here; `kdcli zoo fetch` is planned (see the issue on real weights)
+    fetch = f" (place the file there for '{model_name}'; kdcli does not download)" if model_name else ""
     kind, _, rest = source.partition(":")
     if kind == "torchvision":
         url = _torchvision_url(rest)

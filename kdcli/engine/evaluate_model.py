@@ -57,5 +57,6 @@ def _segmentation(model: TapModel, loader: Any, dataset: Any, device: torch.devi
             out = model(batch, losses=False, predict=True)
         cm.update(out.extras["pred"].cpu(), masks)
     res = cm.compute()
-    res["per_class_iou"] = [float(v) for v in res["per_class_iou"]]
+    # NaN (class absent from GT and prediction) is not valid JSON: store null
+    res["per_class_iou"] = [None if v != v else float(v) for v in res["per_class_iou"]]
     return res

@@ -326,6 +326,9 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
         start_epoch, best = int(state["epoch"]), float(state["best"])
         run.log(f"resumed {folder} at epoch {start_epoch}/{cfg.epochs}")
     else:
+        if (folder / "results.csv").exists():
+            raise ConfigError(f"--out {folder}: already holds a run; continue it with --resume {folder} "
+                              "or choose another --out")
         folder.mkdir(parents=True, exist_ok=True)
         describe_run(run)
     metric_name = main_metric(run.task)
