@@ -309,6 +309,8 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
     iters_per_epoch = max(1, len(run.train_loader))
     total_iters = cfg.epochs * iters_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_iters))
+    # fp16 needs loss scaling; bf16 has float32's range and does not
+    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")
     start_epoch, best = 0, -1.0
     state_path = weights_dir / "last_state.pt"
     if resume:
@@ -321,6 +323,8 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
             run.method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method.")})
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         run.train_loader.generator.set_state(state["loader_rng"])
         start_epoch, best = int(state["epoch"]), float(state["best"])
@@ -345,10 +349,12 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
             for images, targets in run.train_loader:
                 total, values = train_step(run, images, targets)
                 opt.zero_grad(set_to_none=True)
-                total.backward()
+                scaler.scale(total).backward()
                 if cfg.grad_clip > 0:
+                    scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 sched.step()
                 n += 1
                 for k, v in values.items():
@@ -380,6 +386,7 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
         ckpt.save_state(state_path, {
             "epoch": epoch + 1, "best": best, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": ckpt.rng_state(), "loader_rng": run.train_loader.generator.get_state(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
         })
         run.log(" ".join(f"{k}={v}" for k, v in row.items()))
     return ckpt_metrics(folder)

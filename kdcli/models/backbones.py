@@ -78,6 +78,8 @@ def fpn_backbone(
         in_channels = [_block_out(b) for b in widths]
     else:
         body = timm_features(arch, tuple(stages))
+        if norm == "frozen":
+            freeze_batchnorm(body)
         in_channels = list(body.feature_info.channels())
     c5 = in_channels[-1]
     extra: ExtraFPNBlock

@@ -1,0 +1,353 @@
+r"""ACAM-KD — Adaptive and Cooperative Attention Masking for knowledge distillation (Lan & Tian, ICCV 2025,
+arXiv 2503.06307). **Reconstructed: there is no official code.** Spec: shared/methods/feature-methods.md §2
+and masked-methods.md §3 (which supersedes the former where they differ). The equations come from secondary
+summaries of the paper (tags [C2]/[S1] in the spec); the gaps are filled by analogy with MasKD, the method's
+direct ancestor (hunto/MasKD, tag [ANC]) or by our choice ([INF]). Nothing here has been checked against the
+authors' code or the paper's PDF, and no reported number has been reproduced with it.
+
+Per tap (teacher T and student S, both N×C×H×W after alignment; C = teacher channels, P = H·W, M masks,
+C_q = ⌊C/2⌋):
+
+    S̃ = f_align(S)                        1×1 conv C_S→C, bias, always applied            [INF/ANC]
+    Q = W_q T,  K = W_k S̃,  V = W_v S̃      1×1 convs: W_q, W_k C→C_q; W_v C→C               [C2]
+    F = softmax(Q Kᵀ / √C_q) V             P×P attention, softmax over the student positions [C2]
+    M^c[n,m,k] = σ(m^c_m · v[n,k])         v = mean_{h,w} F;  m^c ∈ R^M  (N×M×C)            [C2]
+    M^s[n,m,p] = σ(Σ_k m^s_{m,k} F[n,k,p]) m^s ∈ R^{M×C}             (N×M×P)            [C2]
+    Δ = T − S̃,  E_c[n,k] = Σ_p Δ²,  E_s[n,p] = Σ_k Δ²
+    L^c = mean_{n,m} Σ_k (M^c)² E_c / (P · (Σ_k M^c + ε))                                   [C2 + ANC]
+    L^s = mean_{n,m} Σ_p (M^s)² E_s / (C · (Σ_p M^s + ε))                                   [S1 + ANC]
+    L_div = D(M^s) + D(M^c),  D = mean_{n, i≠j} 2⟨X_i, X_j⟩ / (‖X_i‖² + ‖X_j‖² + 2·1e-12)  [ANC MasKD]
+    loss  = α (L^c + L^s)  → key ``acam.<tap>``;   λ L_div → key ``acam.<tap>.div``        [S1: α = λ = 1]
+
+The engine sums the keys, i.e. the level losses are summed (masked-methods.md §3.2 step 10, [INF/ANC]).
+The masked terms never form the N×M×C×P tensor: ``‖M_m ⊙ Δ‖²`` is factorised through E_c / E_s. The
+attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (one head; the P×P matrix is never
+materialised by this code; identical maths). Everything runs in float32 with autocast disabled.
+
+Assumptions (every one [INF] or [ANC] in the spec; the switch is named where the spec offers one):
+
+- A1 taps: all FPN neck outputs, one independent module set per level (feature-methods §2.1,
+  masked §3.3) — ``taps`` (default ``fpn``; e.g. ``fpn:4``). Segmentation: the main logits (§2.1 [NOTES],
+  masked §3.4) — ``taps=seg_logits``.
+- A2 ``f_align`` is always applied, even for equal channels, PyTorch default init (feature §2.2.1).
+- A3 K/V come from the aligned student S̃, not the raw student the notes write (masked §3.2 step 2) —
+  ``kv_input = aligned | raw`` (raw needs C_S = C_T).
+- A4 W_q, W_k, W_v: 1×1 convs with bias, PyTorch default init (feature §2.2.2). Note that the key bias
+  b_k cancels in the softmax (it adds Qᵀb_k to every logit of a row), so it never receives a gradient.
+- A5 no residual, output projection or normalisation in the fusion (feature §2.2.2, masked §3.2 step 4).
+  The spec offers no switch.
+- A6 C_q = ⌊C/2⌋ (at least 1); for 19-channel logits C_q = 9, scale 1/√9 (masked §3.4) — ``c_q`` (0 = this
+  rule, else the value given).
+- A7 selection units m^s, m^c ~ N(0, 0.01²) (MasKD's token init; masks start ≈ 0.5) — ``mask_init_std``.
+- A8 the loss normalisers 1/(P·Σ_k M^c) and 1/(C·Σ_p M^s) with the mask squared in the numerator (only the
+  first factor is legible in the sources; feature §2.3, masked §3.2 step 8); ε = 1e-6 on each mask mass
+  (``mask_eps``) — ``mask_power = 2 | 1`` (1: Σ M·E / Σ M, scale-invariant, masked §3.5 R1).
+- A9 per-image terms, mean over masks and batch (MasKD).
+- A10 Dice per ordered pair with ε = 1e-12 on each squared norm (MasKD code), not the printed global-sum
+  form — ``div_form = pairwise | global`` (global = Σ_{i≠j}⟨X_i,X_j⟩ / Σ_i‖X_i‖², which is M−1, not 1, for
+  identical masks; masked §3.2 step 9).
+- A11 Dice on both the spatial and the channel masks, the two terms summed — ``div_on = both | spatial |
+  channel``.
+- A12 masks receive gradients from L^c, L^s and L_div (the paper's "by optimising the two losses, the
+  adaptive masks dynamically adjust", [S1]) — ``mask_grad = full | detach | detach_mass``: ``detach``
+  (feature §2.4; = masked §3.5 ``div_only``) feeds the masked terms detached masks, so mask units, W_q, W_k
+  and W_v learn from L_div alone; ``detach_mass`` (§3.5 R1) detaches only the normaliser Σ M.
+- A13 the channel selection unit is one scalar per mask as printed ([C2]), so the M channel masks are
+  monotone re-scalings of the same pooled vector (§3.5 R3) — ``channel_units = scalar | vector``
+  (vector: m^c ∈ R^{M×C}, element-wise).
+- A14 query from the teacher ([C2], Table 9) — ``query_source = teacher | student``; ``student`` swaps the
+  roles: Q = W_q S̃, K = W_k T, V = W_v T (the ablation row "query from student"; which side gives V there
+  is our reading).
+- A15 masks from the fused feature ([C2]) — ``mask_input = fused | teacher`` (teacher: ASCM on T, the
+  attention is skipped; the Table 10 "teacher, adaptive mask" ablation). The "fixed offline mask" row
+  needs MasKD's pre-learned tokens and is not offered.
+- A16 α = λ = 1 constant ([S1]); M = 6 (detection), 19 (segmentation) ([S1]).
+- The ACAM parameters are trained by the student's optimizer with the same LR and weight decay [INF]; the
+  inheriting strategy and the 2x schedule are engine settings, not part of this module.
+
+Not offered: MasKD's 0.4× auxiliary-logit term (masked §3.4, default 0 there; kdcli exposes no aux logits),
+a regression-head KD term (feature §2.6, off by default there).
+
+Collapse monitor (masked §3.5 R1/R2): after each forward, :attr:`ACAM.last_stats` holds per tap the mask
+means, the normalised entropies of the masks seen as distributions, the pairwise Dice of each mask group,
+the unweighted L^s, L^c and their ratio to mean(Δ²) (0.5 at init with ``mask_power=2``; a steady fall means
+the masks are shrinking).
+
+Heterogeneous pairs: ``f_align`` maps C_S → C_T; a student map of another H×W is resized to the teacher's
+after it (bilinear, ``align_corners=False``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, MethodError
+from ..models.taps import ModelOutput, TapInfo
+from . import register
+from .base import Method, select_taps
+from .common import build_adapter, float32_region, match_spatial, upcast
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "query_source": ("teacher", "student"),
+    "kv_input": ("aligned", "raw"),
+    "mask_input": ("fused", "teacher"),
+    "mask_grad": ("full", "detach", "detach_mass"),
+    "mask_power": (2, 1),
+    "div_form": ("pairwise", "global"),
+    "div_on": ("both", "spatial", "channel"),
+    "channel_units": ("scalar", "vector"),
+}
+
+DICE_EPS = 1e-12  # MasKD dice_coeff: added to each squared norm
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(QᵀK / √C_q) applied to V, channel-first: q, k (N, C_q, P_q / P_k), v (N, C, P_k) → (N, C, P_q).
+
+    One head of :func:`F.scaled_dot_product_attention` (its default scale is 1/√C_q); row i of the attention
+    is query position i, normalised over the key positions.
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.transpose(1, 2).unsqueeze(1)
+    )  # (N, 1, P_q, C)
+    return out.squeeze(1).transpose(1, 2)
+
+
+def dice_diversity(x: Tensor, form: str = "pairwise", eps: float = DICE_EPS) -> Tensor:
+    """Dice diversity of masks ``x`` (N, M, L), averaged over the batch.
+
+    ``pairwise`` (MasKD): mean over ordered pairs i ≠ j of 2⟨x_i, x_j⟩ / (‖x_i‖² + ε + ‖x_j‖² + ε); 1 for
+    identical masks, 0 for disjoint supports. ``global`` (the printed form read literally):
+    2 Σ_{i≠j}⟨x_i, x_j⟩ / (2 Σ_i ‖x_i‖² + ε) — M − 1 for identical masks. A single mask has no pair: 0.
+    """
+    n, m, _ = x.shape
+    if m < 2:
+        return x.sum() * 0.0
+    gram = x @ x.transpose(1, 2)  # (N, M, M)
+    sq = gram.diagonal(dim1=1, dim2=2)  # (N, M): squared norms
+    off = ~torch.eye(m, dtype=torch.bool, device=x.device)
+    if form == "pairwise":
+        d = 2 * gram / (sq.unsqueeze(2) + sq.unsqueeze(1) + 2 * eps)
+        return d[:, off].mean()
+    if form == "global":
+        cross = gram[:, off].sum(1)
+        return (2 * cross / (2 * sq.sum(1) + eps)).mean()
+    raise ConfigError(f"div_form '{form}' is not one of {', '.join(CHOICES['div_form'])}")
+
+
+def masked_error(
+    mask: Tensor, err: Tensor, scale: float, power: int = 2, eps: float = 1e-6, detach_mass: bool = False
+) -> Tensor:
+    """mean_{n,m} Σ_l mask^power · err / (scale · (Σ_l mask + ε)); mask (N, M, L), err (N, L)."""
+    num = (mask.pow(power) @ err.unsqueeze(-1)).squeeze(-1)  # (N, M)
+    mass = mask.sum(-1)
+    if detach_mass:
+        mass = mass.detach()
+    return (num / (scale * (mass + eps))).mean()
+
+
+def mask_entropy(mask: Tensor, eps: float = 1e-12) -> Tensor:
+    """Mean Shannon entropy of each mask (N, M, L) seen as a distribution over L, divided by log L (1 = flat)."""
+    length = mask.shape[-1]
+    if length < 2:
+        return mask.new_zeros(())
+    p = mask / (mask.sum(-1, keepdim=True) + eps)
+    return (-torch.special.xlogy(p, p).sum(-1) / math.log(length)).mean()
+
+
+class ACAMBlock(nn.Module):
+    """f_align, STCA-FF (W_q, W_k, W_v) and ASCM (m^s, m^c) of one tap."""
+
+    def __init__(
+        self,
+        student_channels: int,
+        channels: int,
+        c_q: int,
+        num_masks: int,
+        channel_units: str = "scalar",
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.align = build_adapter(student_channels, channels, bias=True, init="default")
+        self.q = nn.Conv2d(channels, c_q, kernel_size=1)
+        self.k = nn.Conv2d(channels, c_q, kernel_size=1)
+        self.v = nn.Conv2d(channels, channels, kernel_size=1)
+        self.spatial_units = nn.Parameter(torch.empty(num_masks, channels))  # m^s
+        shape = (num_masks,) if channel_units == "scalar" else (num_masks, channels)
+        self.channel_units = nn.Parameter(torch.empty(shape))  # m^c
+        nn.init.normal_(self.spatial_units, 0.0, init_std)
+        nn.init.normal_(self.channel_units, 0.0, init_std)
+
+    def fuse(self, query_in: Tensor, kv_in: Tensor) -> Tensor:
+        """F = softmax(W_q(query_in)ᵀ W_k(kv_in) / √C_q) W_v(kv_in), (N, C, H, W)."""
+        n, _, h, w = query_in.shape
+        q = self.q(query_in).flatten(2)
+        k = self.k(kv_in).flatten(2)
+        v = self.v(kv_in).flatten(2)
+        return fused_attention(q, k, v).reshape(n, v.shape[1], h, w)
+
+    def masks(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Spatial masks (N, M, P) = σ(m^s · x) and channel masks (N, M, C) = σ(m^c ⊗ mean_{h,w} x)."""
+        z = x.flatten(2)  # (N, C, P)
+        spatial = torch.sigmoid(torch.einsum("mc,ncp->nmp", self.spatial_units, z))
+        pooled = z.mean(-1)  # (N, C)
+        units = self.channel_units
+        if units.dim() == 1:
+            units = units.unsqueeze(1)  # (M, 1): outer product with the pooled vector
+        channel = torch.sigmoid(units.unsqueeze(0) * pooled.unsqueeze(1))
+        return spatial, channel
+
+
+@register
+class ACAM(Method):
+    """Cross-attention fusion + adaptive spatial/channel masks (reconstruction; module docstring)."""
+
+    name = "acam"
+    paper = (
+        "Lan & Tian, ACAM-KD: Adaptive and Cooperative Attention Masking (ICCV 2025, arXiv 2503.06307) — "
+        "reconstructed, no official code"
+    )
+    tasks = ("detection", "segmentation")
+    needs_targets = False
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "detection": {
+            "taps": "fpn",  # FPN neck [S1]; all levels [INF, as MasKD]
+            "num_masks": 6,  # [S1]
+            "c_q": 0,  # 0 = C // 2 (128 for FPN) [C2]
+            "alpha": 1.0,  # [S1]
+            "lambda_div": 1.0,  # [S1]
+            "query_source": "teacher",  # [C2]; student = Table 9 ablation
+            "kv_input": "aligned",  # [INF]
+            "mask_input": "fused",  # [C2]; teacher = Table 10 ablation
+            "mask_grad": "full",  # [S1 quote + INF]
+            "mask_power": 2,  # printed ‖M ⊙ Δ‖² [S1] = MasKD [ANC]
+            "div_form": "pairwise",  # MasKD [ANC/INF]
+            "div_on": "both",  # [INF]
+            "channel_units": "scalar",  # printed m^c ∈ R^{M×1} [C2]
+            "mask_init_std": 0.01,  # MasKD token init [INF]
+            "mask_eps": 1e-6,  # [INF]
+        },
+        "segmentation": {
+            "taps": "seg_logits",  # "predicted segmentation maps" [S1] + MasKD seg [ANC]
+            "num_masks": 19,  # one per class [S1]
+            "c_q": 0,  # 0 = C // 2 = 9 for 19 classes [INF]
+            "alpha": 1.0,
+            "lambda_div": 1.0,
+            "query_source": "teacher",
+            "kv_input": "aligned",
+            "mask_input": "fused",
+            "mask_grad": "full",
+            "mask_power": 2,
+            "div_form": "pairwise",
+            "div_on": "both",
+            "channel_units": "scalar",
+            "mask_init_std": 0.01,
+            "mask_eps": 1e-6,
+        },
+    }
+
+    def __init__(
+        self,
+        student: dict[str, TapInfo],
+        teacher: dict[str, TapInfo],
+        task: str,
+        **hp: Any,
+    ) -> None:
+        super().__init__(student, teacher, task, **hp)
+        for key, choices in CHOICES.items():
+            if hp[key] not in choices:
+                raise ConfigError(
+                    f"--set {key}={hp[key]}: method 'acam' expects one of {', '.join(map(str, choices))}"
+                )
+        self.taps = select_taps(hp["taps"], student, teacher, self.name)
+        self.needs = self.taps
+        self.num_masks = int(hp["num_masks"])
+        if self.num_masks < 1:
+            raise ConfigError(f"--set num_masks={self.num_masks}: method 'acam' needs at least one mask")
+        self.alpha = float(hp["alpha"])
+        self.lambda_div = float(hp["lambda_div"])
+        self.query_source = str(hp["query_source"])
+        self.kv_input = str(hp["kv_input"])
+        self.mask_input = str(hp["mask_input"])
+        self.mask_grad = str(hp["mask_grad"])
+        self.mask_power = int(hp["mask_power"])
+        self.div_form = str(hp["div_form"])
+        self.div_on = str(hp["div_on"])
+        self.mask_eps = float(hp["mask_eps"])
+        self.blocks = nn.ModuleDict()
+        for tap in self.taps:
+            cs, ct = student[tap].channels, teacher[tap].channels
+            if self.kv_input == "raw" and cs != ct:
+                raise ConfigError(
+                    f"--set kv_input=raw: tap '{tap}' has {cs} student and {ct} teacher channels; the raw "
+                    "student can feed K/V only when they are equal (use kv_input=aligned)"
+                )
+            c_q = int(hp["c_q"]) or max(ct // 2, 1)
+            self.blocks[tap] = ACAMBlock(
+                cs, ct, c_q, self.num_masks, str(hp["channel_units"]), float(hp["mask_init_std"])
+            )
+        self._stats: dict[str, Tensor] = {}
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Mask statistics of the last forward, per tap (``<tap>.spatial_mean`` …); one device sync."""
+        if not self._stats:
+            return {}
+        values = torch.stack([v.float() for v in self._stats.values()]).tolist()
+        return dict(zip(self._stats.keys(), values, strict=True))
+
+    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        stats: dict[str, Tensor] = {}
+        for tap in self.taps:
+            fs, ft = s.taps[tap], t.taps[tap]
+            if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
+                raise MethodError(
+                    f"method 'acam': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got "
+                    f"student {tuple(fs.shape)}, teacher {tuple(ft.shape)}"
+                )
+            block: ACAMBlock = self.blocks[tap]  # type: ignore[assignment]
+            with float32_region(fs):
+                fs, ft = upcast(fs), upcast(ft.detach())
+                s_al = match_spatial(block.align(fs), ft)
+                if self.mask_input == "teacher":
+                    src = ft
+                else:
+                    s_in = s_al if self.kv_input == "aligned" else match_spatial(fs, ft)
+                    src = block.fuse(ft, s_in) if self.query_source == "teacher" else block.fuse(s_in, ft)
+                m_s, m_c = block.masks(src)
+                c, p = ft.shape[1], ft.shape[2] * ft.shape[3]
+                sq = (ft - s_al).flatten(2).pow(2)  # (N, C, P)
+                e_c, e_s = sq.sum(2), sq.sum(1)
+                ms_l, mc_l = (m_s.detach(), m_c.detach()) if self.mask_grad == "detach" else (m_s, m_c)
+                detach_mass = self.mask_grad == "detach_mass"
+                l_c = masked_error(mc_l, e_c, p, self.mask_power, self.mask_eps, detach_mass)
+                l_s = masked_error(ms_l, e_s, c, self.mask_power, self.mask_eps, detach_mass)
+                div = m_s.sum() * 0.0
+                if self.div_on in ("both", "spatial"):
+                    div = div + dice_diversity(m_s, self.div_form)
+                if self.div_on in ("both", "channel"):
+                    div = div + dice_diversity(m_c, self.div_form)
+                out[f"{self.name}.{tap}"] = self.alpha * (l_c + l_s)
+                out[f"{self.name}.{tap}.div"] = self.lambda_div * div
+                with torch.no_grad():
+                    mse = sq.mean()
+                    stats.update({
+                        f"{tap}.spatial_mean": m_s.mean(),
+                        f"{tap}.channel_mean": m_c.mean(),
+                        f"{tap}.spatial_entropy": mask_entropy(m_s),
+                        f"{tap}.channel_entropy": mask_entropy(m_c),
+                        f"{tap}.spatial_dice": dice_diversity(m_s),
+                        f"{tap}.channel_dice": dice_diversity(m_c),
+                        f"{tap}.loss_spatial": l_s.detach(),
+                        f"{tap}.loss_channel": l_c.detach(),
+                        f"{tap}.spatial_ratio": l_s.detach() / (mse + 1e-12),
+                        f"{tap}.channel_ratio": l_c.detach() / (mse + 1e-12),
+                    })
+        self._stats = stats
+        return out
