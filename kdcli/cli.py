@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from .errors import KdcliError
+from .errors import ConfigError, KdcliError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for dense prediction on torchvision/timm models.")
@@ -46,6 +46,8 @@ def _run_training(options: dict[str, Any], config: Path | None, resume: Path | N
     from .config import RunConfig, read_config_file
 
     if resume is not None:
+        if config is not None or set(options) - {"model", "teacher", "method"}:
+            _echo("note: --resume continues the run with its recorded config.json; other options are ignored")
         folder, metrics = api.resume(resume, log=_echo)
     else:
         base = read_config_file(config) if config else {}
@@ -62,7 +64,7 @@ _O = typer.Option
 
 @app.command()
 def train(
-    model: str = _O(..., "--model", "-m", help="zoo name, run folder or exported folder"),
+    model: str = _O(None, "--model", "-m", help="zoo name, run folder or exported folder"),
     data: str = _O(None, help="shapes | coco:/path | semantic:/path (default shapes)"),
     epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
     optimizer: str = _O(None, help="sgd | adamw"), weight_decay: float = _O(None),
@@ -78,15 +80,16 @@ def train(
     opts = _train_options(data, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_iters,
                           grad_clip, seed, workers, image_size, device, amp, max_train_images, max_val_images,
                           bn_recal, out)
-    opts["model"] = model
+    if model:
+        opts["model"] = model
     _run_training(opts, config, resume)
 
 
 @app.command()
 def distill(
-    method: str = _O(..., "--method", help="method name, or several joined by + (cwd+fgd)"),
-    teacher: str = _O(..., "--teacher", "-t", help="zoo name, run folder or exported folder"),
-    student: str = _O(..., "--student", "-s", help="zoo name"),
+    method: str = _O(None, "--method", help="method name, or several joined by + (cwd+fgd)"),
+    teacher: str = _O(None, "--teacher", "-t", help="zoo name, run folder or exported folder"),
+    student: str = _O(None, "--student", "-s", help="zoo name, run folder or exported folder"),
     set_: list[str] = _O(None, "--set", help="method option key=value (method.key=value when combined)"),
     inherit: bool = _O(False, "--inherit", help="initialise the student's neck/head from the teacher"),
     data: str = _O(None, help="shapes | coco:/path | semantic:/path (default shapes)"),
@@ -103,7 +106,12 @@ def distill(
     opts = _train_options(data, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_iters,
                           grad_clip, seed, workers, image_size, device, amp, max_train_images, max_val_images,
                           bn_recal, out)
-    opts.update(model=student, teacher=teacher, method=method)
+    given = {"model": student, "teacher": teacher, "method": method}
+    opts.update({k: v for k, v in given.items() if v})
+    if resume is None and config is None:
+        missing = [f"--{'student' if k == 'model' else k}" for k, v in given.items() if not v]
+        if missing:
+            raise ConfigError(f"kdcli distill: missing {', '.join(missing)} (or give --config / --resume)")
     # only options given on the command line override a --config file
     if set_:
         opts["set"] = parse_sets(set_)

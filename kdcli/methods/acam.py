@@ -21,8 +21,9 @@ C_q = ⌊C/2⌋):
 
 The engine sums the keys, i.e. the level losses are summed (masked-methods.md §3.2 step 10, [INF/ANC]).
 The masked terms never form the N×M×C×P tensor: ``‖M_m ⊙ Δ‖²`` is factorised through E_c / E_s. The
-attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (one head; the P×P matrix is never
-materialised by this code; identical maths). Everything runs in float32 with autocast disabled.
+attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (one head, head dims zero-padded to a
+multiple of 8 so that a memory-efficient kernel applies; the P×P matrix is never materialised by this code;
+identical maths). Everything runs in float32 with autocast disabled.
 
 Assumptions (every one [INF] or [ANC] in the spec; the switch is named where the spec offers one):
 
@@ -109,13 +110,21 @@ DICE_EPS = 1e-12  # MasKD dice_coeff: added to each squared norm
 def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(QᵀK / √C_q) applied to V, channel-first: q, k (N, C_q, P_q / P_k), v (N, C, P_k) → (N, C, P_q).
 
-    One head of :func:`F.scaled_dot_product_attention` (its default scale is 1/√C_q); row i of the attention
-    is query position i, normalised over the key positions.
+    One head of :func:`F.scaled_dot_product_attention` with the scale 1/√C_q given explicitly; row i of the
+    attention is query position i, normalised over the key positions. The head dims are zero-padded to a
+    multiple of 8 and the inputs made contiguous (position-major): zero columns change neither QKᵀ nor the
+    first C columns of the output, and the padding lets CUDA's memory-efficient kernel accept odd sizes
+    (C_q = 9, C = 19 for logits) and float32 instead of falling back to the kernel that forms the P×P matrix.
     """
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.transpose(1, 2).unsqueeze(1)
-    )  # (N, 1, P_q, C)
-    return out.squeeze(1).transpose(1, 2)
+    c_q, c = q.shape[1], v.shape[1]
+
+    def heads(x: Tensor) -> Tensor:
+        x = x.transpose(1, 2)  # (N, P, d)
+        pad = -x.shape[-1] % 8
+        return (F.pad(x, (0, pad)) if pad else x).contiguous().unsqueeze(1)  # (N, 1, P, d8)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=1.0 / math.sqrt(c_q))
+    return out.squeeze(1)[..., :c].transpose(1, 2)
 
 
 def dice_diversity(x: Tensor, form: str = "pairwise", eps: float = DICE_EPS) -> Tensor:
