@@ -1,10 +1,10 @@
-r"""CWD — Channel-wise Distillation (Shu, Liu, Gao, Yan & Shen, "Channel-wise Knowledge Distillation
+r"""CWD — Channel-wise Distillation (Shu et al., "Channel-wise Knowledge Distillation
 for Dense Prediction", ICCV 2021, arXiv 2011.13256). Official code: irfanICMLL/TorchDistiller
 ``SemSeg-distill`` (segmentation), pppppM/mmdetection-distiller (detection); parity reference
 open-mmlab/mmrazor ``mmrazor/models/losses/cwd.py`` (``ChannelWiseDivergence``).
 Spec: shared/methods/feature-methods.md §7 and logit-methods.md §2.8.1, followed exactly.
 
-Equation implemented, per tap (paper Eq. (2)–(4): a spatial softmax turns every channel into a
+Equation implemented, per tap (the paper's channel-wise KL: a spatial softmax turns every channel into a
 distribution over its H·W positions, and the KL divergence between teacher and student
 distributions is averaged over channels and samples)::
 
@@ -75,7 +75,10 @@ def channel_wise_divergence(s: Tensor, t: Tensor, tau: float) -> Tensor:
 
 @register
 class CWD(Method):
-    """Spatial-softmax KL per channel (module docstring: equation, presets, deviations)."""
+    """CWD (Shu et al., ICCV 2021): L = w·τ²/(N·C)·Σ_{n,c,hw} p_T(log p_T − log p_S), p = softmax_hw(F/τ).
+
+    Presets, adapter rule, the student-channel normaliser quirk and deviations: module docstring.
+    """
 
     name = "cwd"
     paper = "Shu et al., Channel-wise Knowledge Distillation for Dense Prediction (ICCV 2021)"

@@ -1,4 +1,4 @@
-r"""MGD — Masked Generative Distillation (Yang, Li, Shu, Zhang, Lu, Yuan & Ren, "Masked Generative
+r"""MGD — Masked Generative Distillation (Yang et al., "Masked Generative
 Distillation", ECCV 2022, arXiv 2205.01529). Official code: yzd-v/MGD
 (``det/mmdet/distillation/losses/mgd.py`` and ``seg/...``, ``FeatureLoss``) and open-mmlab/mmrazor
 (``MGDConncetor`` + ``MGDLoss``). Spec: shared/methods/feature-methods.md §9, followed exactly.
@@ -9,7 +9,7 @@ implementations)::
     align:      1×1 conv C_S → C_T with bias — only when C_S ≠ C_T (else absent)
     generation: Sequential(conv3×3 C_T→C_T pad 1, ReLU, conv3×3 C_T→C_T pad 1), both with bias
 
-Equations implemented (paper Eq. (3)–(5))::
+Equations implemented::
 
     S̃ = align(F_S)                                                                        (1)
     M(n, 1, h, w) = 0 if u > 1 − λ else 1,   u ~ U[0, 1) drawn on the CPU                   (2)
@@ -99,7 +99,11 @@ class MGDBlock(nn.Module):
 
 @register
 class MGD(Method):
-    """Random spatial mask + generator + sum/N MSE (module docstring: equations, presets, parity)."""
+    """MGD (Yang et al., ECCV 2022): L = α·Σ(G(M ⊙ align(F_S)) − F_T)²/N, M zeroes positions w.p. λ.
+
+    Masks come from :attr:`generator` (CPU; None = global RNG) or are passed in (``masks=``,
+    :meth:`loss_tap`). Presets, parity key layout and deviations: module docstring.
+    """
 
     name = "mgd"
     paper = "Yang et al., Masked Generative Distillation (ECCV 2022)"

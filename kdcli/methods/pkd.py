@@ -1,9 +1,9 @@
-r"""PKD — Pearson-correlation KD (Cao, Fu, Ma, Zhang & Xu, "PKD: General Distillation Framework for
+r"""PKD — Pearson-correlation KD (Cao et al., "PKD: General Distillation Framework for
 Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022, arXiv 2207.02039). Official
 code: open-mmlab/mmrazor ``mmrazor/models/losses/pkd_loss.py`` (``PKDLoss``) and
 ``configs/distill/mmdet/pkd/*``. Spec: shared/methods/feature-methods.md §10, followed exactly.
 
-Equations implemented, per tap (paper Eq. (4)–(6): standardise each channel, then imitate with
+Equations implemented, per tap (the paper's recipe: standardise each channel, then imitate with
 an MSE, which equals 1 − r for the Pearson correlation r)::
 
     F̂(n, c, h, w) = ( F(n, c, h, w) − μ_c ) / ( σ_c + 1e-6 )                             (1)
@@ -77,12 +77,17 @@ def pearson_norm(x: Tensor, eps: float = EPS) -> Tensor:
 
 @register
 class PKD(Method):
-    """Per-channel standardisation + ½·MSE (module docstring: equations, presets, deviations)."""
+    """PKD (Cao et al., NeurIPS 2022): L = w·½·mean(F̂_S − F̂_T)², F̂ = (F − μ_c)/(σ_c + 1e-6) over (N, H, W).
+
+    σ is the unbiased std. Presets (segmentation is our choice), connector and deviations: module docstring.
+    """
 
     name = "pkd"
-    paper = "Cao et al., PKD: General Distillation Framework for Object Detectors via Pearson Correlation (NeurIPS 2022)"
+    paper = (
+        "Cao et al., PKD: General Distillation Framework for Object Detectors via Pearson Correlation "
+        "Coefficient (NeurIPS 2022)"
+    )
     tasks = ("detection", "segmentation")
-    needs_teacher = True
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # mmrazor configs/distill/mmdet/pkd/pkd_fpn_retina_x101_retina_r50_2x_coco.py: fpn0..3, w 10

@@ -1,0 +1,317 @@
+"""Maths of samkd and dmkd (reconstructed from the abstract; spec masked-methods.md §4–5, feature-methods §3–4).
+
+No official code exists, so these check the spec's templates: hand-computed values on tiny tensors with
+fixed masks and identity generators, the attention-ranked masks on hand-made features, the fusion weights,
+injectable randomness, gradient flow, bf16 autocast and building through the registry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import kdcli.methods as methods
+from kdcli.errors import ConfigError
+from kdcli.methods.dmkd import DMKD, num_masked, ranked_keep_mask
+from kdcli.methods.samkd import SAMKD, binary_kl, cell_index
+from kdcli.models.taps import ModelOutput, TapInfo
+
+
+def infos(stride: int = 8, **channels: int) -> dict[str, TapInfo]:
+    return {n: TapInfo(n, c, stride, "logits" if "logits" in n else "feature") for n, c in channels.items()}
+
+
+def fpn_infos(c: int, levels: range = range(3, 5)) -> dict[str, TapInfo]:
+    return {f"p{k}": TapInfo(f"p{k}", c, 2**k) for k in levels}
+
+
+def out(**taps: Tensor) -> ModelOutput:
+    return ModelOutput(taps=dict(taps))
+
+
+def dmkd(cs: int = 2, ct: int = 2, **hp: object) -> DMKD:
+    return DMKD(infos(c5=cs), infos(c5=ct), "segmentation", **DMKD.resolve_hparams("segmentation", hp)).double()
+
+
+def samkd_seg(cs: int = 2, ct: int = 2, **hp: object) -> SAMKD:
+    s, t = infos(seg_feat=cs, seg_logits=3), infos(seg_feat=ct, seg_logits=3)
+    return SAMKD(s, t, "segmentation", **SAMKD.resolve_hparams("segmentation", hp)).double()
+
+
+def identity_generators(block: torch.nn.Module) -> None:
+    """G(x) = x for x ≥ 0: centre-tap identity kernels, zero bias."""
+    with torch.no_grad():
+        for gen in (block.gen_spatial, block.gen_channel):
+            for conv in (gen[0], gen[2]):
+                conv.weight.zero_()
+                conv.bias.zero_()
+                c = conv.weight.shape[0]
+                conv.weight[torch.arange(c), torch.arange(c), 1, 1] = 1.0
+
+
+HOT = torch.tensor([[[[9.0, 1.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 1.0]]]], dtype=torch.float64)  # (1, 2, 2, 2)
+
+
+# --------------------------------------------------------------------------------- ranked masks
+def test_ranked_keep_mask_ties_groups_and_rounding() -> None:
+    s = torch.tensor([[3.0, 1.0, 3.0, 2.0]])
+    assert ranked_keep_mask(s, 0.25).tolist() == [[0.0, 1.0, 1.0, 1.0]]  # tie 3/3: lower index first
+    assert ranked_keep_mask(s, 0.5).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    assert ranked_keep_mask(s, 0.25, "bottom").tolist() == [[1.0, 0.0, 1.0, 1.0]]
+    assert ranked_keep_mask(s, 0.0).tolist() == [[1.0] * 4] and ranked_keep_mask(s, 1.0).sum() == 0
+    # groups {0, 1} and {2, 3}: the top ⌈0.5·2⌉ = 1 of each
+    assert ranked_keep_mask(s, 0.5, group=torch.tensor([0, 0, 1, 1])).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    assert ranked_keep_mask(s, 0.5, group=torch.tensor([1, 0, 1, 0])).tolist() == [[0.0, 1.0, 1.0, 0.0]]
+    assert int(num_masked(0.65, 20)) == 13 and int(num_masked(0.65, 21)) == 14 and int(num_masked(0.3, 4)) == 2
+
+
+def test_cell_index_partitions_like_adaptive_pooling_when_divisible() -> None:
+    cell, n = cell_index(4, 4, 2)
+    assert n == 4 and cell.view(4, 4).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]
+    cell, n = cell_index(2, 3, 4)  # grid clamped to the map: 2×3 cells of one position
+    assert n == 6 and cell.tolist() == list(range(6))
+
+
+# --------------------------------------------------------------------------------- DMKD
+def test_dmkd_attention_masks_select_the_hot_spot_and_hot_channel() -> None:
+    m = dmkd(ratio_spatial=0.25, ratio_channel=0.5)
+    keep_s, keep_c = m.masks(HOT)
+    assert keep_s.view(-1).tolist() == [0.0, 1.0, 1.0, 1.0]  # position (0, 0) has the largest mean|T|
+    assert keep_c.view(-1).tolist() == [0.0, 1.0]  # channel 0 has the largest mean|T|
+    keep_s, keep_c = dmkd(ratio_spatial=0.25, ratio_channel=0.5, mask_select="bottom").masks(HOT)
+    assert keep_s.view(-1).tolist() == [1.0, 0.0, 1.0, 1.0] and keep_c.view(-1).tolist() == [1.0, 0.0]
+
+
+def test_dmkd_hand_values_with_identity_generators() -> None:
+    m = dmkd(alpha=1.0, ratio_spatial=0.25, ratio_channel=0.5)
+    identity_generators(m.blocks["c5"])
+    ones, zeros = (torch.ones(1, 1, 2, 2), torch.ones(1, 2, 1, 1)), (torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 1, 1))
+    # identical features, masks all ones, w = (½, ½): R = T ⇒ loss 0 (what the equations imply)
+    assert m.loss_tap("c5", HOT, HOT, ones).item() == 0.0
+    # masks all zeros: R = 0 ⇒ Σ T² / N = 81 + 7 = 88
+    assert m.loss_tap("c5", HOT, HOT, zeros).item() == pytest.approx(88.0, rel=1e-12)
+    # attention masks: R − T = −½(1−B^S)T − ½(1−B^C)T → 9², 3·0.5², 0.5² → 82
+    losses = m(out(c5=HOT), out(c5=HOT))
+    assert losses["dmkd.c5"].item() == pytest.approx(82.0, rel=1e-12)
+    # batch of 2 identical images: sum / N keeps 82; α scales linearly
+    m.alpha = 2e-5
+    assert m.loss_tap("c5", HOT.repeat(2, 1, 1, 1), HOT.repeat(2, 1, 1, 1)).item() == pytest.approx(82 * 2e-5)
+    st = m.last_stats
+    assert st["c5.spatial_keep"] == 0.75 and st["c5.channel_keep"] == 0.5 and st["c5.w_spatial"] == 0.5
+
+
+def test_dmkd_fusion_weights_normalised_and_trained() -> None:
+    for fusion in ("softmax", "sigmoid"):
+        m = dmkd(fusion=fusion)
+        with torch.no_grad():
+            m.blocks["c5"].theta.fill_(0.7)
+        w = m.blocks["c5"].weights()
+        assert w.sum().item() == pytest.approx(1.0, rel=1e-12) and (w > 0).all()
+        fs = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+        loss = m(out(c5=fs), out(c5=torch.randn(2, 2, 4, 4, dtype=torch.float64)))["dmkd.c5"]
+        (g,) = torch.autograd.grad(loss, [m.blocks["c5"].theta])
+        assert g.abs().sum() > 0
+        if fusion == "softmax":
+            assert g.sum().item() == pytest.approx(0.0, abs=1e-12)  # softmax: invariant to a shift of θ
+    assert torch.equal(dmkd(fusion="free").blocks["c5"].weights(), torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_dmkd_seeded_random_masks() -> None:
+    m = dmkd(mask_mode="random")
+    fs, ft = torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    vals = []
+    for seed in (1, 1, 2):
+        m.generator = torch.Generator().manual_seed(seed)
+        vals.append(m(out(c5=fs), out(c5=ft))["dmkd.c5"].item())
+    assert vals[0] == vals[1] and vals[0] != vals[2]
+    # ρ = 0 (no masking) and w = (1, 0): MGD without masking (masked §4.2 degenerate check)
+    m = dmkd(ratio_spatial=0.0, ratio_channel=0.0, fusion="free", alpha=1.0)
+    with torch.no_grad():
+        m.blocks["c5"].theta.copy_(torch.tensor([1.0, 0.0]))
+    want = (m.blocks["c5"].gen_spatial(fs) - ft).pow(2).sum() / 2
+    assert m(out(c5=fs), out(c5=ft))["dmkd.c5"].item() == pytest.approx(want.item(), rel=1e-12)
+
+
+# --------------------------------------------------------------------------------- SAMKD
+def cell_hot() -> Tensor:
+    """(1, 2, 4, 4): a hot spot in every 2×2 cell; channel 0 dominates the top-left cell, channel 1 the others."""
+    t = torch.ones(1, 2, 4, 4, dtype=torch.float64)
+    t[0, 0, 0, 1] = 9.0  # top-left cell, position (0, 1)
+    t[0, 1, 1, 3] = 9.0  # top-right cell, position (1, 3)
+    t[0, 1, 2, 0] = 9.0  # bottom-left, (2, 0)
+    t[0, 1, 3, 3] = 9.0  # bottom-right, (3, 3)
+    return t
+
+
+def test_samkd_grid_masks_pick_the_hot_spot_of_every_cell() -> None:
+    m = samkd_seg(ratio_spatial=0.25, ratio_channel=0.5)
+    keep_s, keep_c = m.grid_masks(cell_hot(), 2)
+    zeroed = (keep_s[0, 0] == 0).nonzero().tolist()
+    assert zeroed == [[0, 1], [1, 3], [2, 0], [3, 3]]
+    # channel masks constant inside each cell; channel 0 zeroed in the top-left cell, channel 1 elsewhere
+    c0, c1 = keep_c[0, 0], keep_c[0, 1]
+    assert c0[:2, :2].eq(0).all() and c1[:2, :2].eq(1).all()
+    assert c0[:, 2:].eq(1).all() and c0[2:].eq(1).all() and c1[:, 2:].eq(0).all() and c1[2:].eq(0).all()
+    # g = 1 is the DMKD template: ⌈0.25·16⌉ = 4 global top positions (all four hot spots)
+    keep_s1, keep_c1 = m.grid_masks(cell_hot(), 1)
+    d = dmkd(ratio_spatial=0.25, ratio_channel=0.5)
+    ds, dc = d.masks(cell_hot())
+    assert torch.equal(keep_s1, ds) and torch.equal(keep_c1, dc.expand(1, 2, 4, 4))
+
+
+def test_samkd_sfd_hand_values_and_grid_weights() -> None:
+    t = cell_hot()
+    zero_pair = (torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4))
+    one_pair = (torch.ones(1, 1, 4, 4), torch.ones(1, 2, 4, 4))
+    for grid_weight, factor in (("mean", 1.0), ("sum", 2.0)):
+        m = samkd_seg(alpha=1.0, grids=(1, 2), grid_weight=grid_weight)
+        identity_generators(m.blocks["seg_feat"])
+        assert m.sfd_tap("seg_feat", t, t, [one_pair, one_pair]).item() == 0.0  # identical ⇒ R = T ⇒ 0
+        total = t.pow(2).sum().item()  # 4·81 + 28 = 352
+        assert m.sfd_tap("seg_feat", t, t, [zero_pair, zero_pair]).item() == pytest.approx(factor * total)
+        # one grid unmasked, the other fully masked: β_g weights the halves
+        assert m.sfd_tap("seg_feat", t, t, [one_pair, zero_pair]).item() == pytest.approx(factor * total / 2)
+    m = samkd_seg(alpha=1.0, grids=(1, 2, 4), pyramid_mode="progressive")
+    assert m.active_grids() == ((1, 1.0),)
+    m.set_progress(0.5)
+    assert m.active_grids() == ((2, 1.0),)
+    m.set_progress(1.0)
+    assert m.active_grids() == ((4, 1.0),)
+
+
+def test_samkd_sld_regions_and_binary_kl_by_hand() -> None:
+    m = samkd_seg(grids=(1, 2), sld_keep=0.25)
+    ft = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    s_al = ft.clone()
+    s_al[0, :, 2:, 2:] = 1.0  # discrepancy only in the bottom-right cell
+    w = m.region_weights(s_al, ft)[0, 0]
+    assert w[2:, 2:].eq(0.25).all() and w.sum().item() == pytest.approx(1.0) and w[:2].eq(0).all()
+    # soft: weights proportional to the region scores → the same single region here
+    m.sld_region = "soft"
+    assert torch.equal(m.region_weights(s_al, ft)[0, 0], w)
+    # identical features: no discrepancy → uniform weights
+    assert m.region_weights(ft, ft).eq(1 / 16).all()
+    # binary KL: p = σ(ln 3) = ¾ vs q = ½
+    kl = binary_kl(torch.zeros(1, dtype=torch.float64), torch.tensor([math.log(3.0)], dtype=torch.float64), 1.0)
+    assert kl.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-12)
+
+
+def det_samkd(**hp: object) -> SAMKD:
+    s = {**fpn_infos(3), "cls_logits": TapInfo("cls_logits", 2, 0, "logits")}
+    t = {**fpn_infos(4), "cls_logits": TapInfo("cls_logits", 2, 0, "logits")}
+    return SAMKD(s, t, "detection", **SAMKD.resolve_hparams("detection", hp)).double()
+
+
+def test_samkd_detection_sld_slices_levels_like_torchvision() -> None:
+    m = det_samkd(sld_keep=1.0)
+    a, k = 2, 2
+    fs = {"p3": torch.randn(1, 3, 4, 4, dtype=torch.float64), "p4": torch.randn(1, 3, 2, 2, dtype=torch.float64)}
+    ft = {"p3": torch.randn(1, 4, 4, 4, dtype=torch.float64), "p4": torch.randn(1, 4, 2, 2, dtype=torch.float64)}
+    # torchvision: per level (N, A·K, H, W) → (N, H, W, A, K) → (N, H·W·A, K), levels concatenated
+    zt_lv = {lv: torch.zeros(1, h, h, a, k, dtype=torch.float64) for lv, h in (("p3", 4), ("p4", 2))}
+    zt_lv["p4"][0, 1, 0, 1, 0] = math.log(3.0)  # one anchor/class of p4 disagrees with the student's zeros
+    zt = torch.cat([v.reshape(1, -1, k) for v in zt_lv.values()], 1)
+    zs = torch.zeros_like(zt)
+    losses = m(out(**fs, cls_logits=zs), out(**ft, cls_logits=zt))
+    assert set(losses) == {"samkd.p3", "samkd.p3.sld", "samkd.p4", "samkd.p4.sld"}
+    assert losses["samkd.p3.sld"].item() == 0.0
+    # κ = 1: uniform weights 1/4 on the 2×2 level → ¼ · KL(¾ ‖ ½)
+    want = 0.25 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))
+    assert losses["samkd.p4.sld"].item() == pytest.approx(want, rel=1e-12)
+    # identical teacher/student logits: SLD is 0 whatever the features
+    assert m(out(**fs, cls_logits=zt), out(**ft, cls_logits=zt))["samkd.p4.sld"].item() == 0.0
+
+
+def test_samkd_seeded_random_masks() -> None:
+    m = samkd_seg(mask_mode="random", sld_weight=0.0)
+    fs, ft = torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    vals = []
+    for seed in (3, 3, 4):
+        m.generator = torch.Generator().manual_seed(seed)
+        vals.append(m(out(seg_feat=fs), out(seg_feat=ft))["samkd.seg_feat"].item())
+    assert vals[0] == vals[1] and vals[0] != vals[2]
+
+
+# --------------------------------------------------------------------------------- gradients, autocast, build
+@pytest.mark.parametrize("which", ["dmkd", "samkd"])
+def test_gradients_reach_student_and_every_learnable_part(which: str) -> None:
+    if which == "dmkd":
+        m = dmkd(3, 4)
+        fs = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        ft = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        losses = m(out(c5=fs), out(c5=ft))
+    else:
+        m = samkd_seg(3, 4)
+        fs = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        ft = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+        zs = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+        losses = m(out(seg_feat=fs, seg_logits=zs), out(seg_feat=ft, seg_logits=torch.randn(2, 3, 5, 5).double()))
+    sum(losses.values()).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert fs.grad.abs().sum() > 0 and ft.grad is None
+    if which == "samkd":
+        assert zs.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("which", ["dmkd", "samkd"])
+def test_finite_under_bf16_autocast_with_large_activations(which: str) -> None:
+    if which == "dmkd":
+        m = DMKD(fpn_infos(8), fpn_infos(16), "detection", **DMKD.resolve_hparams("detection"))
+    else:
+        s = {**fpn_infos(8), "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+        t = {**fpn_infos(16), "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+        m = SAMKD(s, t, "detection", **SAMKD.resolve_hparams("detection"))
+    fs = {k: (torch.randn(2, 8, h, h + 1) * 3000).bfloat16().requires_grad_() for k, h in (("p3", 8), ("p4", 4))}
+    ft = {k: (torch.randn(2, 16, h, h + 1) * 3000).bfloat16() for k, h in (("p3", 8), ("p4", 4))}
+    n_loc = 8 * 9 + 4 * 5
+    zs = (torch.randn(2, n_loc, 3) * 3000).bfloat16().requires_grad_()
+    zt = (torch.randn(2, n_loc, 3) * 3000).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = m(out(**fs, cls_logits=zs), out(**ft, cls_logits=zt))
+    assert len(losses) == (2 if which == "dmkd" else 4)
+    for v in losses.values():
+        assert v.dtype == torch.float32 and torch.isfinite(v)
+    assert all(math.isfinite(v) for v in m.last_stats.values())
+    sum(losses.values()).backward()
+    for k in fs:
+        assert torch.isfinite(fs[k].grad.float()).all() and fs[k].grad.float().abs().sum() > 0
+    for name, p in m.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_build_both_methods_for_both_tasks() -> None:
+    det_s = {**fpn_infos(4, range(3, 8)), "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+    det_t = {**fpn_infos(8, range(3, 8)), "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+    seg_s, seg_t = infos(c5=4, seg_feat=4, seg_logits=3), infos(c5=8, seg_feat=8, seg_logits=3)
+    m = methods.build("dmkd", det_s, det_t, "detection").methods["dmkd"]
+    assert m.needs == ("p3", "p4", "p5", "p6", "p7") and m.alpha == 2e-5 and m.ratio_spatial == 0.65
+    assert "reconstructed from the abstract" in m.paper
+    m = methods.build("dmkd", seg_s, seg_t, "segmentation").methods["dmkd"]
+    assert m.needs == ("c5",) and m.ratio_channel == 0.75
+    m = methods.build("samkd", det_s, det_t, "detection", {"taps": "fpn:2", "grids": "1,2"}).methods["samkd"]
+    assert m.taps == ("p3", "p4") and m.grids == (1, 2) and "cls_logits" in m.needs
+    assert "reconstructed from the abstract" in m.paper
+    m = methods.build("samkd", seg_s, seg_t, "segmentation").methods["samkd"]
+    assert m.needs == ("seg_feat", "seg_logits") and m.grids == (1, 2, 4)
+    losses = methods.build("samkd", seg_s, seg_t, "segmentation")(
+        out(seg_feat=torch.randn(1, 4, 4, 4), seg_logits=torch.randn(1, 3, 4, 4)),
+        out(seg_feat=torch.randn(1, 8, 8, 8), seg_logits=torch.randn(1, 3, 8, 8)),
+    )
+    assert set(losses) == {"samkd.seg_feat", "samkd.seg_feat.sld"} and all(torch.isfinite(v) for v in losses.values())
+    m = methods.build("samkd", det_s, det_t, "detection", {"sld_weight": "0"}).methods["samkd"]
+    assert "cls_logits" not in m.needs
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [("dmkd", {"mask_select": "middle"}), ("dmkd", {"fusion": "conv"}), ("dmkd", {"ratio_spatial": "1.5"}),
+     ("samkd", {"pyramid_mode": "x"}), ("samkd", {"grids": "0,2"}), ("samkd", {"sld_region": "x"})],
+)
+def test_bad_options_raise_config_error(name: str, overrides: dict) -> None:
+    with pytest.raises(ConfigError):
+        methods.build(name, infos(c5=4, seg_feat=4, seg_logits=3), infos(c5=4, seg_feat=4, seg_logits=3),
+                      "segmentation", overrides)
