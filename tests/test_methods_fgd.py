@@ -339,8 +339,10 @@ def test_full_loss_and_gradients_match_the_restated_official_formulas() -> None:
     params = [*fs.values(), *m.parameters()]
     got = torch.autograd.grad(total, params)
     ref = torch.autograd.grad(want, params)
+    scale = max(float(b.abs().max()) for b in ref)
+    # atol: the conv_mask biases have a zero gradient (softmax shift invariance) seen as round-off
     for a, b in zip(got, ref, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()) + 1e-300)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * scale)
 
 
 def test_gradients_reach_the_student_and_every_learnable_part() -> None:

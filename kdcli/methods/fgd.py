@@ -226,7 +226,7 @@ class FGD(Method):
         for key in WEIGHTS:
             if hp.get(key) is None:
                 self.hp[key] = RECIPES[recipe][key]
-        self.recipe = recipe
+        self.recipe = self.hp["recipe"] = recipe  # the run report shows the row actually used
         self.temp = float(self.hp["temp"])
         self.alpha = float(self.hp["alpha"])
         self.beta = float(self.hp["beta"])
