@@ -117,6 +117,16 @@ def export(run: str | Path, out: str | Path | None = None) -> Path:
     return out_dir
 
 
+def _finished_epochs(folder: Path) -> int:
+    """Epochs a run folder has completed (0 if none), from its resumable state."""
+    from .engine.checkpoint import load_state
+
+    state = folder / "weights" / "last_state.pt"
+    if not state.exists() or not (folder / "weights" / "best.safetensors").exists():
+        return 0
+    return int(load_state(state)["epoch"])
+
+
 # -- demo -------------------------------------------------------------------------------------
 DEMO = {
     "detection": {
@@ -151,10 +161,14 @@ def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quic
         key = f"{d['teacher']}-e{t_epochs}{'-quick' if quick else ''}"
         t_dir = kdcli_home() / "demo-teachers" / key
         t0 = time.time()
-        if fresh_teacher or not (t_dir / "weights" / "best.safetensors").exists():
+        done = _finished_epochs(t_dir)
+        if fresh_teacher or done == 0:
             log(f"[{task}] training the teacher {d['teacher']} ({t_epochs} epochs; cached in {t_dir})")
-            shutil.rmtree(t_dir, ignore_errors=True)  # an interrupted teacher run starts over
+            shutil.rmtree(t_dir, ignore_errors=True)
             train(RunConfig(model=d["teacher"], out=str(t_dir), epochs=t_epochs, **base), log=log)
+        elif done < t_epochs:  # an interrupted teacher run is continued, not mistaken for a cached one
+            log(f"[{task}] continuing the interrupted teacher run {t_dir} at epoch {done}/{t_epochs}")
+            resume(t_dir, log=log)
         else:
             log(f"[{task}] teacher {d['teacher']} from cache {t_dir}")
         t_metrics = json.loads((t_dir / "metrics.json").read_text())

@@ -41,6 +41,7 @@ def test_train_writes_a_complete_run_folder(teacher_run: Path):
     assert len(rows) == 1 and float(rows[0]["loss/classification"]) > 0
     metrics = json.loads((teacher_run / "metrics.json").read_text())
     assert 0.0 <= metrics["mAP"] <= 1.0 and "AR100" in metrics
+    assert api._finished_epochs(teacher_run) == 1  # what the demo uses to tell a cached teacher
 
 
 def test_distill_cankd_and_export_round_trip(teacher_run: Path, tiny_shapes: Path, tmp_path: Path):
@@ -130,3 +131,16 @@ def test_incompatible_taps_refused_before_training(teacher_run: Path, tiny_shape
     with pytest.raises(MethodError, match="needs tap 'p2'"):
         api.train(cfg, log=lambda s: None)
     assert not (tmp_path / "x" / "weights").exists()
+
+
+def test_inherit_copies_neck_and_head_not_backbone(teacher_run: Path, tiny_shapes: Path, tmp_path: Path):
+    from kdcli.engine.trainer import build_run
+
+    cfg = _cfg(tiny_shapes, tmp_path / "inh", model="shapes-r18-fcos", teacher=str(teacher_run), method="cankd",
+               inherit=True)
+    run = build_run(cfg, log=lambda s: None)
+    s, t = run.student.net.state_dict(), run.teacher.net.state_dict()
+    copied = [k for k in t if not k.startswith("backbone.body.")]
+    assert copied and all(torch.equal(s[k], t[k]) for k in copied)
+    # the backbone body keeps its own initialisation
+    assert not all(torch.equal(s[k], t[k]) for k in t if k.startswith("backbone.body.") and k.endswith("weight"))
