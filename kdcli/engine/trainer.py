@@ -368,8 +368,9 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
         if cfg.bn_recal > 0:
             recalibrate_bn(run.student, run.train_loader, cfg.bn_recal, run.device)
         if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            # the latest predictions go to last/; the best epoch's are copied next to best.safetensors
             metrics = evaluate_model(run.student, run.val_loader, run.val_ds, run.device,
-                                     out_dir=folder, amp=cfg.amp)
+                                     out_dir=folder / "last", amp=cfg.amp)
             row.update({f"val/{k}": round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
             score = float(metrics.get(metric_name, -1.0))
             if score > best:
@@ -377,6 +378,9 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
                 ckpt.save_tensors(weights_dir / "best.safetensors", run.student.net.state_dict(),
                                   {"format": "pt", "epoch": str(epoch + 1), metric_name: f"{score:.5f}"})
                 ckpt.save_json(folder / "metrics.json", {"epoch": epoch + 1, **metrics})
+                latest = folder / "last" / "predictions.json"
+                if latest.exists():
+                    os.replace(latest, folder / "predictions.json")
         _write_csv(folder / "results.csv", row)
         # last state: student + method tensors (safetensors) and optimizer/RNG state
         tensors = {f"net.{k}": v for k, v in run.student.net.state_dict().items()}
