@@ -87,11 +87,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, MethodError
+from ..errors import ConfigError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .base import Method
+from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "query_source": ("teacher", "student"),
@@ -273,8 +273,6 @@ class ACAM(Method):
                 raise ConfigError(
                     f"--set {key}={hp[key]}: method 'acam' expects one of {', '.join(map(str, choices))}"
                 )
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
         self.num_masks = int(hp["num_masks"])
         if self.num_masks < 1:
             raise ConfigError(f"--set num_masks={self.num_masks}: method 'acam' needs at least one mask")
@@ -315,11 +313,7 @@ class ACAM(Method):
         stats: dict[str, Tensor] = {}
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
-            if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-                raise MethodError(
-                    f"method 'acam': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got "
-                    f"student {tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-                )
+            check_pair(self.name, tap, fs, ft)
             block: ACAMBlock = self.blocks[tap]  # type: ignore[assignment]
             with float32_region(fs):
                 fs, ft = upcast(fs), upcast(ft.detach())

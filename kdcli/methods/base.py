@@ -40,6 +40,17 @@ class Method(nn.Module):
         self.task = task
         self.hp = hp
         self.needs: tuple[str, ...] = ()
+        # every method's preset has `taps` and most have `weight`: resolve them once, here
+        self.taps: tuple[str, ...] = ()
+        if "taps" in hp:
+            self.taps = select_taps(self.tap_spec(hp, student), student, teacher, self.name)
+            self.needs = self.taps
+        if "weight" in hp:
+            self.weight = float(hp["weight"])
+
+    def tap_spec(self, hp: dict[str, Any], student: dict[str, TapInfo]) -> Any:
+        """The tap spec to resolve; a method with a model-dependent default (FGD's ``auto``) overrides it."""
+        return hp["taps"]
 
     def forward(
         self, s: ModelOutput, t: ModelOutput, targets: Any = None

@@ -62,11 +62,10 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..errors import MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import build_adapter, float32_region, instance_norm, match_spatial, upcast
+from .base import Method
+from .common import build_adapter, check_pair, float32_region, instance_norm, match_spatial, upcast
 
 
 def nonlocal_aggregate(theta: Tensor, phi: Tensor, g: Tensor, direct: bool = False) -> Tensor:
@@ -132,9 +131,6 @@ class CanKD(Method):
         **hp: Any,
     ) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
-        self.weight = float(hp["weight"])
         self.eps = 1e-5
         self.blocks = nn.ModuleDict()
         self.connectors = nn.ModuleDict()
@@ -150,11 +146,7 @@ class CanKD(Method):
         out: dict[str, Tensor] = {}
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
-            if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-                raise MethodError(
-                    f"method 'cankd': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got "
-                    f"student {tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-                )
+            check_pair(self.name, tap, fs, ft)
             with float32_region(fs):
                 fs, ft = upcast(fs), upcast(ft.detach())
                 if tap in self.connectors:

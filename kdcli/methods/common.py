@@ -117,3 +117,14 @@ __all__ = [
     "upcast",
     "zero_loss",
 ]
+
+
+def check_pair(name: str, tap: str, fs: Tensor, ft: Tensor) -> None:
+    """Feature methods need two (N, C, H, W) maps of one batch; anything else is named, not traced."""
+    if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
+        from ..errors import MethodError
+
+        raise MethodError(
+            f"method '{name}': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got student "
+            f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
+        )

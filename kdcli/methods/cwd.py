@@ -61,8 +61,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .base import Method
+from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 from .kd import softmax_kl
 
 CHANNEL_NORMS = ("student", "teacher")
@@ -113,10 +113,7 @@ class CWD(Method):
         **hp: Any,
     ) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
         self.tau = float(hp["tau"])
-        self.weight = float(hp["weight"])
         if self.tau <= 0:
             raise ConfigError(f"--set tau: the temperature must be > 0 (got {self.tau})")
         self.channel_norm = str(hp["channel_norm"])
@@ -140,11 +137,7 @@ class CWD(Method):
 
     def loss_tap(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
         """The weighted loss of one tap (adapter, resize, KL sum, ÷ N·C, × w·τ²)."""
-        if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-            raise MethodError(
-                f"method 'cwd': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got student "
-                f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-            )
+        check_pair(self.name, tap, fs, ft)
         with float32_region(fs):
             fs, ft = upcast(fs), upcast(ft.detach())
             n, c_student = fs.shape[:2]

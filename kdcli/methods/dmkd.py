@@ -59,11 +59,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, MethodError
+from ..errors import ConfigError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .base import Method
+from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "align": ("auto", "always"),
@@ -180,13 +180,6 @@ class DualReconstruction(nn.Module):
         return w[0] * self.gen_spatial(s_al * keep_s) + w[1] * self.gen_channel(s_al * keep_c)
 
 
-def check_pair(name: str, tap: str, fs: Tensor, ft: Tensor) -> None:
-    if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-        raise MethodError(
-            f"method '{name}': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got student "
-            f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-        )
-
 
 @register
 class DMKD(Method):
@@ -229,8 +222,6 @@ class DMKD(Method):
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)
         check_choices(self.name, hp, CHOICES)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
         self.alpha = float(hp["alpha"])
         self.ratio_spatial = float(hp["ratio_spatial"])
         self.ratio_channel = float(hp["ratio_channel"])

@@ -83,9 +83,9 @@ from torch import Tensor, nn
 from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
 from . import register
-from .base import Method, select_taps
+from .base import Method
 from .boxes import SCALINGS, level_masks, normalise_boxes
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 
 WEIGHTS = ("temp", "alpha", "beta", "gamma", "lambda")
 _RETINA = {"temp": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda": 5e-6}
@@ -210,6 +210,10 @@ class FGD(Method):
                 hp[key] = None if recipe == "auto" else RECIPES[recipe][key]
         return hp
 
+    def tap_spec(self, hp: dict[str, Any], student: dict[str, TapInfo]) -> Any:
+        # "auto": P3–P7 for one-stage students, P2–P5 when the FPN starts at P2 (two-stage), §1.2
+        return auto_taps(student) if hp["taps"] == "auto" else hp["taps"]
+
     def __init__(
         self,
         student: dict[str, TapInfo],
@@ -237,11 +241,6 @@ class FGD(Method):
         self.box_scaling = str(hp.get("box_scaling", "img_shape"))
         if self.box_scaling not in SCALINGS:
             raise ConfigError(f"--set box_scaling={self.box_scaling}: not one of {', '.join(SCALINGS)}")
-        spec = hp["taps"]
-        if spec == "auto":
-            spec = auto_taps(student)
-        self.taps = select_taps(spec, student, teacher, self.name)
-        self.needs = self.taps
         self.strides = {tap: teacher[tap].stride for tap in self.taps}
         self.levels = nn.ModuleDict(
             {tap: FGDLevel(student[tap].channels, teacher[tap].channels) for tap in self.taps}
@@ -275,11 +274,7 @@ class FGD(Method):
         weights = {"fg": self.alpha, "bg": self.beta, "at": self.gamma, "global": self.lambda_}
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
-            if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-                raise MethodError(
-                    f"method 'fgd': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got "
-                    f"student {tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-                )
+            check_pair(self.name, tap, fs, ft)
             level = self.levels[tap]
             with float32_region(fs):
                 fs, ft = upcast(fs), upcast(ft.detach())

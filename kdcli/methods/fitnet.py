@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..errors import MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
+from .base import Method
 from .common import build_adapter, float32_region, match_spatial, upcast
 
 
@@ -84,9 +84,6 @@ class FitNet(Method):
         **hp: Any,
     ) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
-        self.weight = float(hp["weight"])
         always = bool(hp["adapter_always"])
         self.adapters = nn.ModuleDict()
         for tap in self.taps:

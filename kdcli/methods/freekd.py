@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from ..errors import MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .base import Method
+from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 
 
 def haar_dwt_level(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,9 +152,6 @@ class FreeKD(Method):
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
-        self.weight = float(hp["weight"])
         self.mse_weight = float(hp["mse_weight"])
         self.levels = int(hp["levels"])
         if not 1 <= self.levels <= 3:
@@ -185,11 +182,7 @@ class FreeKD(Method):
         out: dict[str, Tensor] = {}
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
-            if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-                raise MethodError(
-                    f"method 'freekd': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got "
-                    f"student {tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-                )
+            check_pair(self.name, tap, fs, ft)
             with float32_region(fs):
                 fs, ft = upcast(fs), upcast(ft.detach())
                 fs = match_spatial(self.align[tap](fs), ft)

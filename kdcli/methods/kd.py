@@ -56,7 +56,7 @@ from torch import Tensor
 from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
+from .base import Method
 from .common import float32_region, resize_to, upcast
 
 MODES = ("softmax", "bernoulli")
@@ -125,9 +125,6 @@ class KD(Method):
         **hp: Any,
     ) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
-        self.weight = float(hp["weight"])
         self.tau = float(hp["tau"])
         if self.tau <= 0:
             raise ConfigError(f"--set tau: the temperature must be > 0 (got {self.tau})")

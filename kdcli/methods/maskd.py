@@ -62,11 +62,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .base import Method
+from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 
 
 def dice_coeff(masks: Tensor) -> Tensor:
@@ -167,9 +166,6 @@ class MasKD(Method):
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
-        self.weight = float(hp["weight"])
         self.weight_mask = bool(hp["weight_mask"])
         self.custom_mask = bool(hp["custom_mask"])
         self.custom_mask_warmup = int(hp["custom_mask_warmup"])
@@ -198,11 +194,7 @@ class MasKD(Method):
         use_custom = self.custom_mask_active
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
-            if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-                raise MethodError(
-                    f"method 'maskd': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got "
-                    f"student {tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-                )
+            check_pair(self.name, tap, fs, ft)
             with float32_region(fs):
                 fs, ft = upcast(fs), upcast(ft.detach())
                 if tap in self.align:

@@ -72,11 +72,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, MethodError
+from ..errors import ConfigError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import float32_region, match_spatial, upcast
+from .base import Method
+from .common import check_pair, float32_region, match_spatial, upcast
 
 DRAW_ORDERS = ("reverse", "forward")
 
@@ -136,8 +136,6 @@ class MGD(Method):
         **hp: Any,
     ) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
         self.alpha = float(hp["alpha_mgd"])
         self.lam = float(hp["lambda_mgd"])
         if not 0.0 <= self.lam <= 1.0:
@@ -168,11 +166,7 @@ class MGD(Method):
     # -- loss -----------------------------------------------------------------------------
     def loss_tap(self, tap: str, fs: Tensor, ft: Tensor, mask: Tensor | None = None) -> Tensor:
         """The weighted loss of one tap, Eqs. (1)–(3); ``mask`` (1 = keep) or a fresh random one."""
-        if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-            raise MethodError(
-                f"method 'mgd': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got student "
-                f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-            )
+        check_pair(self.name, tap, fs, ft)
         block = self.blocks[tap]
         with float32_region(fs):
             fs, ft = upcast(fs), upcast(ft.detach())

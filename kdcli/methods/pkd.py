@@ -58,11 +58,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from .base import Method, select_taps
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .base import Method
+from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 
 EPS = 1e-6
 
@@ -104,9 +103,6 @@ class PKD(Method):
         **hp: Any,
     ) -> None:
         super().__init__(student, teacher, task, **hp)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
-        self.needs = self.taps
-        self.weight = float(hp["weight"])
         self.resize_stu = bool(hp["resize_stu"])
         self.connectors = nn.ModuleDict()
         for tap in self.taps:
@@ -116,11 +112,7 @@ class PKD(Method):
 
     def loss_tap(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
         """The weighted loss of one tap: connector, resize, Eq. (1) on both maps, Eq. (2)."""
-        if fs.dim() != 4 or ft.dim() != 4 or fs.shape[0] != ft.shape[0]:
-            raise MethodError(
-                f"method 'pkd': tap '{tap}' needs two (N, C, H, W) maps of the same batch; got student "
-                f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-            )
+        check_pair(self.name, tap, fs, ft)
         with float32_region(fs):
             fs, ft = upcast(fs), upcast(ft.detach())
             if tap in self.connectors:

@@ -75,12 +75,11 @@ from torch import Tensor, nn
 from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
 from . import register
-from .base import Method, select_taps
-from .common import float32_region, match_spatial, upcast
+from .base import Method
+from .common import check_pair, float32_region, match_spatial, upcast
 from .dmkd import (
     DualReconstruction,
     check_choices,
-    check_pair,
     random_keep_mask,
     ranked_keep_mask,
     reconstruction_loss,
@@ -177,7 +176,6 @@ class SAMKD(Method):
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)
         check_choices(self.name, hp, CHOICES)
-        self.taps = select_taps(hp["taps"], student, teacher, self.name)
         self.grids = tuple(int(g) for g in hp["grids"])
         if not self.grids or min(self.grids) < 1:
             raise ConfigError(f"--set grids={hp['grids']}: method 'samkd' needs grid sizes ≥ 1")
