@@ -191,8 +191,10 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
             log(f"inherit: {inherited} tensors of the neck/head copied from the teacher")
         if not cfg.method:
             raise ConfigError("--method: name a distillation method (see `kdcli methods`)")
-        overrides = dict(cfg.set)
-        method = build_method(cfg.method, student.tap_info, teacher.tap_info, task, overrides).to(device)
+    if cfg.method:
+        # self-distillation methods (no teacher model) see the student's taps on both sides
+        t_info = teacher.tap_info if teacher is not None else student.tap_info
+        method = build_method(cfg.method, student.tap_info, t_info, task, dict(cfg.set)).to(device)
     collate = collate_detection if task == "detection" else collate_segmentation
     g = torch.Generator()
     g.manual_seed(cfg.seed)
@@ -259,9 +261,12 @@ def train_step(run: Run, images: Any, targets: Any) -> tuple[Tensor, dict[str, f
     with autocast_ctx(run.device, run.cfg.amp):
         s_out = run.student(batch)
         terms: dict[str, Tensor] = dict(s_out.losses)
-        if run.teacher is not None and run.method is not None:
+        if run.method is not None:
             with torch.no_grad():
-                t_out = run.teacher(batch, need=set(run.method.needs), losses=False)
+                if run.teacher is not None:
+                    t_out = run.teacher(batch, need=set(run.method.needs), losses=False)
+                else:  # self-distillation: the method makes its own teacher output, or none
+                    t_out = run.method.teacher_forward(batch, set(run.method.needs))
             terms.update(run.method(s_out, t_out, batch.targets))
     values = {k: float(v.detach()) for k, v in terms.items()}
     for k, v in values.items():
@@ -346,7 +351,9 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
         sums: dict[str, float] = {}
         n = 0
         with epoch_progress(run, epoch, iters_per_epoch, enabled=progress) as advance:
-            for images, targets in run.train_loader:
+            for it, (images, targets) in enumerate(run.train_loader):
+                if run.method is not None:
+                    run.method.set_progress(epoch, it, cfg.epochs, iters_per_epoch)
                 total, values = train_step(run, images, targets)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
@@ -361,6 +368,8 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
                     sums[k] = sums.get(k, 0.0) + v
                 advance(values)
         train_time = time.time() - t0
+        if run.method is not None:
+            run.method.on_epoch_end(run.student, epoch)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
                                "train_time_s": round(train_time, 2)}
         row.update({f"loss/{k}": round(v / max(n, 1), 6) for k, v in sums.items()})

@@ -63,11 +63,28 @@ class MethodSet(Method):
     def needs_targets_any(self) -> bool:
         return any(type(m).needs_targets for m in self.methods.values())
 
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
+    def forward(self, s: ModelOutput, t: ModelOutput | None, targets: Any = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for m in self.methods.values():
             out.update(m(s, t, targets))
         return out
+
+    def set_progress(self, epoch: int, it: int, epochs: int, iters_per_epoch: int) -> None:
+        super().set_progress(epoch, it, epochs, iters_per_epoch)
+        for m in self.methods.values():
+            m.set_progress(epoch, it, epochs, iters_per_epoch)
+
+    def teacher_forward(self, batch: Any, need: set[str]) -> ModelOutput | None:
+        # at most one self-distillation teacher per run: the first method that makes one
+        for m in self.methods.values():
+            out = m.teacher_forward(batch, need)
+            if out is not None:
+                return out
+        return None
+
+    def on_epoch_end(self, student: Any, epoch: int) -> None:
+        for m in self.methods.values():
+            m.on_epoch_end(student, epoch)
 
 
 def split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -57,6 +57,25 @@ class Method(nn.Module):
     ) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- engine hooks (optional; the engine calls them on every method) ----------------
+    progress: float = 0.0  # fraction of the schedule done, in [0, 1)
+    epoch: int = 0
+
+    def set_progress(self, epoch: int, it: int, epochs: int, iters_per_epoch: int) -> None:
+        """Called before every training step (``it`` counts steps within ``epoch``, both from 0).
+
+        Schedules that depend on training progress (DKD's warm-up, SAMKD's progressive pyramid,
+        PS-KD's alpha) read ``self.epoch`` / ``self.progress``."""
+        self.epoch = epoch
+        self.progress = (epoch + it / max(1, iters_per_epoch)) / max(1, epochs)
+
+    def teacher_forward(self, batch: Any, need: set[str]) -> ModelOutput | None:
+        """Self-distillation: produce the teacher output when the run has no teacher model."""
+        return None
+
+    def on_epoch_end(self, student: nn.Module, epoch: int) -> None:
+        """Called after each training epoch, before validation (PS-KD takes its snapshot here)."""
+
     # -- helpers shared by subclasses -------------------------------------------------
     @classmethod
     def resolve_hparams(cls, task: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
