@@ -1,89 +1,79 @@
 r"""KD — temperature-scaled logit distillation (Hinton, Vinyals & Dean, "Distilling the Knowledge
 in a Neural Network", NIPS 2014 Deep Learning Workshop, arXiv 1503.02531), applied per pixel
-(segmentation) and per anchor location and class (dense sigmoid detection heads).
+(segmentation) and per anchor location (dense sigmoid detection heads).
 
-Equations implemented (spec: shared/methods/logit-methods.md §1.2–1.4 and §2.1):
+Spec: shared/methods/logit-methods.md §1.2–1.4 and §2.1. Samples, reductions and the student's
+assignment come from :mod:`kdcli.methods._logits`. Per sample ``i`` (a pixel or a location)::
 
-- **softmax mode** (segmentation, ``seg_logits`` (N, K, h, w)); Hinton's soft-target term per
-  pixel, as in TorchDistiller's pixel-wise KD (Liu et al., "Structured Knowledge Distillation
-  for Semantic Segmentation", CVPR 2019)::
+    softmax    ℓ_i = τ² · R_c[ p_t,c (log p_t,c − log p_s,c) ],          p = softmax(z/τ) over the classes
+    bernoulli  ℓ_i = τ² · R_c[ p log(p/q) + (1−p) log((1−p)/(1−q)) ],   p = σ(z_t,c/τ), q = σ(z_s,c/τ)
+    positives  the softmax form at the student's positive locations only, over the C−1 real classes
+               (torchvision's background column 0 dropped)                                   (S1, LD)
+    L = w · S_i[ ℓ_i ]
 
-      ℓ_i = τ² · Σ_k p_t,k (log p_t,k − log p_s,k),   p_·  = softmax(z_· / τ) over the K classes
-      L   = w · (1/|P|) Σ_{i∈P} ℓ_i
+``R_c`` is ``class_reduction`` (``sum`` | ``mean``) and ``S_i`` is ``sample_reduction``: ``mean`` over
+the samples that count, ``sum``, ``avg_factor`` (÷ positive locations in the batch; detection) or
+``level`` (per FPN level ÷ that level's positives, summed; detection). Which codebase does what
+(§1.2), and how to reproduce it:
 
-  P is every pixel (TorchDistiller's ``norm_type='spatial'``: sum ÷ N·h·w) or, with
-  ``ignore_index_mask=True`` and targets given, only pixels whose label ≠ ``ignore_index``.
-- **bernoulli mode** (detection, ``cls_logits`` (N, L, C) of a sigmoid head; mode S2 of §1.4,
-  the binary KD of BCKD/CrossKD)::
-
-      ℓ_i = τ² · Σ_c [ p log(p/q) + (1−p) log((1−p)/(1−q)) ],  p = σ(z_t/τ), q = σ(z_s/τ)
-      L   = w · (1/(N·L)) Σ_i ℓ_i
-
-``class_reduction`` ∈ {sum, mean} replaces Σ_c/Σ_k by a mean; ``sample_reduction`` ∈ {mean, sum}
-replaces the 1/|P| average by a plain sum. Every log-probability is computed with
-``log_softmax``/``logsigmoid`` in float32 (fp16/bf16 inputs upcast, autocast disabled), so
-fp16/bf16 logits neither underflow to ``log 0`` nor overflow.
+===========================================  ==========================================================
+official loss                                kdcli settings
+===========================================  ==========================================================
+mdistiller / cls_KD KD (per image)           ``class_reduction=sum sample_reduction=mean`` (default)
+TorchDistiller pixel-wise KD (``spatial``)   segmentation preset: softmax, sum, mean over N·h·w pixels
+LD main KD (``KnowledgeDistillationKLDiv``)  ``mode=positives class_reduction=mean sample_reduction=level
+                                             weight=10 tau=8`` (RetinaNet; ``tau=2`` for FCOS)
+BCKD / CrossKD binary KD, without the        ``mode=bernoulli drop_ignored=true sample_reduction=avg_factor``
+``|σ_t − σ_s|^β`` modulation                 (the modulated loss with box KD is method ``bckd``)
+===========================================  ==========================================================
 
 Deviations and assumptions:
 
-- KL form, not the cross-entropy form: the loss is 0 for identical logits. BCKD writes the
-  Bernoulli term as BCE(z_s, σ(z_t)), which differs by the teacher's entropy (a constant for the
+- KL form, not the cross-entropy form: the loss is 0 for identical logits. cls_KD and BCKD write
+  the term as a cross-entropy, which differs by the teacher's entropy (a constant for the
   student: same gradient, different value).
-- Detection: no positive/negative selection, no ``|σ(z_t) − σ(z_s)|^β`` modulation and no
-  division by the number of positives (BCKD's choices); every location counts equally. τ = 1 and
-  w = 1 are our choice, not an official config (LD/BCKD modes will come as separate options).
+- Detection default (our choice, no official per-location KD config for torchvision heads): the
+  Bernoulli form at every location, τ = 1, w = 1, ÷ the number of locations. ``drop_ignored=true``
+  drops the locations RetinaNet's matcher ignores (IoU in [0.4, 0.5)); FCOS ignores none.
 - No hard-label cross-entropy term: the student's own task loss plays that role.
 - Segmentation: when the two logit maps differ in size, the smaller is resized to the larger
-  (bilinear, ``align_corners=False``), per dimension. The label is resized to that size with
-  ``nearest`` (``F.interpolate`` legacy nearest) to build the ignore mask. If every pixel is
-  ignored the loss is 0.
-- ``ignore_index_mask`` defaults to False (TorchDistiller uses every pixel); it only acts when
-  the engine passes targets (``needs_targets`` is False because the masking is optional).
+  (bilinear, ``align_corners=False``), per dimension; the label is resized with ``nearest`` to
+  build the ignore mask. ``ignore_index_mask`` defaults to False (TorchDistiller uses every pixel);
+  with it the 255 pixels are dropped, and if every pixel is ignored the loss is 0.
+- Every log-probability is computed with ``log_softmax``/``logsigmoid`` in float32 (fp16/bf16
+  inputs upcast, autocast disabled).
 
-Heterogeneous pairs: the class lists must be the same (same K or C, checked from the tap info
-at construction) and, for detection, the same anchor layout (same L, checked at forward time);
-otherwise a :class:`~kdcli.errors.MethodError` asks for a feature method instead. Spatial
-sizes of segmentation logits may differ (resize, above).
+Heterogeneous pairs: the class lists must be the same (same K or C, checked from the tap info at
+construction) and, for detection, the same anchor layout (same L, checked at forward time);
+otherwise a :class:`~kdcli.errors.MethodError` asks for a feature method instead.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
+from ._logits import (
+    CLASS_REDUCTIONS,
+    SAMPLE_REDUCTIONS,
+    bernoulli_kl,
+    check_choice,
+    location_samples,
+    pixel_samples,
+    reduce_classes,
+    reduce_samples,
+    softmax_kl,
+)
 from .base import Method
-from .common import float32_region, resize_to, upcast
+from .common import float32_region, upcast
 
-MODES = ("softmax", "bernoulli")
-CLASS_REDUCTIONS = ("sum", "mean")
-SAMPLE_REDUCTIONS = ("mean", "sum")
+MODES = ("softmax", "bernoulli", "positives")
 
-
-def softmax_kl(s: Tensor, t: Tensor, tau: float, dim: int) -> Tensor:
-    """KL(softmax(t/τ) ‖ softmax(s/τ)) per class entry (not yet reduced over ``dim``)."""
-    log_p_t = F.log_softmax(t / tau, dim=dim)
-    log_p_s = F.log_softmax(s / tau, dim=dim)
-    # exp(log p) is exact where p underflows: those terms are 0 · finite = 0, never 0 · (−inf)
-    return log_p_t.exp() * (log_p_t - log_p_s)
-
-
-def bernoulli_kl(s: Tensor, t: Tensor, tau: float) -> Tensor:
-    """Element-wise KL(Bern(σ(t/τ)) ‖ Bern(σ(s/τ)))."""
-    zs, zt = s / tau, t / tau
-    log_p, log_1mp = F.logsigmoid(zt), F.logsigmoid(-zt)
-    log_q, log_1mq = F.logsigmoid(zs), F.logsigmoid(-zs)
-    # 1−p as exp(logσ(−z)), not 1 − σ(z): no cancellation for confident teachers
-    return log_p.exp() * (log_p - log_q) + log_1mp.exp() * (log_1mp - log_1mq)
-
-
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"--set {key}: '{value}' is not one of {', '.join(choices)}")
+__all__ = ["KD", "bernoulli_kl", "softmax_kl"]
 
 
 @register
@@ -93,7 +83,7 @@ class KD(Method):
     name = "kd"
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network (arXiv 1503.02531, 2015)"
     tasks = ("detection", "segmentation")
-    needs_targets = False
+    needs_targets = False  # only the positives mode, the detection reductions and the ignore mask use them
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         # our choice: no official per-location KD config for torchvision sigmoid heads
         "detection": {
@@ -103,6 +93,7 @@ class KD(Method):
             "mode": "bernoulli",
             "class_reduction": "sum",
             "sample_reduction": "mean",
+            "drop_ignored": False,
         },
         # TorchDistiller pixel-wise KD: τ = 1, weight 1, sum over classes ÷ N·h·w
         "segmentation": {
@@ -128,14 +119,15 @@ class KD(Method):
         self.tau = float(hp["tau"])
         if self.tau <= 0:
             raise ConfigError(f"--set tau: the temperature must be > 0 (got {self.tau})")
-        self.mode = str(hp["mode"])
-        _check_choice("mode", self.mode, MODES)
-        self.class_reduction = str(hp["class_reduction"])
-        _check_choice("class_reduction", self.class_reduction, CLASS_REDUCTIONS)
-        self.sample_reduction = str(hp["sample_reduction"])
-        _check_choice("sample_reduction", self.sample_reduction, SAMPLE_REDUCTIONS)
+        self.mode = check_choice("mode", str(hp["mode"]), MODES)
+        self.class_reduction = check_choice("class_reduction", str(hp["class_reduction"]), CLASS_REDUCTIONS)
+        self.sample_reduction = check_choice("sample_reduction", str(hp["sample_reduction"]), SAMPLE_REDUCTIONS)
+        if task == "segmentation" and (self.mode == "positives" or self.sample_reduction in ("avg_factor", "level")):
+            raise ConfigError(f"--set mode={self.mode}, sample_reduction={self.sample_reduction}: positives, "
+                              "avg_factor and level are for detection heads")
         self.ignore_index_mask = bool(hp.get("ignore_index_mask", False))
         self.ignore_index = int(hp.get("ignore_index", 255))
+        self.drop_ignored = bool(hp.get("drop_ignored", False))
         for tap in self.taps:
             cs, ct = student[tap].channels, teacher[tap].channels
             if cs != ct:
@@ -149,58 +141,40 @@ class KD(Method):
         for tap in self.taps:
             zs, zt = s.taps[tap], t.taps[tap]
             with float32_region(zs):
-                out[f"{self.name}.{tap}"] = self.weight * self._tap_loss(tap, zs, zt, targets)
+                out[f"{self.name}.{tap}"] = self.weight * self._tap_loss(tap, s, zs, zt, targets)
         return out
 
-    def _tap_loss(self, tap: str, zs: Tensor, zt: Tensor, targets: Any) -> Tensor:
-        zs, zt = upcast(zs), upcast(zt.detach())
+    def _tap_loss(self, tap: str, s: ModelOutput, zs: Tensor, zt: Tensor, targets: Any) -> Tensor:
         if zs.dim() == 4:
-            # (N, K, h, w): classes on dim 1; bring both maps to the larger size per dimension
-            if zs.shape[:2] != zt.shape[:2]:
-                raise MethodError(
-                    f"method 'kd': tap '{tap}' student logits {tuple(zs.shape)} and teacher "
-                    f"logits {tuple(zt.shape)} differ in batch or class count"
-                )
-            size = (max(zs.shape[2], zt.shape[2]), max(zs.shape[3], zt.shape[3]))
-            zs, zt = resize_to(zs, size), resize_to(zt, size)
-            class_dim = 1
+            smp = pixel_samples(self.name, tap, zs, zt, targets, self.ignore_index, need_labels=False,
+                                mask_ignored=self.ignore_index_mask)
         elif zs.dim() == 3:
-            # (N, L, C) dense-detection logits: location i must mean the same prior in both
-            if zs.shape != zt.shape:
-                raise MethodError(
-                    f"method 'kd': tap '{tap}' student logits {tuple(zs.shape)} and teacher "
-                    f"logits {tuple(zt.shape)} differ; per-location KD needs the same anchors per "
-                    "location, FPN levels and classes (use a feature method instead)"
-                )
-            class_dim = -1
+            needs_match = (self.mode == "positives" or self.drop_ignored
+                           or self.sample_reduction in ("avg_factor", "level"))
+            if needs_match:
+                smp = location_samples(self.name, tap, s, zs, zt, targets, positives=self.mode == "positives",
+                                       drop_ignored=self.drop_ignored)
+            else:
+                zs, zt = upcast(zs), upcast(zt.detach())
+                if zs.shape != zt.shape:
+                    raise MethodError(
+                        f"method 'kd': tap '{tap}' student logits {tuple(zs.shape)} and teacher "
+                        f"logits {tuple(zt.shape)} differ; per-location KD needs the same anchors per "
+                        "location, FPN levels and classes (use a feature method instead)"
+                    )
+                return self._plain(zs, zt)
         else:
             raise MethodError(f"method 'kd': tap '{tap}' must be (N, K, h, w) or (N, L, C), got "
                               f"{tuple(zs.shape)}")
+        assert smp.t is not None
+        per_row = self._per_row(smp.s, smp.t)
+        return reduce_samples(per_row, smp, self.sample_reduction, self.name)
 
-        if self.mode == "softmax":
-            per_class = softmax_kl(zs, zt, self.tau, class_dim)
-        else:
-            per_class = bernoulli_kl(zs, zt, self.tau)
-        per_sample = per_class.sum(class_dim) if self.class_reduction == "sum" else per_class.mean(class_dim)
-        per_sample = per_sample * self.tau**2  # keeps gradient scale independent of τ (Hinton)
+    def _per_row(self, zs: Tensor, zt: Tensor) -> Tensor:
+        per_class = bernoulli_kl(zs, zt, self.tau) if self.mode == "bernoulli" else softmax_kl(zs, zt, self.tau)
+        return reduce_classes(per_class, self.class_reduction) * self.tau**2  # τ²: Hinton's gradient scale
 
-        valid = self._valid_mask(per_sample, targets) if zs.dim() == 4 else None
-        if valid is None:
-            total, count = per_sample.sum(), per_sample.numel()
-            return total / count if self.sample_reduction == "mean" else total
-        total = (per_sample * valid).sum()  # multiply, not index: keeps one graph and no sync
-        if self.sample_reduction == "sum":
-            return total
-        return total / valid.sum().clamp(min=1)
-
-    def _valid_mask(self, per_pixel: Tensor, targets: Any) -> Tensor | None:
-        """(N, h, w) float mask of non-ignored pixels, or None when masking is off/impossible."""
-        if not self.ignore_index_mask or not isinstance(targets, Tensor):
-            return None
-        labels = targets
-        if labels.dim() == 4 and labels.shape[1] == 1:
-            labels = labels[:, 0]
-        if labels.shape[-2:] != per_pixel.shape[-2:]:
-            # nearest keeps label values intact (255 stays 255; no blending of class ids)
-            labels = F.interpolate(labels[:, None].float(), size=per_pixel.shape[-2:], mode="nearest")[:, 0]
-        return (labels != self.ignore_index).to(per_pixel.dtype)
+    def _plain(self, zs: Tensor, zt: Tensor) -> Tensor:
+        """Every location of (N, L, C) logits, no assignment needed (mean or sum over N·L)."""
+        per_row = self._per_row(zs, zt)
+        return per_row.mean() if self.sample_reduction == "mean" else per_row.sum()

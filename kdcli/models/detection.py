@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -16,12 +18,13 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
 
 from ..errors import ZooError
 from ..zoo import ModelSpec
 from .backbones import fpn_backbone, freeze_batchnorm, split_backbone
 from .base import Batch, TapModel
-from .taps import ModelOutput
+from .taps import ModelOutput, TapInfo
 
 
 def build_detector(spec: ModelSpec) -> nn.Module:
@@ -75,13 +78,30 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
+def detector_family(net: nn.Module) -> str:
+    """``fcos`` | ``retinanet`` | ``maskrcnn`` | ``fasterrcnn`` (MaskRCNN subclasses FasterRCNN: tested first)."""
+    for cls, name in ((FCOS, "fcos"), (RetinaNet, "retinanet"), (MaskRCNN, "maskrcnn"), (FasterRCNN, "fasterrcnn")):
+        if isinstance(net, cls):
+            return name
+    return ""
+
+
 class DetectionModel(TapModel):
     task = "detection"
 
     def __init__(self, spec: ModelSpec, net: nn.Module) -> None:
         super().__init__(spec, net)
         self.one_stage = isinstance(net, (RetinaNet, FCOS))
+        self.family = detector_family(net)
         self._names: tuple[list[str], list[str]] | None = None
+
+    @property
+    def tap_info(self) -> dict[str, TapInfo]:
+        """The taps of the dry run, each tagged with the detector family (FGD picks its recipe by it)."""
+        info = super().tap_info
+        if any(i.family != self.family for i in info.values()):
+            self._tap_info = info = {k: replace(i, family=self.family) for k, i in info.items()}
+        return info
 
     def dry_run_size(self) -> int:
         return 256
@@ -142,6 +162,9 @@ class DetectionModel(TapModel):
         a = head["cls_logits"].shape[1] // sum(per_level)
         per_level = [n * a for n in per_level]
         out.extras.update(head=head, anchors=anchors, num_anchors_per_level=per_level)
+        # the student's own assignment and box decoding, for logit methods (BCKD, DKD/NKD at positives)
+        out.extras.update(match=partial(match_locations, net, anchors, [n // a for n in per_level]),
+                          decode=partial(decode_boxes, net, anchors))
         if targets is not None:
             if isinstance(net, FCOS):
                 out.losses.update(net.compute_loss(targets, head, anchors, [n // a for n in per_level]))
@@ -175,3 +198,60 @@ def empty_detections(n: int, device: torch.device) -> list[dict[str, Tensor]]:
          "labels": torch.zeros(0, dtype=torch.int64, device=device)}
         for _ in range(n)
     ]
+
+
+def match_locations(net: nn.Module, anchors: list[Tensor], locations_per_level: list[int],
+                    targets: list[dict[str, Tensor]]) -> Tensor:
+    """The one-stage detector's own assignment of every anchor/location to a ground-truth box.
+
+    Returns ``(N, L)`` int64: the matched box index (``>= 0``: positive), ``-1`` background, ``-2``
+    ignored (RetinaNet only). Same rules as torchvision's ``compute_loss`` (checked in the tests):
+
+    - RetinaNet: the model's ``proposal_matcher`` on IoU(box, anchor): positive at IoU >= 0.5 (plus
+      each box's best anchors, ``allow_low_quality_matches``), background below 0.4, ignored between.
+    - FCOS: a location is positive for a box when its centre lies inside the box, within
+      ``center_sampling_radius`` x stride of the box centre (per axis), and its largest ltrb distance
+      lies in the level's range (4s, 8s) (first level from 0, last level unbounded); the box of
+      smallest area wins. Everything else is background; nothing is ignored.
+    """
+    out = []
+    for a, t in zip(anchors, targets, strict=True):
+        boxes = t["boxes"]
+        if boxes.numel() == 0:
+            out.append(torch.full((a.shape[0],), -1, dtype=torch.int64, device=a.device))
+        elif isinstance(net, FCOS):
+            out.append(_fcos_match(a, boxes, locations_per_level, float(net.center_sampling_radius)))
+        else:
+            out.append(net.proposal_matcher(box_iou(boxes, a)))
+    return torch.stack(out)
+
+
+def _fcos_match(anchors: Tensor, boxes: Tensor, per_level: list[int], radius: float) -> Tensor:
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # (L, 2)
+    size = anchors[:, 2] - anchors[:, 0]  # the level's stride x anchor scale (torchvision's rule)
+    box_centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # (M, 2)
+    near = (centres[:, None] - box_centres[None]).abs().amax(-1) < radius * size[:, None]
+    ltrb = torch.cat([centres[:, None] - boxes[None, :, :2], boxes[None, :, 2:] - centres[:, None]], -1)
+    inside = ltrb.amin(-1) > 0
+    lo, hi = size * 4, size * 8
+    lo[: per_level[0]] = 0
+    hi[-per_level[-1]:] = float("inf")
+    reach = ltrb.amax(-1)
+    ok = near & inside & (reach > lo[:, None]) & (reach < hi[:, None])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    score = ok.float() * (1e8 - area[None])  # smallest box wins among the matches
+    best, idx = score.max(1)
+    return torch.where(best < 1e-5, torch.full_like(idx, -1), idx)
+
+
+def decode_boxes(net: nn.Module, anchors: list[Tensor], regression: Tensor) -> Tensor:
+    """``(N, L, 4)`` head regression → ``(N, L, 4)`` x1y1x2y2 boxes in the (resized) input frame, float32.
+
+    RetinaNet: anchor deltas (``BoxCoder`` weights 1, dw/dh clamped at log(1000/16)); FCOS: ltrb
+    distances normalised by the anchor size (``BoxLinearCoder``)."""
+    reg = regression if regression.dtype == torch.float64 else regression.float()
+    ref = torch.stack(anchors).to(reg)
+    if isinstance(net, FCOS):
+        return net.box_coder.decode(reg, ref)
+    return net.box_coder.decode_single(reg.reshape(-1, 4), ref.reshape(-1, 4)).view_as(reg)
+

@@ -24,12 +24,19 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class TapInfo:
-    """What a tap is without running the model: its channels and stride (0 if not spatial)."""
+    """What a tap is without running the model: its channels and stride (0 if not spatial).
+
+    ``family`` names the detector the tap comes from (``retinanet``, ``fcos``, ``fasterrcnn``,
+    ``maskrcnn``: the zoo's ``architecture``; set by :class:`~kdcli.models.detection.DetectionModel`
+    on every tap), so that a method can pick the official recipe of that detector (FGD) without
+    reaching into the model. Empty when unknown or not a detector.
+    """
 
     name: str
     channels: int
     stride: int = 0
     kind: str = "feature"  # feature | logits
+    family: str = ""
 
 
 @dataclass
