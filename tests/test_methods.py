@@ -353,10 +353,12 @@ def test_nonlocal_reassociation_equals_direct_form() -> None:
 
 @pytest.mark.parametrize("hw", [(8, 8), (7, 9)])
 def test_cankd_attention_active_matches_direct_form(hw: tuple[int, int]) -> None:
+    torch.manual_seed(0)  # seeded: with unseeded convs the "attention changes the loss" margin was flaky (~1%)
     m = cankd()
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # γ ≠ 0 switches the attention path on
-        m.blocks["c5"].W[1].weight.normal_(0, 0.5)
-        m.blocks["c5"].W[1].bias.normal_(0, 0.5)
+        m.blocks["c5"].W[1].weight.copy_(torch.randn(8, generator=g, dtype=torch.float64))
+        m.blocks["c5"].W[1].bias.copy_(torch.randn(8, generator=g, dtype=torch.float64) * 0.5)
     fs, ft = feats((2, 8, *hw), 9)
     got = one(m(out(c5=fs), out(c5=ft)))
     want = cankd_by_hand(m, fs, ft)

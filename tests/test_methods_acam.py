@@ -216,6 +216,38 @@ def test_fused_attention_equals_explicit_softmax() -> None:
     torch.testing.assert_close(b.fuse(t, s), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_goes_through_sdpa_and_never_holds_a_p_by_p_matrix(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The segmentation shape that matters (C = 19 logits, C_q = 9) at P = 32·32: SDPA is called, and nothing
+    the forward keeps for backward has P² elements — SDPA's math fallback would save the N×P×P attention."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args: object, **kwargs: object) -> Tensor:
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    m = make("segmentation", infos(seg_logits=19), infos(seg_logits=19)).to(dtype)
+    fs = torch.randn(2, 19, 32, 32, dtype=dtype, requires_grad=True)
+    ft = torch.randn(2, 19, 32, 32, dtype=dtype)
+    p = 32 * 32
+    saved: list[int] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = m(out(seg_logits=fs), out(seg_logits=ft))
+    assert calls and max(saved) < p * p, (len(calls), max(saved), p * p)
+    sum(losses.values()).backward()
+    assert torch.isfinite(fs.grad).all() and fs.grad.abs().sum() > 0
+    assert m.blocks["seg_logits"].q.weight.grad.abs().sum() > 0  # the backward ran through the fused kernel
+
+
 @pytest.mark.parametrize(
     "cs,hw_s,opts",
     [

@@ -21,9 +21,10 @@ C_q = ⌊C/2⌋):
 
 The engine sums the keys, i.e. the level losses are summed (masked-methods.md §3.2 step 10, [INF/ANC]).
 The masked terms never form the N×M×C×P tensor: ``‖M_m ⊙ Δ‖²`` is factorised through E_c / E_s. The
-attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (one head, head dims zero-padded to a
-multiple of 8 so that a memory-efficient kernel applies; the P×P matrix is never materialised by this code;
-identical maths). Everything runs in float32 with autocast disabled.
+attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (one head; head dims zero-padded so
+that a fused kernel applies — CUDA memory-efficient, CPU flash — and the P×P matrix is never formed, neither by
+this code nor by SDPA's math fallback; identical maths; :func:`fused_attention`). Everything runs in float32 with
+autocast disabled.
 
 Assumptions (every one [INF] or [ANC] in the spec; the switch is named where the spec offers one):
 
@@ -111,19 +112,32 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(QᵀK / √C_q) applied to V, channel-first: q, k (N, C_q, P_q / P_k), v (N, C, P_k) → (N, C, P_q).
 
     One head of :func:`F.scaled_dot_product_attention` with the scale 1/√C_q given explicitly; row i of the
-    attention is query position i, normalised over the key positions. The head dims are zero-padded to a
-    multiple of 8 and the inputs made contiguous (position-major): zero columns change neither QKᵀ nor the
-    first C columns of the output, and the padding lets CUDA's memory-efficient kernel accept odd sizes
-    (C_q = 9, C = 19 for logits) and float32 instead of falling back to the kernel that forms the P×P matrix.
+    attention is query position i, normalised over the key positions. The head dims are zero-padded and the
+    inputs made contiguous (position-major): zero columns change neither QKᵀ nor the first C columns of the
+    output. The padding is what keeps SDPA on a fused kernel instead of the "math" fallback that forms (and,
+    for backward, stores) the P×P matrix:
+
+    - CUDA (memory-efficient kernel): each head dim to a multiple of 8 — odd sizes (C_q = 9, C = 19 for
+      logits) would be refused; Q/K and V may keep different widths.
+    - CPU (flash kernel for CPU): Q, K and V to one common width, a multiple of 8 — that kernel refuses a V
+      width different from the Q/K width (measured: torch 2.14, ``saved_tensors_hooks`` + profiler test).
     """
     c_q, c = q.shape[1], v.shape[1]
 
-    def heads(x: Tensor) -> Tensor:
-        x = x.transpose(1, 2)  # (N, P, d)
-        pad = -x.shape[-1] % 8
-        return (F.pad(x, (0, pad)) if pad else x).contiguous().unsqueeze(1)  # (N, 1, P, d8)
+    def width(d: int) -> int:
+        return d + (-d % 8)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=1.0 / math.sqrt(c_q))
+    if q.device.type == "cuda":
+        dq, dv = width(c_q), width(c)
+    else:
+        dq = dv = width(max(c_q, c))
+
+    def heads(x: Tensor, d: int) -> Tensor:
+        x = x.transpose(1, 2)  # (N, P, c)
+        pad = d - x.shape[-1]
+        return (F.pad(x, (0, pad)) if pad else x).contiguous().unsqueeze(1)  # (N, 1, P, d)
+
+    out = F.scaled_dot_product_attention(heads(q, dq), heads(k, dq), heads(v, dv), scale=1.0 / math.sqrt(c_q))
     return out.squeeze(1)[..., :c].transpose(1, 2)
 
 
@@ -353,4 +367,28 @@ class ACAM(Method):
                         f"{tap}.channel_ratio": l_c.detach() / (mse + 1e-12),
                     })
         self._stats = stats
+        return out
+
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Per tap (kdcli viz, mask statistics): the ASCM spatial masks M^s (N, M, H, W) and channel masks M^c
+        (N, M, C), and the STCA-FF attention of the query position nearest ``query``: softmax_k(q_i·k_k / √C_q)
+        over the key positions (``query_attention``, (N, H, W); absent with ``mask_input=teacher``)."""
+        out: dict[str, Tensor] = {}
+        for tap in self.taps:
+            block: ACAMBlock = self.blocks[tap]  # type: ignore[assignment]
+            with float32_region(s.taps[tap]):
+                fs, ft = upcast(s.taps[tap].detach()), upcast(t.taps[tap].detach())
+                n, _, h, w = ft.shape
+                src = ft
+                if self.mask_input != "teacher":
+                    s_in = match_spatial(block.align(fs) if self.kv_input == "aligned" else fs, ft)
+                    q_in, kv_in = (ft, s_in) if self.query_source == "teacher" else (s_in, ft)
+                    src = block.fuse(q_in, kv_in)
+                    q = block.q(q_in).flatten(2)[:, :, self.query_index(h, w, query)]  # (N, C_q)
+                    logits = torch.einsum("nc,ncp->np", q, block.k(kv_in).flatten(2)) / math.sqrt(q.shape[1])
+                    out[f"{tap}.query_attention"] = logits.softmax(-1).view(n, h, w)
+                m_s, m_c = block.masks(src)
+                out[f"{tap}.spatial_mask"] = m_s.view(n, -1, h, w)
+                out[f"{tap}.channel_mask"] = m_c
         return out

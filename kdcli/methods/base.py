@@ -76,6 +76,28 @@ class Method(nn.Module):
     def on_epoch_end(self, student: nn.Module, epoch: int) -> None:
         """Called after each training epoch, before validation (PS-KD takes its snapshot here)."""
 
+    def internals(
+        self, s: ModelOutput, t: ModelOutput, targets: Any = None, query: tuple[float, float] = (0.5, 0.5)
+    ) -> dict[str, Tensor]:
+        """The maps the method computes internally, for ``kdcli viz`` and the ``mask/...`` columns of results.csv.
+
+        Keys are ``<tap>.<map>``; values are float tensors of shape (N, H, W) (one spatial map per image),
+        (N, K, H, W) (K spatial maps), (N, C) (one channel weighting) or (N, K, C). A name ending in ``mask``
+        is a mask: its mean, entropy and Dice between its K maps are logged during training
+        (:mod:`kdcli.viz.stats`). A name ending in ``query_attention`` is the attention row of the map
+        position nearest ``query`` = (y, x), given as fractions of the map's height and width
+        (:meth:`query_index`). Called under ``torch.no_grad()``; must not change the method's state (the
+        caller forks the random streams). Default: no internals.
+        """
+        return {}
+
+    @staticmethod
+    def query_index(h: int, w: int, query: tuple[float, float]) -> int:
+        """Flat index (row-major) of the position of an H×W map nearest ``query`` = (y, x) in [0, 1]."""
+        y = min(max(int(query[0] * h), 0), h - 1)
+        x = min(max(int(query[1] * w), 0), w - 1)
+        return y * w + x
+
     # -- helpers shared by subclasses -------------------------------------------------
     @classmethod
     def resolve_hparams(cls, task: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

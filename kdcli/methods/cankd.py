@@ -158,7 +158,10 @@ class CanKD(Method):
         return out
 
     def load_official(self, tap: str, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
-        """Load one official ``NLKD_IN_Loss`` state dict into the block of ``tap`` (parity tests)."""
+        """Load one official ``NLKD_IN_Loss`` state dict into the block of ``tap`` (parity tests).
+
+        Keys may carry any prefix before ``non_local_att.`` (e.g. a whole mmrazor checkpoint's
+        ``distiller.distill_losses.loss_nlkd.``); BN running statistics are copied too."""
         renames = (
             ("non_local_att.att.theta.", "theta."),
             ("non_local_att.att.phi.", "phi."),
@@ -168,7 +171,27 @@ class CanKD(Method):
         mapped: dict[str, Tensor] = {}
         for key, value in state_dict.items():
             for old, new in renames:
-                if key.startswith(old):
-                    mapped[new + key[len(old):]] = value
+                if old in key:
+                    mapped[new + key[key.find(old) + len(old):]] = value
                     break
         self.blocks[tap].load_state_dict(mapped, strict=strict)
+
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Per tap (kdcli viz): the row of the non-local cross-attention f of Eq. (1) for the student position
+        nearest ``query``, θ(F_S)_iᵀ φ(F_T) / N_k over the pooled teacher positions (``query_attention``,
+        (N, ⌊H/2⌋, ⌊W/2⌋); dot-product attention, no softmax, so it is signed). Taps under 2×2 have none."""
+        out: dict[str, Tensor] = {}
+        for tap in self.taps:
+            block: NonLocalBlock = self.blocks[tap]  # type: ignore[assignment]
+            with float32_region(s.taps[tap]):
+                fs, ft = upcast(s.taps[tap].detach()), upcast(t.taps[tap].detach())
+                fs = match_spatial(self.connectors[tap](fs) if tap in self.connectors else fs, ft)
+                n, _, h, w = fs.shape
+                if h < 2 or w < 2:
+                    continue
+                theta = block.theta(fs).flatten(2)[:, :, self.query_index(h, w, query)]  # (N, C_i)
+                phi = block.phi(ft)  # (N, C_i, ⌊H/2⌋, ⌊W/2⌋)
+                nk = phi.shape[-2] * phi.shape[-1]
+                out[f"{tap}.query_attention"] = (theta[:, :, None, None] * phi).sum(1) / nk
+        return out

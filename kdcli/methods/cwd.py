@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MethodError
@@ -63,14 +64,16 @@ from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
 from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
-from .kd import softmax_kl
 
 CHANNEL_NORMS = ("student", "teacher")
 
 
 def channel_wise_divergence(s: Tensor, t: Tensor, tau: float) -> Tensor:
     """Σ_{n,c,hw} KL(softmax_hw(t/τ) ‖ softmax_hw(s/τ)) · τ² for two (N, C, H, W) maps (unnormalised)."""
-    return softmax_kl(s.flatten(2), t.flatten(2), tau, dim=-1).sum() * tau**2
+    log_p_t = F.log_softmax(t.flatten(2) / tau, dim=-1)
+    log_p_s = F.log_softmax(s.flatten(2) / tau, dim=-1)
+    # p_T = exp(log p_T): an underflowing teacher probability gives 0 · finite = 0, never 0 · (−inf)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum() * tau**2
 
 
 @register

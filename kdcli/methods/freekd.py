@@ -57,6 +57,7 @@ from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
 from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
+from .maskd import copy_official_align, copy_official_masks
 
 
 def haar_dwt_level(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -191,18 +192,8 @@ class FreeKD(Method):
         return out
 
     def load_official(self, state_dict: Mapping[str, Tensor], align: Mapping[str, Tensor] | None = None) -> None:
-        """Load official ``FreeKDLoss`` prompts (``[...]mask_modules.{i}.*``) and, optionally, the
-        distiller's ``align_modules.component_0.{i}.*`` convs."""
-        for key, value in state_dict.items():
-            if "mask_modules." not in key:
-                continue
-            idx, _, rest = key[key.find("mask_modules.") + len("mask_modules."):].partition(".")
-            with torch.no_grad():
-                self.mask_modules[self.taps[int(idx)]].get_parameter(rest).copy_(value)
-        for key, value in (align or {}).items():
-            rest = key[key.find("align_modules.") + len("align_modules."):] if "align_modules." in key else key
-            parts = rest.split(".")
-            if parts[0].startswith("component_"):
-                parts = parts[1:]
-            with torch.no_grad():
-                self.align[self.taps[int(parts[0])]].get_parameter(".".join(parts[1:])).copy_(value)
+        """Load official ``FreeKDLoss`` prompts (``[...]mask_modules.{i}.{mask_token,prob.*}``; the modules' Haar
+        filter buffers ``xfm.*``/``ixfm.*`` are skipped) and, optionally, the distiller's
+        ``align_modules.component_0.{i}.*`` convs."""
+        copy_official_masks(self.mask_modules, self.taps, state_dict)
+        copy_official_align(self.align, self.taps, align or {})

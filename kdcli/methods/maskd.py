@@ -38,13 +38,17 @@ Parity layout (official weights map 1:1; :meth:`MasKD.load_official` does the re
 ``mask_modules[tap].mask_token`` ↔ ``mask_modules.{i}.mask_token`` (i = index of the tap in
 ``taps``), ``mask_modules[tap].prob.{0,2}.{weight,bias}`` ↔ ``mask_modules.{i}.prob.{0,2}.*``,
 ``align[tap].{weight,bias}`` ↔ distiller ``align_modules.component_0.{i}.*``; segmentation:
-``mask_modules[tap].mask_token`` ↔ ``mask_module.mask_token``.
+``mask_modules[tap].mask_token`` ↔ ``mask_module.mask_token``, or the bare ``mask_token`` of the ``MaskModule``
+state dict that the official segmentation script saves and loads (``--pretrained-mask``).
 
 Deviations / quirks:
 
-- Official bug: on reaching ``custom_mask_warmup`` the detection code reads the undefined attribute
-  ``self.weight_s_mask_warmup`` (for a log message) and would raise ``AttributeError``; the
-  intended maths (2) is implemented and the crash is not reproduced.
+- Official bug (one stored revision, 4e3a36ba): on reaching ``custom_mask_warmup`` the detection code
+  reads the undefined attribute ``self.weight_s_mask_warmup`` (for a log message) and would raise
+  ``AttributeError``; revision a419ccfd reads ``custom_mask_warmup`` there instead. The maths (2) is the
+  same in both and is what is implemented; the crash is not reproduced.
+- In (2) only the student's factor is computed without gradient (official); the teacher's mask keeps
+  its graph, so with ``train_masks=True`` the tokens get the official gradient through it.
 - Official quirk kept by default: no ε in (3) for detection (``eps=0``), so a level whose masks all
   underflow to 0 gives NaN; set ``eps`` (e.g. 1e-5, the segmentation value) to avoid it.
 - The segmentation script's extra 0.4× term on auxiliary logits is not applied (no aux tap);
@@ -62,6 +66,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -203,8 +208,9 @@ class MasKD(Method):
                 mm = self.mask_modules[tap]
                 mask = mm.forward_mask(ft)
                 if use_custom:
-                    with torch.no_grad():
-                        mask = mask * mm.forward_mask(fs)
+                    with torch.no_grad():  # only the student's factor is constant (official); the teacher's
+                        mask_s = mm.forward_mask(fs)  # mask keeps its graph to the tokens
+                    mask = mask * mask_s
                 loss = masked_sq_error(mask, fs, ft, self.eps)  # (N, T, C)
                 if self.weight_mask:
                     loss = (loss.mean(-1) * mm.forward_prob(ft)).sum(-1)  # (N,)
@@ -214,25 +220,47 @@ class MasKD(Method):
         return out
 
     def load_official(self, state_dict: Mapping[str, Tensor], align: Mapping[str, Tensor] | None = None) -> None:
-        """Load official ``MasKDLoss`` weights (keys ``[...]mask_modules.{i}.*`` or ``mask_module.*``) and,
-        optionally, the distiller's ``align_modules.component_0.{i}.*`` convs."""
-        for key, value in state_dict.items():
-            for prefix in ("mask_modules.", "mask_module."):
-                if prefix in key:
-                    rest = key[key.find(prefix) + len(prefix):]
-                    if prefix == "mask_modules.":
-                        idx, _, rest = rest.partition(".")
-                        tap = self.taps[int(idx)]
-                    else:
-                        tap = self.taps[0]
-                    target = self.mask_modules[tap].get_parameter(rest)
-                    with torch.no_grad():
-                        target.copy_(value)
-                    break
-        for key, value in (align or {}).items():
-            rest = key[key.find("align_modules.") + len("align_modules."):] if "align_modules." in key else key
-            parts = rest.split(".")
-            if parts[0].startswith("component_"):
-                parts = parts[1:]
+        """Load official MasKD mask weights and, optionally, the distiller's align convs.
+
+        Mask keys: detection ``[...]mask_modules.{i}.{mask_token,prob.*}`` (i = index in ``taps``);
+        segmentation ``[...]mask_module.mask_token`` or the bare ``MaskModule`` state dict the CIRKD script
+        saves and loads (``mask_token``). Align keys: ``[...]align_modules.component_0.{i}.{weight,bias}``.
+        Keys naming nothing of ours are ignored; a shape mismatch raises.
+        """
+        copy_official_masks(self.mask_modules, self.taps, state_dict)
+        copy_official_align(self.align, self.taps, align or {})
+
+
+def copy_official_masks(modules: nn.ModuleDict, taps: tuple[str, ...], state_dict: Mapping[str, Tensor]) -> None:
+    """Copy official ``mask_modules.{i}.*`` / ``mask_module.*`` / bare ``MaskModule`` tensors into ``modules``.
+
+    Only names that exist in our module are copied (official FreeKD modules also carry the persistent Haar
+    filter buffers ``xfm.*``/``ixfm.*``, which are not weights).
+    """
+    for key, value in state_dict.items():
+        if "mask_modules." in key:
+            idx, _, rest = key[key.find("mask_modules.") + len("mask_modules."):].partition(".")
+            if not idx.isdigit() or int(idx) >= len(taps):
+                raise MethodError(f"official mask weight '{key}': level {idx} but only {len(taps)} taps")
+            tap = taps[int(idx)]
+        elif "mask_module." in key:
+            tap, rest = taps[0], key[key.find("mask_module.") + len("mask_module."):]
+        elif key == "mask_token" or key.startswith("prob."):
+            tap, rest = taps[0], key  # the bare segmentation MaskModule state dict
+        else:
+            continue
+        own = dict(modules[tap].named_parameters())
+        if rest in own:
             with torch.no_grad():
-                self.align[self.taps[int(parts[0])]].get_parameter(".".join(parts[1:])).copy_(value)
+                own[rest].copy_(value)
+
+
+def copy_official_align(align: nn.ModuleDict, taps: tuple[str, ...], state_dict: Mapping[str, Tensor]) -> None:
+    """Copy the distiller's ``align_modules.component_0.{i}.{weight,bias}`` convs into ``align[taps[i]]``."""
+    for key, value in state_dict.items():
+        rest = key[key.find("align_modules.") + len("align_modules."):] if "align_modules." in key else key
+        parts = rest.split(".")
+        if parts[0].startswith("component_"):
+            parts = parts[1:]
+        with torch.no_grad():
+            align[taps[int(parts[0])]].get_parameter(".".join(parts[1:])).copy_(value)

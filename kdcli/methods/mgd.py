@@ -201,3 +201,19 @@ class MGD(Method):
                     mapped[part + key.split(part, 1)[1]] = value
                     break
         self.blocks[tap].load_state_dict(mapped, strict=strict)
+
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Per tap (kdcli viz, mask statistics): a fresh random keep-mask M of Eq. (2) (``random_mask``, 1 = kept;
+        (N, H, W), or (N, C) with ``mask_on_channel``) and the squared error of the generation from it,
+        mean_c (G(M ⊙ S̃) − F_T)² (``generation_error``, (N, H, W))."""
+        out: dict[str, Tensor] = {}
+        for tap in self.taps:
+            block = self.blocks[tap]
+            with float32_region(s.taps[tap]):
+                fs, ft = upcast(s.taps[tap].detach()), upcast(t.taps[tap].detach())
+                fs = match_spatial(block.align(fs) if block.align is not None else fs, ft)
+                mask = self.draw_mask(fs)
+                out[f"{tap}.random_mask"] = mask.flatten(1) if self.mask_on_channel else mask[:, 0]
+                out[f"{tap}.generation_error"] = (block.generation(fs * mask) - ft).pow(2).mean(1)
+        return out
