@@ -126,3 +126,16 @@ def test_teacher_input_renormalised_when_statistics_differ():
     raw = batch.images * torch.tensor(a.std).view(1, 3, 1, 1) + torch.tensor(a.mean).view(1, 3, 1, 1)
     torch.testing.assert_close(b.input_for(batch), (raw - 0.5) / 0.5)
     assert a.input_for(batch) is batch.images
+
+
+def test_detector_tap_names_do_not_depend_on_a_small_first_input() -> None:
+    # at 64 px P6 and P7 are both 1x1: names taken from that input would be p6a/p6b
+    from dataclasses import replace
+
+    spec = get_spec("shapes-r18-fcos")
+    spec = replace(spec, preprocess={**spec.preprocess, "min_size": 64, "max_size": 64})
+    model = build_model(spec, None).eval()
+    batch = model.preprocess([torch.rand(3, 64, 64)])
+    with torch.no_grad():
+        out = model(batch, need=None, losses=False)
+    assert [k for k in out.taps if k.startswith("p")] == ["p3", "p4", "p5", "p6", "p7"]

@@ -45,6 +45,10 @@ def build_detector(spec: ModelSpec) -> nn.Module:
             weights=None, weights_backbone=None, num_classes=spec.num_classes, **common
         )
         return freeze_batchnorm(net) if spec.norm == "frozen" else net
+    from .mm import build_mm_detector, needs_mm
+
+    if needs_mm(spec):  # layouts of imported mmdet checkpoints (kdcli/models/mm.py, docs/import.md)
+        return build_mm_detector(spec, common)
     first = 1 if spec.architecture in ("fasterrcnn", "maskrcnn") else 2
     backbone = fpn_backbone(spec.backbone, spec.fpn_channels, spec.extra_levels, spec.norm, first)
     nc = spec.num_classes
@@ -119,6 +123,10 @@ class DetectionModel(TapModel):
         )
 
     def _names_for(self, x: Tensor, stages: Any, levels: Any) -> tuple[list[str], list[str]]:
+        if self._names is None and x.shape[-2] < self.dry_run_size():
+            # a small first input (64 px: P6 and P7 are both 1x1) cannot tell strides apart;
+            # the dry run at a stride-exact size names the taps instead
+            _ = self.tap_info
         if self._names is None:
             # names come from strides on the first call; padded inputs keep them exact
             # because transform pads to a multiple of 32 (the coarsest backbone stride).
