@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import TASK_DEFAULTS, RunConfig
+from .config import TASK_DEFAULTS, RunConfig, apply_objective_and_augment
 from .errors import ConfigError, KdcliError
 
 
@@ -29,6 +29,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
 
     if explicit is not None:
         cfg = _with_task_defaults(cfg, explicit)
+    cfg = apply_objective_and_augment(cfg)  # issue 4: --objective mcmi, --augment hard
     torch.set_num_threads(max(1, torch.get_num_threads()))
     run = build_run(cfg, log=log)
     metrics = fit(run, resume=resume, stop_after=stop_after)
@@ -47,74 +48,87 @@ def resume(folder: str | Path, log: Any = print) -> tuple[Path, dict]:
 
 
 def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = "auto",
-             max_images: int = 0, out_dir: Path | None = None, workers: int = 2) -> dict[str, Any]:
-    """Evaluate a zoo model (cached weights), a run folder or an exported folder."""
+             max_images: int = 0, out_dir: Path | None = None, workers: int = 2, per_class: bool = False,
+             slide: str | None = None, write_labelids: Path | None = None) -> dict[str, Any]:
+    """Evaluate a zoo model (cached weights), a run folder or an exported folder.
+
+    ``slide``: ``CROP[:STRIDE]`` as ``HxW`` (segmentation sliding-window inference; stride default
+    2/3 of the crop); ``write_labelids``: folder for Cityscapes labelId PNGs of the predictions.
+    The result holds the metrics and ``class_names`` (for per-class tables)."""
     import torch
 
-    from .data import build_dataset, collate_detection, collate_segmentation, subset
-    from .engine.evaluate_model import evaluate_model
+    from .data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
+    from .engine.evaluate_model import evaluate_model, parse_slide
     from .engine.trainer import image_size_of, pick_device
     from .models import build_model
     from .zoo import resolve_ref
 
     r = resolve_ref(ref)
     dev = pick_device(device)
-    ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False)
+    window = parse_slide(slide) if slide else None
+    if r.spec.task == "detection" and (window or write_labelids):
+        raise ConfigError("--slide / --write-labelids are for segmentation models")
+    ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False, hints=data_hints(r.spec))
     if list(ds.classes) != r.spec.classes:
         raise KdcliError(f"{ref}: predicts {len(r.spec.classes)} classes but --data {data} has {len(ds.classes)}")
     if max_images:
         ds = subset(ds, max_images)
     model = build_model(r.spec, r.weights if r.weights is not None else "zoo").to(dev)
     collate = collate_detection if r.spec.task == "detection" else collate_segmentation
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers)
-    return evaluate_model(model, loader, ds, dev, out_dir=out_dir)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers,
+                                         pin_memory=dev.type == "cuda")
+    metrics = evaluate_model(model, loader, ds, dev, out_dir=out_dir, per_class=per_class, slide=window,
+                             label_ids_dir=write_labelids)
+    return {**metrics, "class_names": list(ds.classes)}
 
 
-def export(run: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``model.safetensors`` (student only, plain torchvision/timm keys) + ``config.json``."""
-    from safetensors.torch import load_file
+def export(run: str | Path, out: str | Path | None = None, formats: str | list[str] | None = None,
+           image_size: int | None = None, onnx_exporter: str = "dynamo") -> Path:
+    """Write ``model.safetensors`` (student only, plain torchvision/timm keys) + ``config.json``, and
+    ``model.onnx`` / ``model.torchscript.pt`` when asked (:mod:`kdcli.export`); returns the folder."""
+    from .export import export as _export
 
-    from . import __version__
-    from .engine.checkpoint import save_json, save_tensors
-    from .models import build_model
-    from .weights import load_strict
-    from .zoo import load_model_config
+    return _export(run, out, formats, image_size, onnx_exporter).folder
 
-    run = Path(run)
-    if not (run / "model.json").is_file():
-        raise ConfigError(f"{run}: not a kdcli run folder (model.json missing)")
-    best = run / "weights" / "best.safetensors"
-    if not best.is_file():
-        raise ConfigError(f"{best}: no best weights yet (has the run finished one validation?)")
-    spec = load_model_config(run / "model.json")
-    state = load_file(str(best))
-    load_strict(build_model(spec).net, state, str(best))  # proves the file holds the student alone
-    record = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    out_dir = Path(out) if out else run / "export"
-    config = {
-        "model": spec.to_dict(),
-        "kdcli_version": __version__,
-        "teacher": record.get("teacher", {}).get("id"),
-        "method": record.get("config", {}).get("method"),
-        "method_hparams": {k: v.get("hparams") for k, v in record.get("method", {}).items()},
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-    }
-    meta = {
-        "format": "pt",
-        "architecture": spec.architecture,
-        "backbone": spec.backbone,
-        "task": spec.task,
-        "classes": json.dumps(spec.classes),
-        "preprocess": json.dumps(spec.preprocess),
-        "teacher": str(config["teacher"] or ""),
-        "method": str(config["method"] or ""),
-        "metrics": json.dumps(config["metrics"]),
-        "kdcli_version": __version__,
-    }
-    save_tensors(out_dir / "model.safetensors", state, meta)
-    save_json(out_dir / "config.json", config)
-    return out_dir
+
+def push(run: str | Path, repo: str, private: bool = False, revision: str | None = None, create_pr: bool = False,
+         formats: str | list[str] | None = None, **card: Any) -> str:
+    """Upload a run's student, config, model card and results to the Hugging Face Hub (:mod:`kdcli.hub`)."""
+    from .hub import push as _push
+
+    return _push(run, repo, private=private, revision=revision, create_pr=create_pr, formats=formats, **card)
+
+
+def pull(ref: str) -> Path:
+    """Download ``hf-hub:org/name[@rev]`` into the Hugging Face cache; returns the local snapshot folder."""
+    from .hub import fetch
+
+    return fetch(ref)
+
+
+def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
+                  log: Any = print) -> list[tuple[str, Path]]:
+    """``kdcli zoo fetch``: download the weights of zoo entries (or raw sources) into the standard
+    caches (:func:`kdcli.weights.fetch`); returns (name, local path) pairs."""
+    from .weights import fetch
+    from .zoo import get_spec
+    from .zoo import names as zoo_names
+
+    todo: dict[str, str] = {}  # source → first name asking for it
+    for name in (zoo_names() if all_ else names):
+        if ":" in name:
+            todo.setdefault(name, name)
+            continue
+        spec = get_spec(name)
+        source = spec.backbone_weights if backbone else spec.weights
+        if not source or source == "none":
+            if all_:
+                continue
+            what = "backbone_weights" if backbone else "weights"
+            raise KdcliError(f"kdcli zoo fetch {name}: the zoo has no {what} for it"
+                             + ("" if backbone else f"; train it with `kdcli train --model {name}`"))
+        todo.setdefault(source, name)
+    return [(name, fetch(source, log=log)) for source, name in todo.items()]
 
 
 def _finished_epochs(folder: Path) -> int:
@@ -125,6 +139,27 @@ def _finished_epochs(folder: Path) -> int:
     if not state.exists() or not (folder / "weights" / "best.safetensors").exists():
         return 0
     return int(load_state(state)["epoch"])
+
+
+def cached_teacher(model: str, epochs: int, base: dict[str, Any], log: Any = print, fresh: bool = False,
+                   key: str | None = None, tag: str = "") -> Path:
+    """Train ``model`` for ``epochs`` (run options ``base``) once, cached in ``$KDCLI_HOME/demo-teachers/<key>``
+    (default ``<model>-e<epochs>``); an interrupted run is continued, a finished one reused. The demo and
+    ``kdcli bench quality`` share these teachers (same key and options: same teacher)."""
+    from .weights import kdcli_home
+
+    t_dir = kdcli_home() / "demo-teachers" / (key or f"{model}-e{epochs}")
+    done = _finished_epochs(t_dir)
+    if fresh or done == 0:
+        log(f"{tag}training the teacher {model} ({epochs} epochs; cached in {t_dir})")
+        shutil.rmtree(t_dir, ignore_errors=True)
+        train(RunConfig(model=model, out=str(t_dir), epochs=epochs, **base), log=log)
+    elif done < epochs:  # an interrupted teacher run is continued, not mistaken for a cached one
+        log(f"{tag}continuing the interrupted teacher run {t_dir} at epoch {done}/{epochs}")
+        resume(t_dir, log=log)
+    else:
+        log(f"{tag}teacher {model} from cache {t_dir}")
+    return t_dir
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -143,8 +178,6 @@ DEMO = {
 def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quick: bool = False,
          fresh_teacher: bool = False) -> dict[str, list[tuple[str, dict]]]:
     """Teacher (cached), student baseline and distilled student on ``shapes``; returns the tables."""
-    from .weights import kdcli_home
-
     tables: dict[str, list[tuple[str, dict]]] = {}
     for task in tasks:
         d = DEMO[task]
@@ -159,18 +192,8 @@ def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quic
         t_epochs = 1 if quick else d["teacher_epochs"]
         s_epochs = 1 if quick else d["student_epochs"]
         key = f"{d['teacher']}-e{t_epochs}{'-quick' if quick else ''}"
-        t_dir = kdcli_home() / "demo-teachers" / key
         t0 = time.time()
-        done = _finished_epochs(t_dir)
-        if fresh_teacher or done == 0:
-            log(f"[{task}] training the teacher {d['teacher']} ({t_epochs} epochs; cached in {t_dir})")
-            shutil.rmtree(t_dir, ignore_errors=True)
-            train(RunConfig(model=d["teacher"], out=str(t_dir), epochs=t_epochs, **base), log=log)
-        elif done < t_epochs:  # an interrupted teacher run is continued, not mistaken for a cached one
-            log(f"[{task}] continuing the interrupted teacher run {t_dir} at epoch {done}/{t_epochs}")
-            resume(t_dir, log=log)
-        else:
-            log(f"[{task}] teacher {d['teacher']} from cache {t_dir}")
+        t_dir = cached_teacher(d["teacher"], t_epochs, base, log=log, fresh=fresh_teacher, key=key, tag=f"[{task}] ")
         t_metrics = json.loads((t_dir / "metrics.json").read_text())
         log(f"[{task}] teacher ready in {time.time() - t0:.0f}s")
         rows = [(f"teacher {d['teacher']}", t_metrics)]

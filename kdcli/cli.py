@@ -16,14 +16,28 @@ from .errors import ConfigError, KdcliError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for dense prediction on torchvision/timm models.")
-zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: list entries, show one.")
+zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: list, show, fetch weights, import checkpoints.")
 data_app = typer.Typer(no_args_is_help=True, help="Embedded data sets.")
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: every method's quality at one budget; step time.")
+app.add_typer(bench_app, name="bench")
 
 
 def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+@app.callback()
+def _global(offline: bool = typer.Option(False, "--offline", help="no downloads at all (also KDCLI_OFFLINE=1); "
+                                          "sets HF_HUB_OFFLINE before huggingface_hub is imported")) -> None:
+    """Knowledge distillation for dense prediction on torchvision/timm models."""
+    import os
+
+    if offline or os.environ.get("KDCLI_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        from .weights import set_offline
+
+        set_offline()
 
 
 # Training options shared by `train` and `distill` (None = not given: the config file/defaults decide).
@@ -41,6 +55,23 @@ def _train_options(
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _scale_options(accumulate: int | None, channels_last: bool | None, compile_: bool | None,
+                   sync_bn: bool | None, scale_lr: bool | None, ckpt_every_steps: int | None,
+                   zero_loss_steps: int | None) -> dict[str, Any]:
+    """Speed and reliability options (docs/distributed.md, docs/reliability.md); None = not given."""
+    given = dict(accumulate=accumulate, channels_last=channels_last, compile=compile_, sync_bn=sync_bn,
+                 scale_lr=scale_lr, ckpt_every_steps=ckpt_every_steps, zero_loss_steps=zero_loss_steps)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _maybe_launch(nproc: int | None, devices: str | None) -> None:
+    """``--nproc N`` / ``--devices 0,1``: re-run this command under torch.distributed.run (one machine)."""
+    from .engine.distributed import launch, launched_by_torchrun
+
+    if (devices or (nproc or 1) > 1) and not launched_by_torchrun():
+        sys.exit(launch(nproc, devices, sys.argv[1:]))
+
+
 def _run_training(options: dict[str, Any], config: Path | None, resume: Path | None) -> None:
     from . import api
     from .config import RunConfig, read_config_file
@@ -56,7 +87,10 @@ def _run_training(options: dict[str, Any], config: Path | None, resume: Path | N
         cfg = cfg.merged(options)
         folder, metrics = api.train(cfg, log=_echo, explicit=explicit)
     scores = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
-    typer.echo(f"run folder: {folder}\nbest: {scores}")
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        typer.echo(f"run folder: {folder}\nbest: {scores}")
 
 
 _O = typer.Option
@@ -75,13 +109,42 @@ def train(
     max_val_images: int = _O(None), bn_recal: int = _O(None, help="batches to re-estimate BN stats"),
     out: Path = _O(None, help="run folder"), config: Path = _O(None, help="TOML/JSON config file"),
     resume: Path = _O(None, help="continue this run folder"),
+    method: str = _O(None, "--method", help="teacher-free (self-KD) method(s) only, e.g. pskd or uskd"),
+    objective: str = _O(None, "--objective", help="ce | mcmi (MCMI teacher fine-tuning: CE − 0.15·CMI)"),
+    student_weights: str = _O(None, help="initial weights: zoo | backbone (ImageNet backbone only) | FILE; "
+                                         "default: from scratch"),
+    set_: list[str] = _O(None, "--set", help="method option key=value (method.key=value when combined)"),
+    accumulate: int = _O(None, help="micro-batches per optimizer step (gradient accumulation)"),
+    channels_last: bool = _O(None, "--channels-last/--no-channels-last", help="NHWC memory format"),
+    compile_: bool = _O(None, "--compile/--no-compile", help="torch.compile the student's backbone/neck/head"),
+    sync_bn: bool = _O(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (CUDA)"),
+    scale_lr: bool = _O(None, "--scale-lr/--no-scale-lr", help="linear rule: lr x processes x accumulate"),
+    ckpt_every_steps: int = _O(None, help="resumable checkpoint every N optimizer steps (0: epoch ends)"),
+    zero_loss_steps: int = _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
+    nproc: int = _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
+    devices: str = _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
 ) -> None:
-    """Train one model (used to make teachers)."""
+    """Train one model (used to make teachers), optionally with a self-KD method or the MCMI objective."""
+    from .config import parse_sets
+
+    _maybe_launch(nproc, devices)
     opts = _train_options(data, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_iters,
                           grad_clip, seed, workers, image_size, device, amp, max_train_images, max_val_images,
                           bn_recal, out)
+    opts.update(_scale_options(accumulate, channels_last, compile_, sync_bn, scale_lr, ckpt_every_steps,
+                               zero_loss_steps))
     if model:
         opts["model"] = model
+    # issue 4: teacher-free methods and --objective mcmi on `train`
+    if method:
+        _check_teacher_free(method)
+        opts["method"] = method
+    if objective:
+        opts["objective"] = objective
+    if student_weights:
+        opts["student_weights"] = student_weights
+    if set_:
+        opts["set"] = parse_sets(set_)
     _run_training(opts, config, resume)
 
 
@@ -92,6 +155,10 @@ def distill(
     student: str = _O(None, "--student", "-s", help="zoo name, run folder or exported folder"),
     set_: list[str] = _O(None, "--set", help="method option key=value (method.key=value when combined)"),
     inherit: bool = _O(False, "--inherit", help="initialise the student's neck/head from the teacher"),
+    skip_teacher_check: bool = _O(False, "--skip-teacher-check",
+                                  help="do not stop when the teacher scores far below its reported metric"),
+    teacher_check_images: int = _O(None, help="validation images for the teacher check (default 50, 0: skip)"),
+    student_weights: str = _O(None, help="zoo | backbone (ImageNet backbone only) | FILE; default: from scratch"),
     data: str = _O(None, help="shapes | coco:/path | semantic:/path (default shapes)"),
     epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
     optimizer: str = _O(None), weight_decay: float = _O(None), schedule: str = _O(None),
@@ -99,17 +166,33 @@ def distill(
     image_size: int = _O(None), device: str = _O(None), amp: str = _O(None), max_train_images: int = _O(None),
     max_val_images: int = _O(None), bn_recal: int = _O(None), out: Path = _O(None),
     config: Path = _O(None), resume: Path = _O(None),
+    augment: str = _O(None, "--augment", help="none | hard (HARD's learned augmentations; --set hard.k=v)"),
+    accumulate: int = _O(None, help="micro-batches per optimizer step (gradient accumulation)"),
+    channels_last: bool = _O(None, "--channels-last/--no-channels-last", help="NHWC memory format"),
+    compile_: bool = _O(None, "--compile/--no-compile", help="torch.compile the student's backbone/neck/head"),
+    sync_bn: bool = _O(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (CUDA)"),
+    scale_lr: bool = _O(None, "--scale-lr/--no-scale-lr", help="linear rule: lr x processes x accumulate"),
+    ckpt_every_steps: int = _O(None, help="resumable checkpoint every N optimizer steps (0: epoch ends)"),
+    zero_loss_steps: int = _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
+    nproc: int = _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
+    devices: str = _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
 ) -> None:
-    """Distil a teacher into a student with a method."""
+    """Distil a teacher into a student with a method (self-KD methods need no --teacher)."""
     from .config import parse_sets
 
+    _maybe_launch(nproc, devices)
     opts = _train_options(data, epochs, batch_size, lr, optimizer, weight_decay, schedule, warmup_iters,
                           grad_clip, seed, workers, image_size, device, amp, max_train_images, max_val_images,
                           bn_recal, out)
+    opts.update(_scale_options(accumulate, channels_last, compile_, sync_bn, scale_lr, ckpt_every_steps,
+                               zero_loss_steps))
     given = {"model": student, "teacher": teacher, "method": method}
     opts.update({k: v for k, v in given.items() if v})
+    if augment:
+        opts["augment"] = augment
     if resume is None and config is None:
-        missing = [f"--{'student' if k == 'model' else k}" for k, v in given.items() if not v]
+        # a self-KD method (pskd, uskd) runs without --teacher; the engine names a method that needs one
+        missing = [f"--{'student' if k == 'model' else k}" for k, v in given.items() if not v and k != "teacher"]
         if missing:
             raise ConfigError(f"kdcli distill: missing {', '.join(missing)} (or give --config / --resume)")
     # only options given on the command line override a --config file
@@ -117,38 +200,120 @@ def distill(
         opts["set"] = parse_sets(set_)
     if inherit:
         opts["inherit"] = True
+    if skip_teacher_check:
+        opts["skip_teacher_check"] = True
+    if teacher_check_images is not None:
+        opts["teacher_check_images"] = teacher_check_images
+    if student_weights:
+        opts["student_weights"] = student_weights
     _run_training(opts, config, resume)
 
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="run folder, exported folder or zoo name"),
-    data: str = _O("shapes"), batch_size: int = _O(8, "--batch-size", "-b"), device: str = _O("auto"),
-    max_images: int = _O(0), per_class: bool = _O(False, "--per-class"), out: Path = _O(None),
+    model: str = typer.Argument(..., help="run folder, exported folder, zoo name or hf-hub:org/name (cached)"),
+    data: str = _O("shapes", help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml"),
+    batch_size: int = _O(8, "--batch-size", "-b"), device: str = _O("auto"),
+    max_images: int = _O(0), per_class: bool = _O(False, "--per-class", help="AP / IoU per class"),
+    out: Path = _O(None, help="folder for predictions.json (detection)"), workers: int = _O(2),
+    slide: str = _O(None, help="segmentation sliding-window inference: CROP[:STRIDE] as HxW, e.g. 512x1024"),
+    write_labelids: Path = _O(None, "--write-labelids", help="write Cityscapes labelId PNGs of the predictions"),
 ) -> None:
-    """Evaluate a model: COCO box AP (detection) or mIoU (segmentation)."""
+    """Evaluate a model: COCO box (and mask) AP (detection) or mIoU (segmentation)."""
     from rich.console import Console
+    from rich.table import Table
 
     from . import api
     from .report import metrics_table
 
-    metrics = api.evaluate(model, data, batch_size, device, max_images, out_dir=out)
+    metrics = api.evaluate(model, data, batch_size, device, max_images, out_dir=out, workers=workers,
+                           per_class=per_class, slide=slide, write_labelids=write_labelids)
+    names = metrics.pop("class_names")
     task = "detection" if "mAP" in metrics else "segmentation"
     console = Console()
     console.print(metrics_table([(model, metrics)], task))
     if task == "detection":
-        typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    elif per_class:
-        for i, iou in enumerate(metrics.get("per_class_iou", [])):
-            typer.echo(f"class {i}: IoU {iou:.4f}")
+        typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if not per_class:
+        return
+    def fmt(v: float | None) -> str:
+        return "—" if v is None else f"{v:.4f}"
+
+    table = Table(title="per class")
+    if task == "detection":
+        cols = ["id", "class", "AP", "AP50"] + (["mask AP"] if "mask_per_class" in metrics else [])
+        for c in cols:
+            table.add_column(c, justify="left" if c == "class" else "right")
+        masks = {r["id"]: r["AP"] for r in metrics.get("mask_per_class", [])}
+        for r in metrics["per_class"]:
+            extra = [fmt(masks.get(r["id"]))] if masks else []
+            table.add_row(str(r["id"]), r["name"], fmt(r["AP"]), fmt(r["AP50"]), *extra)
+    else:
+        for c in ("id", "class", "IoU"):
+            table.add_column(c, justify="left" if c == "class" else "right")
+        for i, (name, iou) in enumerate(zip(names, metrics["per_class_iou"], strict=True)):
+            table.add_row(str(i), name, fmt(iou))
+    console.print(table)
+    if write_labelids:
+        typer.echo(f"labelId predictions written under {write_labelids}")
 
 
 @app.command()
-def export(run: Path = typer.Argument(..., help="run folder"), out: Path = _O(None, help="default RUN/export")) -> None:
-    """Write model.safetensors (student only) and config.json."""
+def export(
+    run: Path = typer.Argument(..., help="run folder or export folder"),
+    out: Path = _O(None, help="default RUN/export (an export folder: itself)"),
+    format_: str = _O("safetensors", "--format", help="safetensors[,onnx,torchscript]"),
+    image_size: int = _O(None, help="input side of the ONNX/TorchScript graph (default: the model's size)"),
+    onnx_exporter: str = _O("dynamo", help="dynamo (torch.export) | legacy (TorchScript-based, faster)"),
+) -> None:
+    """Write model.safetensors (student only) and config.json, plus ONNX/TorchScript graphs."""
+    from .export import export as run_export
+
+    res = run_export(run, out, format_, image_size, onnx_exporter)
+    for fmt, check in res.checks.items():
+        _echo(f"{fmt}: max |diff| vs PyTorch {check['max_abs_diff']:.2e} on {check['images']} images "
+              f"(tolerance {check['atol']} + {check['rtol']}·|value|)")
+    typer.echo(f"exported to {res.folder}: {', '.join(p.name for p in res.files.values())}")
+
+
+@app.command()
+def push(
+    run: Path = typer.Argument(..., help="run folder"),
+    repo: str = _O(..., "--repo", help="org/name on the Hugging Face Hub"),
+    private: bool = _O(False, "--private", help="create the repo private"),
+    revision: str = _O(None, "--revision", help="branch to commit to (created if missing)"),
+    create_pr: bool = _O(False, "--create-pr", help="open a pull request instead of committing"),
+    format_: str = _O("safetensors", "--format", help="files to upload: safetensors[,onnx,torchscript]"),
+    baseline: Path = _O(None, help="run folder of the undistilled student, for the card's comparison"),
+    dataset: str = _O(None, help="data set id for the card (default: from the run's --data)"),
+    license_: str = _O(None, "--license", help="license id for the card (default: the model spec's)"),
+    base_model: str = _O(None, help="card base_model (default: the student's Hub repo or zoo name)"),
+) -> None:
+    """Upload a run's student, model card, results and config to the Hugging Face Hub."""
     from . import api
 
-    typer.echo(f"exported to {api.export(run, out)}")
+    url = api.push(run, repo, private=private, revision=revision, create_pr=create_pr, formats=format_,
+                   baseline=baseline, dataset=dataset, license=license_, base_model=base_model)
+    typer.echo(f"pushed to {url}")
+
+
+@app.command()
+def pull(ref: str = typer.Argument(..., help="hf-hub:org/name[@revision]")) -> None:
+    """Download a pushed kdcli model into the Hugging Face cache (other commands read the cache only)."""
+    from . import api
+
+    typer.echo(f"cached in {api.pull(ref)}")
+
+
+@app.command()
+def checks(json_: bool = _O(False, "--json", help="machine-readable output")) -> None:
+    """Versions, devices, CUDA/cuDNN, distributed backends, cache folders and offline state."""
+    import json
+
+    from .checks import collect, format_report
+
+    info = collect()
+    typer.echo(json.dumps(info, indent=2, default=str) if json_ else format_report(info))
 
 
 @app.command()
@@ -163,9 +328,23 @@ def methods() -> None:
     for col in ("method", "paper", "tasks", "teacher", "detection preset", "segmentation preset"):
         table.add_column(col, overflow="fold")
     for name, cls in available().items():
-        table.add_row(name, cls.paper, ", ".join(cls.tasks), "yes" if cls.needs_teacher else "no (self-KD)",
+        # a teacher-free class may say what it is instead (MCMI: a teacher-training objective)
+        role = "yes" if cls.needs_teacher else getattr(cls, "teacher_note", "no (self-KD)")
+        table.add_row(name, cls.paper, ", ".join(cls.tasks), role,
                       _fmt(cls.presets.get("detection")), _fmt(cls.presets.get("segmentation")))
+    table.caption = ("self-KD methods run with `kdcli train --method` or `kdcli distill` without --teacher; "
+                     "`--augment hard` (HARD's learned augmentations) wraps any method that has a teacher")
     Console(width=160).print(table)
+
+
+def _check_teacher_free(spec: str) -> None:
+    """`kdcli train --method`: only methods that need no teacher (issue 4)."""
+    from .methods import get
+
+    for name in (n.strip() for n in spec.split("+") if n.strip()):
+        if get(name).needs_teacher:
+            raise ConfigError(f"--method {name}: needs a teacher; use `kdcli distill --teacher ...` "
+                              "(`kdcli train --method` takes self-KD methods only, see `kdcli methods`)")
 
 
 def _fmt(d: dict | None) -> str:
@@ -181,7 +360,7 @@ def zoo_list(task: str = _O(None, help="detection | segmentation")) -> None:
     from .zoo import names, raw_spec
 
     table = Table()
-    for col in ("name", "task", "architecture", "backbone", "classes", "weights", "metric"):
+    for col in ("name", "task", "architecture", "backbone", "classes", "weights (kind)", "metric"):
         table.add_column(col)
     for n in names():
         s = raw_spec(n)
@@ -201,6 +380,51 @@ def zoo_show(name: str) -> None:
     from .zoo import raw_spec
 
     typer.echo(json.dumps(raw_spec(name).to_dict(), indent=2))
+
+
+@zoo_app.command("fetch")
+def zoo_fetch(
+    names: list[str] = typer.Argument(None, help="zoo names, or sources: torchvision:..., hf-hub:..., "
+                                                  "url:...#sha256=..."),
+    all_: bool = _O(False, "--all", help="every zoo entry that has weights"),
+    backbone: bool = _O(False, "--backbone", help="the entry's ImageNet backbone_weights instead of its weights"),
+    offline: bool = _O(False, "--offline", help="refuse to download (report what is cached)"),
+) -> None:
+    """Download weights into the standard caches (torch hub, Hugging Face). The only command that downloads."""
+    from .weights import set_offline
+
+    if offline:
+        set_offline()
+    from . import api
+
+    if not names and not all_:
+        raise ConfigError("kdcli zoo fetch: name zoo entries or weight sources, or give --all")
+    for name, path in api.fetch_weights(list(names or []), all_=all_, backbone=backbone, log=_echo):
+        typer.echo(f"{name}: {path}")
+
+
+@zoo_app.command("import")
+def zoo_import(
+    checkpoint: Path = typer.Argument(..., help="mmdetection / mmsegmentation .pth checkpoint"),
+    arch: str = _O(..., "--arch", help="retinanet | fcos | fasterrcnn (mmdet) | deeplabv3 | pspnet (mmseg)"),
+    out: Path = _O(None, help="folder to write (config.json + model.safetensors); default ./<checkpoint name>"),
+    classes: str = _O(None, help="coco (torchvision's 91-slot layout) | cityscapes | names,comma,separated; "
+                                  "default: the checkpoint's own class names"),
+    metric: str = _O(None, help="the publisher's score in percent for the teacher check, e.g. box_map=38.9"),
+    set_: list[str] = _O(None, "--set", help="override what the checkpoint's config says: resnet_style, bgr, "
+                                              "mean, std, fcos_centerness, fcos_regression, relu_before_extra_convs"),
+) -> None:
+    """Convert an mmdetection / mmsegmentation checkpoint into a kdcli model folder (use it as --teacher)."""
+    from .config import parse_sets
+    from .convert import import_checkpoint, parse_metric, parse_options
+
+    names: Any = classes
+    if classes and classes not in ("coco", "cityscapes"):
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+    res = import_checkpoint(checkpoint, arch, out, classes=names, metric=parse_metric(metric),
+                            options=parse_options(parse_sets(set_)), log=_echo)
+    typer.echo(f"imported {checkpoint} as {res.spec.architecture} ({len(res.spec.classes)} classes) into "
+               f"{res.folder}; use --teacher {res.folder}")
 
 
 @data_app.command("shapes")
@@ -236,6 +460,109 @@ def demo(
         write_text(out / f"{t}-results.md", markdown_table(rows, t))
 
 
+def _command_line() -> str:
+    import shlex
+
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+@bench_app.command("quality")
+def bench_quality(
+    teacher: str = _O(None, "--teacher", "-t", help="your teacher (zoo name, run or export folder); with --student"),
+    student: str = _O(None, "--student", "-s", help="your student; without the pair: the shapes suite (--pairs)"),
+    pairs: str = _O("all", help="shapes suite pairs: all or some of fcos,retina,deeplabv3,lraspp"),
+    teacher_epochs: int = _O(0, help="epochs to train an untrained zoo teacher once (0: 16 detection, 8 segm.)"),
+    data: str = _O("shapes", help="shapes | coco:/path | cityscapes:/path | semantic:/path | data file"),
+    methods: str = _O("all", help="all, or a,b,c (the baseline always runs)"),
+    budget: str = _O("2e", help="per run, equal for every method: epochs (2e) or optimizer steps (300)"),
+    seeds: int = _O(3), out: Path = _O(Path("runs/bench-quality"), help="suite folder (reruns reuse its runs)"),
+    batch_size: int = _O(8, "--batch-size", "-b"), lr: float = _O(1e-3), optimizer: str = _O("adamw"),
+    amp: str = _O("bf16", help="none | bf16 | fp16"), image_size: int = _O(0), max_train_images: int = _O(0),
+    max_val_images: int = _O(0), device: str = _O("auto"), workers: int = _O(2),
+    student_weights: str = _O(None, help="zoo | backbone | FILE (default: from scratch)"),
+    isolate: bool = _O(True, "--isolate/--in-process", help="one child process per run (its own peak memory)"),
+    reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
+) -> None:
+    """Every applicable method on one student at an equal budget over seeds; tables, plot, ranking."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench.quality import CAVEAT, Pair, QualityOptions, pairs_from, run_suite
+
+    if bool(teacher) != bool(student):
+        raise ConfigError("kdcli bench quality: give --teacher and --student together (or neither: the shapes suite)")
+    if teacher:
+        chosen = [Pair(Path(student).name.replace("/", "_"), teacher, student, teacher_epochs)]
+    else:
+        chosen = [Pair(p.name, p.teacher, p.student, teacher_epochs or p.teacher_epochs) for p in pairs_from(pairs)]
+    opts = QualityOptions(chosen, data=data, methods=methods, budget=budget, seeds=seeds, out=out,
+                          batch_size=batch_size, lr=lr, optimizer=optimizer, amp=amp, image_size=image_size,
+                          max_train_images=max_train_images, max_val_images=max_val_images, device=device,
+                          workers=workers, student_weights=student_weights, isolate=isolate, reference=reference,
+                          command=_command_line())
+    res = run_suite(opts, log=_echo)
+    console = Console()
+    for pair in chosen:
+        table = Table(title=f"{pair.name}: {pair.teacher} -> {pair.student} (ranked)")
+        for col in ("rank", "method", "score", "gain", "beats baseline", "run s", "peak MB"):
+            table.add_column(col, justify="left" if col in ("method", "beats baseline") else "right")
+        for r in (r for r in res.rows if r["pair"] == pair.name):
+            if not r["seeds"]:
+                table.add_row("", r["method"], "failed", "", "", "", "")
+                continue
+            table.add_row(str(r["rank"]), r["method"], f"{r['mean']:.4f} ± {r['std']:.4f}",
+                          "—" if r["method"] == "baseline" else f"{r['gain']:+.4f}", str(r["verdict"]),
+                          f"{r['run_s']:.0f}", f"{r['peak_mem_mb']:.0f}")
+        console.print(table)
+    typer.echo(f"caveat: {CAVEAT}")
+    typer.echo(f"wrote {', '.join(str(p) for p in res.files)} ({res.wall_s / 60:.1f} min)")
+
+
+@bench_app.command("speed")
+def bench_speed(
+    teacher: str = _O("shapes-r34-fcos", "--teacher", "-t"), student: str = _O("shapes-r18-fcos", "--student", "-s"),
+    size: int = _O(128, help="square input side"), batch: int = _O(8), steps: int = _O(10, help="timed pairs"),
+    amp: str = _O("bf16", help="none | bf16"), methods: str = _O("all"),
+    device: str = _O("all", help="all (CPU, and CUDA when available) | cpu | cuda"),
+    clock: str = _O("wall", help="wall | cpu (process CPU time: steadier on a shared machine, with --threads 1)"),
+    threads: int = _O(0, help="torch.set_num_threads (0: default)"),
+    memory: bool = _O(True, "--memory/--no-memory", help="also the step memory of each method vs the floor"),
+    out: Path = _O(None, help="folder for speed.md and speed.csv"),
+) -> None:
+    """Per method: one training step vs the floor (teacher inference + plain student step), and memory."""
+    from .bench.speed import SpeedOptions, markdown, run_speed
+
+    opts = SpeedOptions(teacher=teacher, student=student, size=size, batch=batch, steps=steps, amp=amp,
+                        methods=methods, device=device, clock=clock, threads=threads, memory=memory, out=out,
+                        command=_command_line())
+    res = run_speed(opts, log=_echo)
+    typer.echo(markdown(opts, res.rows))
+    if res.files:
+        typer.echo(f"wrote {', '.join(str(p) for p in res.files)}")
+
+
+@app.command()
+def viz(
+    run: Path = typer.Argument(..., help="run folder"),
+    image: Path = _O(..., "--image", help="image file (PNG/JPEG)"),
+    out: Path = _O(None, help="output folder (default RUN/viz)"),
+    point: str = _O(None, help="query point X,Y in image pixels for attention maps (default: the top box centre)"),
+    taps: str = _O(None, help="only these taps, e.g. p3,p4"),
+    score: float = _O(0.3, help="detection score threshold for drawing (and for pseudo ground truth)"),
+    weights: str = _O("best", help="student weights: best | last"),
+    device: str = _O("cpu", help="cpu | cuda | auto"),
+) -> None:
+    """Teacher and student predictions side by side, and the method's masks/attention as heatmaps."""
+    from .viz.viz import parse_point, visualise
+
+    res = visualise(run, image, out=out, point=parse_point(point),
+                    taps=[t.strip() for t in taps.split(",") if t.strip()] if taps else None, device=device,
+                    score=score, weights=weights)
+    for note in res.notes:
+        _echo(f"note: {note}")
+    typer.echo(f"wrote {len(res.files)} figures to {res.folder}")
+
+
 def one_line(err: BaseException) -> str:
     """The user-facing line of an error; errors re-raised from DataLoader workers carry the
     worker's traceback text, whose last line is ``module.Class: message``."""
@@ -251,7 +578,9 @@ def main() -> None:
     try:
         app()
     except KdcliError as err:
-        typer.echo(f"error: {one_line(err)}", err=True)
+        # an interrupted run saved a checkpoint: its message says how to resume, it is not an error
+        prefix = "" if getattr(err, "resumable", False) else "error: "
+        typer.echo(f"{prefix}{one_line(err)}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -44,9 +44,27 @@ class RunConfig:
     max_train_images: int = 0  # 0: all
     max_val_images: int = 0
     bn_recal: int = 10  # batches used to re-estimate BatchNorm statistics before evaluation
-    student_weights: str | None = None  # None: as built (from scratch); "zoo" or a file
+    # None: as built (from scratch); "zoo" (the entry's weights, full or backbone), "backbone" (ImageNet
+    # backbone only, docs/zoo.md) or a file
+    student_weights: str | None = None
     inherit: bool = False
+    # issue 5: evaluate the teacher on this many validation images before distilling (kdcli/engine/teacher_check.py)
+    teacher_check_images: int = 50
+    skip_teacher_check: bool = False
     eval_every: int = 1
+    # issue 4: `kdcli train --objective mcmi` (adds the teacher-free method `mcmi`); `--augment hard`
+    # wraps the method(s) with HARD's augmentor, whose options (`--set hard.k=v`) move to augment_set
+    objective: str = "ce"  # ce | mcmi
+    augment: str = "none"  # none | hard
+    augment_set: dict[str, Any] = field(default_factory=dict)
+    # scale and reliability (docs/distributed.md, docs/reliability.md)
+    accumulate: int = 1  # gradient accumulation: micro-batches per optimizer step
+    channels_last: bool = False
+    compile: bool = False  # torch.compile of the student's backbone/neck/head
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
+    scale_lr: bool = False  # linear scaling: lr × world size × accumulate
+    ckpt_every_steps: int = 500  # resumable checkpoint every N optimizer steps (0: epoch ends only)
+    zero_loss_steps: int = 50  # stop when a distillation term is exactly 0 this many steps in a row (0: off)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,3 +112,39 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--set {item}: expected key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+OBJECTIVES = ("ce", "mcmi")
+AUGMENTS = ("none", "hard")
+
+
+def apply_objective_and_augment(cfg: RunConfig) -> RunConfig:
+    """Issue 4: turn ``objective``/``augment`` into what the engine builds (idempotent, so a resumed
+    run's recorded config maps to the same thing).
+
+    - ``objective = "mcmi"`` adds the teacher-free method ``mcmi`` (CE − λ·CMI) to ``method``;
+    - ``augment = "hard"`` moves the ``hard.*`` keys of ``set`` to ``augment_set``; the remaining
+      unprefixed keys of a single method are prefixed with its name when the method list grew.
+    """
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"--objective {cfg.objective}: expected one of {', '.join(OBJECTIVES)}")
+    if cfg.augment not in AUGMENTS:
+        raise ConfigError(f"--augment {cfg.augment}: expected one of {', '.join(AUGMENTS)}")
+    updates: dict[str, Any] = {}
+    sets = dict(cfg.set)
+    hard = {k.split(".", 1)[1]: v for k, v in sets.items() if k.startswith("hard.")}
+    if hard:
+        if cfg.augment != "hard":
+            raise ConfigError(f"--set hard.{next(iter(hard))}: HARD options need --augment hard")
+        sets = {k: v for k, v in sets.items() if not k.startswith("hard.")}
+        updates["augment_set"] = {**cfg.augment_set, **hard}
+    if cfg.augment == "hard" and not cfg.method:
+        raise ConfigError("--augment hard: wraps a distillation method; name one with --method")
+    names = [n.strip() for n in (cfg.method or "").split("+") if n.strip()]
+    if cfg.objective == "mcmi" and "mcmi" not in names:
+        if len(names) == 1:  # options given for the single method keep working once mcmi joins it
+            sets = {(k if "." in k else f"{names[0]}.{k}"): v for k, v in sets.items()}
+        names.append("mcmi")
+        updates["method"] = "+".join(names)
+    updates["set"] = sets
+    return cfg.merged(updates)

@@ -107,8 +107,12 @@ def test_detections_to_coco(ann_file: Path) -> None:
     ]
     m = coco_evaluate(res, ann_file, image_ids=[1])
     assert m["AP50"] == pytest.approx(0.5)  # cat 2 found, cat 5 box has IoU 30*35/(3200-1050) < 0.5
-    with pytest.raises(ValueError, match="no category id"):
-        detections_to_coco([{**dets[0], "labels": torch.tensor([1, 3])}], [1], {1: 2, 2: 5})
+    # labels without a category (an N/A slot, background, out of range) are dropped, as COCOeval
+    # would ignore them: the other detections keep their order
+    odd = {**dets[0], "boxes": dets[0]["boxes"].repeat(2, 1), "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+           "labels": torch.tensor([3, 1, 0, 9])}
+    assert [(r["category_id"], r["score"]) for r in detections_to_coco([odd], [1], {1: 2, 2: 5})] == [
+        (2, pytest.approx(0.8))]
 
 
 # ---------------------------------------------------------------- confusion matrix

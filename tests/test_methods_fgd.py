@@ -453,3 +453,138 @@ def test_load_official_key_layout() -> None:
     m.load_official_distiller(official)
     for a, b in zip(m.state_dict().values(), src.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------- official parity, per image
+def official_level(lv, preds_s: Tensor, preds_t: Tensor, gt: list[Tensor], img_shapes: list[tuple[int, int]],
+                   temp: float) -> dict[str, Tensor]:
+    """One official ``FeatureLoss`` level (yzd-v/FGD), restated image by image and box by box: align, the
+    two attentions (channel mean taken over H then W), the masks filled one box at a time with Python slices
+    and ``torch.maximum``, the √-weighted sum-MSE, the L1 attention loss and the GcBlock relation loss with
+    an explicit (C × HW) @ (HW × 1) context. Unweighted terms."""
+    if lv.align is not None:
+        preds_s = F.conv2d(preds_s, lv.align.weight, lv.align.bias)
+    n, c, h, w = preds_s.shape
+
+    def attention_of(x: Tensor) -> tuple[Tensor, Tensor]:
+        v = x.abs()
+        spatial = h * w * F.softmax((v.mean(dim=1, keepdim=True) / temp).view(n, -1), dim=1)
+        channel = c * F.softmax(v.mean(dim=2).mean(dim=2) / temp, dim=1)
+        return spatial.view(n, h, w), channel
+
+    s_t, c_t = attention_of(preds_t)
+    s_s, c_s = attention_of(preds_s)
+    fg = torch.zeros_like(s_t)
+    bg = torch.ones_like(s_t)
+    for i in range(n):
+        ih, iw = img_shapes[i]
+        for x1, y1, x2, y2 in gt[i].tolist():
+            c0, c1 = math.floor(x1 / iw * w), math.ceil(x2 / iw * w)
+            r0, r1 = math.floor(y1 / ih * h), math.ceil(y2 / ih * h)
+            # the weight is an int32 division in the official code, hence float32
+            a = 1.0 / torch.tensor(r1 + 1 - r0, dtype=torch.int32) / torch.tensor(c1 + 1 - c0, dtype=torch.int32)
+            fg[i, r0:r1 + 1, c0:c1 + 1] = torch.maximum(fg[i, r0:r1 + 1, c0:c1 + 1], a)
+        bg[i] = (fg[i] <= 0).to(bg.dtype)
+        if bg[i].sum() > 0:
+            bg[i] = bg[i] / bg[i].sum()
+    root = torch.sqrt(s_t)[:, None] * torch.sqrt(c_t)[:, :, None, None]
+    terms = {}
+    for key, mask in (("fg", fg), ("bg", bg)):
+        m = torch.sqrt(mask)[:, None]
+        terms[key] = ((preds_s * root * m - preds_t * root * m) ** 2).sum() / n
+    terms["at"] = (c_s - c_t).abs().sum() / n + (s_s - s_t).abs().sum() / n
+
+    def gc_out(x: Tensor, conv_mask: torch.nn.Conv2d, add: torch.nn.Sequential) -> Tensor:
+        weights = F.softmax(F.conv2d(x, conv_mask.weight, conv_mask.bias).view(n, 1, h * w), dim=2)
+        context = torch.matmul(x.view(n, 1, c, h * w), weights.unsqueeze(-1)).view(n, c, 1, 1)
+        return x + add(context)
+
+    out_s = gc_out(preds_s, lv.conv_mask_s, lv.channel_add_conv_s)
+    out_t = gc_out(preds_t, lv.conv_mask_t, lv.channel_add_conv_t)
+    terms["global"] = ((out_s - out_t) ** 2).sum() / n
+    return terms
+
+
+def test_loss_and_gradients_equal_the_official_per_image_computation() -> None:
+    # 3 images of different unpadded sizes in a 64×96 padded batch; levels 8×12 and 4×6 (non-square, so a
+    # row/column swap would show). Image 0: a big box, a box nested in it (the larger weight wins inside) and
+    # one overlapping both partly; image 1: no box; image 2: a box touching its bottom-right border (stretched
+    # past the map by the img_shape scaling) and a tiny one.
+    sizes, input_shape = [(64, 80), (40, 96), (56, 72)], (64, 96)
+    boxes = [[[4.0, 6.0, 60.0, 50.0], [20.5, 18.0, 30.0, 27.5], [50.0, 40.0, 79.0, 63.0]], [],
+             [[40.0, 30.0, 72.0, 56.0], [3.2, 3.3, 4.1, 4.4]]]
+    hw = {"p3": (8, 12), "p4": (4, 6)}
+    m = make(fpn(3, tuple(hw)), fpn(6, tuple(hw)), taps="p3,p4", alpha=0.7, beta=1.3, gamma=0.4, temp=0.8,
+             **{"lambda": 0.9}).double()
+    g = torch.Generator().manual_seed(21)
+    with torch.no_grad():  # every learnable part away from its initialisation (the GcBlocks active)
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.4)
+    fs = {k: torch.randn(3, 3, *v, generator=g, dtype=F64, requires_grad=True) for k, v in hw.items()}
+    ft = {k: torch.randn(3, 6, *v, generator=g, dtype=F64) * 2 for k, v in hw.items()}
+    got = m(out(fs, sizes, input_shape), out(ft, sizes, input_shape), targets(*boxes))
+    gt = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in boxes]
+    weights = {"fg": m.alpha, "bg": m.beta, "at": m.gamma, "global": m.lambda_}
+    want: dict[str, Tensor] = {}
+    for tap in hw:
+        for key, value in official_level(m.levels[tap], fs[tap], ft[tap], gt, sizes, m.temp).items():
+            want[f"fgd.{tap}.{key}"] = weights[key] * value
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].item() == pytest.approx(want[key].item(), rel=1e-12, abs=1e-300), key
+    assert all(want[f"fgd.{t}.fg"].item() > 0 and want[f"fgd.{t}.global"].item() > 0 for t in hw)
+    params = [*fs.values(), *m.parameters()]
+    g_got = torch.autograd.grad(sum(got.values()), params)
+    g_want = torch.autograd.grad(sum(want.values()), params)
+    scale = max(float(b.abs().max()) for b in g_want)
+    # atol: the conv_mask biases' gradient is 0 (softmax shift invariance), seen as round-off on both sides
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13 * scale)
+
+
+# ----------------------------------------------------------------------------------- recipe by detector family
+@pytest.fixture(scope="module")
+def zoo_taps() -> dict[str, dict[str, TapInfo]]:
+    from kdcli.models import build_model
+    from kdcli.zoo import get_spec
+
+    torch.manual_seed(0)
+    return {name: build_model(get_spec(name)).tap_info
+            for name in ("shapes-r18-fcos", "shapes-r18-retina", "r50-fasterrcnn", "mbv3-fasterrcnn")}
+
+
+@pytest.mark.parametrize(
+    "student,teacher,recipe,taps",
+    [("shapes-r18-fcos", "shapes-r18-fcos", "fcos", ("p3", "p4", "p5", "p6", "p7")),
+     ("shapes-r18-retina", "shapes-r18-retina", "retinanet", ("p3", "p4", "p5", "p6", "p7")),
+     ("r50-fasterrcnn", "r50-fasterrcnn", "faster_rcnn", ("p2", "p3", "p4", "p5")),
+     # the max-pool level is left out on any two-stage FPN; MobileNetV3's starts at P5
+     ("mbv3-fasterrcnn", "mbv3-fasterrcnn", "faster_rcnn", ("p5a", "p5b")),
+     # the student's family decides
+     ("shapes-r18-fcos", "shapes-r18-retina", "fcos", ("p3", "p4", "p5", "p6", "p7"))],
+)
+def test_recipe_auto_follows_the_zoo_models_family(zoo_taps, student, teacher, recipe, taps) -> None:
+    s, t = zoo_taps[student], zoo_taps[teacher]
+    assert {i.family for i in s.values()} == {student.split("-")[-1].replace("retina", "retinanet")}
+    m = methods.build("fgd", s, t, "detection").methods["fgd"]
+    assert m.recipe == recipe and m.hp["recipe"] == recipe and m.taps == taps
+    row = RECIPES[recipe]
+    assert (m.temp, m.alpha, m.beta, m.gamma, m.lambda_) == tuple(row[k] for k in ("temp", "alpha", "beta", "gamma",
+                                                                                  "lambda"))
+    # an explicit recipe or weight still wins over the family
+    m = methods.build("fgd", s, t, "detection", {"recipe": "retinanet", "beta": "1e-4"}).methods["fgd"]
+    assert m.recipe == "retinanet" and m.temp == 0.5 and m.beta == 1e-4
+
+
+def test_family_of_mask_rcnn_and_taps_without_family() -> None:
+    from kdcli.models.detection import build_detector, detector_family
+    from kdcli.zoo import get_spec
+
+    assert detector_family(build_detector(get_spec("r50-maskrcnn"))) == "maskrcnn"  # a FasterRCNN subclass
+    info = {k: TapInfo(k, 8, 2 ** int(k[1]), "feature", "maskrcnn") for k in ("p2", "p3", "p4", "p5", "p6")}
+    m = methods.build("fgd", info, info, "detection").methods["fgd"]
+    assert m.recipe == "faster_rcnn" and m.taps == ("p2", "p3", "p4", "p5")
+    # hand-made taps without a family: the FPN heuristic (P2 first → two-stage), as before
+    assert methods.build("fgd", fpn(), fpn(), "detection").methods["fgd"].recipe == "retinanet"
+    two = fpn(4, ("p2", "p3", "p4", "p5", "p6"))
+    assert methods.build("fgd", two, two, "detection").methods["fgd"].recipe == "faster_rcnn"

@@ -7,6 +7,7 @@ injectable randomness, gradient flow, bf16 autocast and building through the reg
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -174,12 +175,6 @@ def test_samkd_sfd_hand_values_and_grid_weights() -> None:
         assert m.sfd_tap("seg_feat", t, t, [zero_pair, zero_pair]).item() == pytest.approx(factor * total)
         # one grid unmasked, the other fully masked: β_g weights the halves
         assert m.sfd_tap("seg_feat", t, t, [one_pair, zero_pair]).item() == pytest.approx(factor * total / 2)
-    m = samkd_seg(alpha=1.0, grids=(1, 2, 4), pyramid_mode="progressive")
-    assert m.active_grids() == ((1, 1.0),)
-    m.set_progress(0.5)
-    assert m.active_grids() == ((2, 1.0),)
-    m.set_progress(1.0)
-    assert m.active_grids() == ((4, 1.0),)
 
 
 def test_samkd_sld_regions_and_binary_kl_by_hand() -> None:
@@ -315,3 +310,197 @@ def test_bad_options_raise_config_error(name: str, overrides: dict) -> None:
     with pytest.raises(ConfigError):
         methods.build(name, infos(c5=4, seg_feat=4, seg_logits=3), infos(c5=4, seg_feat=4, seg_logits=3),
                       "segmentation", overrides)
+
+
+# --------------------------------------------------------------------------------- restructured computation
+# The methods compute every grid's masks with one ranking, every grid's reconstruction with one generator call
+# (grids stacked along the batch) and the binary KL with two log-sigmoids. The references below restate the
+# template one image, one cell and one grid at a time, with Python sorting, and must agree to round-off.
+def ref_keep(scores: list[float], ratio: float, select: str) -> list[float]:
+    """0 on the ⌈ρ·n⌉ highest (top) / lowest (bottom) scores, ties by index; 1 elsewhere."""
+    k = math.ceil(ratio * len(scores) - 1e-6)
+    sign = -1.0 if select == "top" else 1.0
+    order = sorted(range(len(scores)), key=lambda i: (sign * scores[i], i))
+    keep = [1.0] * len(scores)
+    for i in order[:k]:
+        keep[i] = 0.0
+    return keep
+
+
+def ref_cells(h: int, w: int, g: int) -> list[list[tuple[int, int]]]:
+    """Positions of each cell of a g×g grid (clamped to the map), row-major cells, row-major positions."""
+    gh, gw = min(g, h), min(g, w)
+    cells: list[list[tuple[int, int]]] = [[] for _ in range(gh * gw)]
+    for y in range(h):
+        for x in range(w):
+            cells[(y * gh // h) * gw + x * gw // w].append((y, x))
+    return cells
+
+
+def ref_masks(ft: Tensor, g: int, rs: float, rc: float, select: str) -> tuple[Tensor, Tensor]:
+    n, c, h, w = ft.shape
+    keep_s, keep_c = torch.ones(n, 1, h, w, dtype=ft.dtype), torch.ones(n, c, h, w, dtype=ft.dtype)
+    a = ft.abs()
+    for i in range(n):
+        for cell in ref_cells(h, w, g):
+            spatial = [a[i, :, y, x].mean().item() for y, x in cell]
+            for (y, x), k in zip(cell, ref_keep(spatial, rs, select), strict=True):
+                keep_s[i, 0, y, x] = k
+            local = [sum(a[i, ch, y, x].item() for y, x in cell) / len(cell) for ch in range(c)]
+            for ch, k in enumerate(ref_keep(local, rc, select)):
+                for y, x in cell:
+                    keep_c[i, ch, y, x] = k
+    return keep_s, keep_c
+
+
+def ref_binary_kl(zs: Tensor, zt: Tensor, tau: float) -> Tensor:
+    """p log(p/q) + (1 − p) log((1 − p)/(1 − q)), every log as a log-sigmoid (accurate for large logits)."""
+    a, b = zt / tau, zs / tau
+    p = torch.sigmoid(a)
+    ls = torch.nn.functional.logsigmoid
+    return p * (ls(a) - ls(b)) + (1 - p) * (ls(-a) - ls(-b))
+
+
+def ref_samkd(m: SAMKD, fs: dict[str, Tensor], ft: dict[str, Tensor], zs: Tensor, zt: Tensor) -> Tensor:
+    """SFD (every grid, separate generator calls) + SLD (explicit regions, four-term binary KL)."""
+    total = torch.zeros((), dtype=zs.dtype)
+    start = 0
+    for tap in m.taps:
+        blk = m.blocks[tap]
+        s_al, t = blk.align(fs[tap]), ft[tap]
+        n, c, h, w = t.shape
+        ws = blk.weights()
+        for g in m.grids:
+            ks, kc = ref_masks(t, g, m.ratio_spatial, m.ratio_channel, m.mask_select)
+            r = ws[0] * blk.gen_spatial(s_al * ks) + ws[1] * blk.gen_channel(s_al * kc)
+            total = total + m.alpha / len(m.grids) * ((r - t) ** 2).sum() / n
+        # SLD regions: the finest grid's cells ranked by the mean discrepancy, top ⌈κ·R⌉ kept
+        d = ((t - s_al.detach()) ** 2).mean(1)
+        cells = ref_cells(h, w, max(m.grids))
+        a = zs.shape[1] // sum(fs[k].shape[-2] * fs[k].shape[-1] for k in m.taps)
+        zs_l = zs[:, start:start + h * w * a].reshape(n, h, w, a, -1)
+        zt_l = zt[:, start:start + h * w * a].reshape(n, h, w, a, -1)
+        start += h * w * a
+        kl = ref_binary_kl(zs_l, zt_l, m.sld_tau).sum((3, 4))
+        for i in range(n):
+            score = [sum(d[i, y, x].item() for y, x in cell) / len(cell) for cell in cells]
+            chosen = [1.0 - k for k in ref_keep(score, m.sld_keep, "top")]
+            omega = torch.zeros(h, w, dtype=zs.dtype)
+            for cell, u in zip(cells, chosen, strict=True):
+                for y, x in cell:
+                    omega[y, x] = u
+            total = total + m.sld_weight * (omega / omega.sum() * kl[i]).sum() / n
+    return total
+
+
+@pytest.mark.parametrize("select", ["top", "bottom"])
+def test_samkd_matches_a_per_grid_per_cell_reference(select: str) -> None:
+    g = torch.Generator().manual_seed(11)
+    sizes = {"p3": (7, 9), "p4": (3, 5)}  # grids of 2 and 4 do not divide these maps; 4 is clamped on p4
+    s_info = {**{k: TapInfo(k, 3, 8) for k in sizes}, "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+    t_info = {**{k: TapInfo(k, 5, 8) for k in sizes}, "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+    m = SAMKD(s_info, t_info, "detection",
+              **SAMKD.resolve_hparams("detection", {"taps": "p3,p4", "alpha": 0.3, "sld_keep": 0.4,
+                                                    "mask_select": select})).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    fs = {k: torch.randn(2, 3, *hw, generator=g, dtype=torch.float64, requires_grad=True) for k, hw in sizes.items()}
+    ft = {k: torch.randn(2, 5, *hw, generator=g, dtype=torch.float64) for k, hw in sizes.items()}
+    locs = sum(h * w for h, w in sizes.values()) * 2  # two anchors per position
+    zs = torch.randn(2, locs, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(2, locs, 3, generator=g, dtype=torch.float64) * 3
+    got = sum(m(out(**fs, cls_logits=zs), out(**ft, cls_logits=zt)).values())
+    want = ref_samkd(m, fs, ft, zs, zt)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    params = [*fs.values(), zs, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_dmkd_matches_separate_generator_calls() -> None:
+    g = torch.Generator().manual_seed(12)
+    m = dmkd(3, 5, alpha=0.7)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    fs = torch.randn(2, 3, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    ft = torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64)
+    got = m(out(c5=fs), out(c5=ft))["dmkd.c5"]
+    blk = m.blocks["c5"]
+    s_al = blk.align(fs)
+    ks, kc = ref_masks(ft, 1, m.ratio_spatial, m.ratio_channel, "top")
+    ws = blk.weights()
+    r = ws[0] * blk.gen_spatial(s_al * ks) + ws[1] * blk.gen_channel(s_al * kc)
+    want = m.alpha * ((r - ft) ** 2).sum() / 2
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    params = [fs, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_binary_kl_two_term_form_equals_the_definition() -> None:
+    g = torch.Generator().manual_seed(13)
+    zs = torch.randn(500, generator=g, dtype=torch.float64) * 8
+    zt = torch.randn(500, generator=g, dtype=torch.float64) * 8
+    for tau in (1.0, 2.5):
+        # |a|, |b| up to ~30: the rewritten form cancels terms of that size, hence an absolute tolerance
+        torch.testing.assert_close(binary_kl(zs, zt, tau), ref_binary_kl(zs, zt, tau), rtol=1e-9, atol=1e-13)
+    # known value: KL(σ(ln 3) ‖ σ(0)) = ¾ ln(3/2) + ¼ ln(1/2)
+    kl = binary_kl(torch.zeros(1, dtype=torch.float64), torch.full((1,), math.log(3.0), dtype=torch.float64), 1.0)
+    assert kl.item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), rel=1e-14)
+
+
+# --------------------------------------------------------------------------------- pyramid_mode=progressive
+def test_samkd_progressive_schedule_follows_the_engine_progress() -> None:
+    m = samkd_seg(alpha=1.0, grids=(1, 2, 4), pyramid_mode="progressive")
+    assert m.active_grids() == ((1, 1.0),)  # before any step: the coarsest grid
+    # (epoch, it, epochs, iters_per_epoch) → grid: 24 epochs switch at the epoch boundaries 8 and 16
+    for when, grid in [((0, 0, 24, 100), 1), ((7, 99, 24, 100), 1), ((8, 0, 24, 100), 2), ((15, 99, 24, 100), 2),
+                       ((16, 0, 24, 100), 4), ((23, 99, 24, 100), 4),
+                       # 9 epochs: 3 + 3 + 3 (k/|G| = 1/3 exactly at epoch 3, despite round-off)
+                       ((2, 9, 9, 10), 1), ((3, 0, 9, 10), 2), ((6, 0, 9, 10), 4),
+                       # one epoch of three steps: progress 0, 1/3, 2/3 → every grid once
+                       ((0, 0, 1, 3), 1), ((0, 1, 1, 3), 2), ((0, 2, 1, 3), 4)]:
+        m.set_progress(*when)
+        assert m.active_grids() == ((grid, 1.0),), when
+    # joint mode ignores progress; a method set forwards the hook to its members
+    seg = infos(seg_feat=4, seg_logits=3)
+    ms = methods.build("samkd+dmkd", {**seg, "c5": seg["seg_feat"]}, {**seg, "c5": seg["seg_feat"]}, "segmentation",
+                       {"samkd.pyramid_mode": "progressive"})
+    ms.set_progress(8, 0, 24, 100)
+    assert ms.methods["samkd"].active_grids() == ((2, 1.0),) and ms.methods["samkd"].epoch == 8
+    joint = samkd_seg(grids=(1, 2, 4))
+    joint.set_progress(23, 99, 24, 100)
+    assert [g for g, _ in joint.active_grids()] == [1, 2, 4]
+
+
+def test_samkd_progressive_distill_runs_through_every_grid(tiny_shapes, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from kdcli.config import RunConfig
+    from kdcli.engine.trainer import build_run, fit
+    from kdcli.models import build_model
+    from kdcli.zoo import get_spec
+
+    # an (untrained) teacher written in the run-folder layout: model.json + weights/best.safetensors
+    spec = get_spec("shapes-r18-fcos")
+    teacher = tmp_path / "teacher"
+    (teacher / "weights").mkdir(parents=True)
+    (teacher / "model.json").write_text(json.dumps({"model": spec.to_dict()}))
+    state = {k: v.contiguous() for k, v in build_model(spec).net.state_dict().items()}
+    save_file(state, str(teacher / "weights" / "best.safetensors"))
+    cfg = RunConfig(model="shapes-r18-fcos", out=str(tmp_path / "s"), teacher=str(teacher), method="samkd",
+                    set={"pyramid_mode": "progressive", "taps": "p3,p4"}, data=f"coco:{tiny_shapes / 'coco'}",
+                    epochs=1, batch_size=4, image_size=64, workers=0, optimizer="adamw", lr=1e-3, warmup_iters=1,
+                    bn_recal=1, device="cpu")
+    run = build_run(cfg, log=lambda s: None)
+    m = run.method.methods["samkd"]
+    seen: list[tuple[float, int]] = []
+    active = m.active_grids
+    m.active_grids = lambda: (seen.append((m.progress, active()[0][0])), active())[1]  # type: ignore[method-assign]
+    fit(run, progress=False)
+    # 12 images, batch 4: three steps at progress 0, 1/3, 2/3 (each step asks once per tap: p3, p4)
+    assert sorted(set(seen)) == [(0.0, 1), (1 / 3, 2), (2 / 3, 4)]
+    header = (run.folder / "results.csv").read_text().splitlines()[0]
+    assert "loss/samkd.p3" in header and "loss/samkd.p4.sld" in header

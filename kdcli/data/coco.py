@@ -1,4 +1,15 @@
-"""COCO instances loader for detection: ``annotations/instances_{split}2017.json`` + ``{split}2017/``."""
+"""COCO instances loader for detection: ``annotations/instances_{split}2017.json`` + ``{split}2017/``.
+
+Label spaces (``labels=``): a detector's class index must mean what the model was trained on.
+
+- ``category-id``: label == COCO category id, classes listed in slots 1..max id with ``"N/A"`` in
+  the gaps. This is torchvision's 91-slot layout (``_COCO_CATEGORIES``) that its pretrained COCO
+  detectors predict, and the zoo's ``coco`` class set.
+- ``contiguous``: labels 1..K in category-id order, 0 = background (torchvision's convention for
+  any other data set; mmdetection's 0..K-1 is this minus one, a converter's business).
+- ``auto`` (default): the layout whose class list equals the model's (``label_hint``), else
+  ``category-id`` when the json holds exactly the 80 standard COCO categories, else ``contiguous``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -62,28 +74,45 @@ def _check_records(records: Any, section: str, keys: tuple[str, ...], ann_file: 
 class CocoDetection(Dataset):
     """COCO-format detection data set returning ``(tv_tensors.Image uint8 CHW, target dict)``.
 
-    Category ids (possibly non-contiguous, as in COCO) are mapped to contiguous labels 1..K in
-    sorted id order; 0 is torchvision's background. Crowd annotations are left out of the training
-    targets (COCOeval treats them as "ignore" regions at evaluation time from the json directly).
-    The raw annotation dicts stay available per image (:meth:`annotations`) so masks can be
-    decoded later without re-reading the json.
+    The target holds ``boxes`` (XYXY ``BoundingBoxes``), ``labels`` (in the label space above),
+    ``image_id``, ``orig_size``, ``iscrowd`` and, with ``masks=True`` (Mask R-CNN), ``masks``
+    (``tv_tensors.Mask`` N x H x W uint8 decoded from polygons or RLE). Crowd annotations
+    (``iscrowd=1``) and boxes under one pixel wide or tall are left out of the training targets;
+    evaluation reads the json itself, where COCOeval treats crowd regions as "ignore". The raw
+    annotation dicts stay available per image (:meth:`annotations`). ``keep_empty=False`` drops
+    images without a usable box (torchvision's detection reference does so for training).
     """
 
     def __init__(
         self,
-        root: Path,
+        root: Path | None = None,
         split: str = "train",
         transforms: Callable | None = None,
         keep_empty: bool = True,
+        *,
+        ann_file: Path | None = None,
+        img_dir: Path | None = None,
+        labels: str = "auto",
+        label_hint: list[str] | None = None,
+        masks: bool = False,
     ) -> None:
-        self.root = Path(root).expanduser()
         self.split = split
         self.transforms = transforms
-        layout = f"expected {self.root}/annotations/instances_{split}2017.json and {self.root}/{split}2017/"
-        if not self.root.is_dir():
-            raise DataError(f"COCO folder {self.root} does not exist ({layout})")
-        self.ann_file = self.root / "annotations" / f"instances_{split}2017.json"
-        self.img_dir = self.root / f"{split}2017"
+        self.with_masks = masks
+        if ann_file is None or img_dir is None:
+            if root is None:
+                raise ValueError("CocoDetection needs root, or both ann_file and img_dir")
+            self.root = Path(root).expanduser()
+            layout = f"expected {self.root}/annotations/instances_{split}2017.json and {self.root}/{split}2017/"
+            if not self.root.is_dir():
+                raise DataError(f"COCO folder {self.root} does not exist ({layout})")
+            ann_file = ann_file or self.root / "annotations" / f"instances_{split}2017.json"
+            img_dir = img_dir or self.root / f"{split}2017"
+        else:
+            self.root = Path(img_dir).parent
+            layout = "check the paths in the data file"
+        self.ann_file = Path(ann_file)
+        self.img_dir = Path(img_dir)
         if not self.ann_file.is_file():
             raise DataError(f"COCO annotation file {self.ann_file} not found ({layout})")
         if not self.img_dir.is_dir():
@@ -101,12 +130,18 @@ class CocoDetection(Dataset):
         if not cats:
             raise DataError(f"{self.ann_file}: 'categories' is empty")
 
-        cats = sorted(cats, key=lambda c: c["id"])
-        self.classes: list[str] = [str(c["name"]) for c in cats]
-        self.label_to_cat_id: dict[int, int] = {i + 1: int(c["id"]) for i, c in enumerate(cats)}
-        self.cat_id_to_label: dict[int, int] = {v: k for k, v in self.label_to_cat_id.items()}
-        if len(self.cat_id_to_label) != len(cats):
+        pairs = sorted((int(c["id"]), str(c["name"])) for c in cats)
+        if len({i for i, _ in pairs}) != len(pairs):
             raise DataError(f"{self.ann_file}: duplicate category ids in 'categories'")
+        self.categories: dict[int, str] = dict(pairs)
+        self.label_space = resolve_label_space(labels, pairs, label_hint, self.ann_file)
+        if self.label_space == "category-id":
+            self.classes: list[str] = slot_names(pairs)
+            self.label_to_cat_id: dict[int, int] = {i: i for i, _ in pairs}
+        else:
+            self.classes = [name for _, name in pairs]
+            self.label_to_cat_id = {k + 1: i for k, (i, _) in enumerate(pairs)}
+        self.cat_id_to_label: dict[int, int] = {v: k for k, v in self.label_to_cat_id.items()}
 
         self._images: dict[int, dict] = {int(im["id"]): im for im in images}
         self._anns: dict[int, list[dict]] = {i: [] for i in self._images}
@@ -124,6 +159,8 @@ class CocoDetection(Dataset):
             numeric = isinstance(bbox, list) and all(isinstance(v, (int, float)) for v in bbox)
             if not (numeric and len(bbox) == 4):
                 raise DataError(f"{self.ann_file}: annotations[{i}] bbox must be [x, y, w, h], got {bbox!r}")
+            if masks and self._usable(ann) and not ann.get("segmentation"):
+                raise DataError(f"{self.ann_file}: annotations[{i}] has no 'segmentation' (needed for masks)")
             self._anns[ann["image_id"]].append(ann)
 
         ids = sorted(self._images)
@@ -133,7 +170,7 @@ class CocoDetection(Dataset):
 
     @property
     def num_classes(self) -> int:
-        """Foreground classes + background (torchvision detection convention)."""
+        """Classifier outputs: the classes + background (torchvision detection convention)."""
         return len(self.classes) + 1
 
     def __len__(self) -> int:
@@ -146,18 +183,21 @@ class CocoDetection(Dataset):
     def image_info(self, image_id: int) -> dict:
         return self._images[image_id]
 
+    def image_path(self, index: int) -> Path:
+        return self.img_dir / self._images[self.ids[index]]["file_name"]
+
     @staticmethod
     def _usable(ann: dict) -> bool:
         """A training box: not crowd, and at least one pixel wide and tall."""
         return not ann.get("iscrowd", 0) and ann["bbox"][2] >= 1 and ann["bbox"][3] >= 1
 
-    def _boxes_labels(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _targets(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
         rows = [a for a in self._anns[image_id] if self._usable(a)]
         if not rows:
-            return torch.zeros((0, 4), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)
+            return torch.zeros((0, 4), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64), rows
         xywh = torch.tensor([a["bbox"] for a in rows], dtype=torch.float32)
         labels = torch.tensor([self.cat_id_to_label[a["category_id"]] for a in rows], dtype=torch.int64)
-        return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1), labels
+        return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1), labels, rows
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         image_id = self.ids[index]
@@ -170,7 +210,7 @@ class CocoDetection(Dataset):
             raise DataError(
                 f"{path}: image is {w}x{h} but {self.ann_file.name} says {info['width']}x{info['height']}"
             )
-        boxes, labels = self._boxes_labels(image_id)
+        boxes, labels, rows = self._targets(image_id)
         target: dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
             "labels": labels,
@@ -178,7 +218,64 @@ class CocoDetection(Dataset):
             "orig_size": (h, w),
             "iscrowd": torch.zeros_like(labels),  # crowd boxes are excluded above
         }
+        if self.with_masks:
+            target["masks"] = tv_tensors.Mask(decode_masks([a["segmentation"] for a in rows], h, w))
         img = tv_tensors.Image(image)
         if self.transforms is not None:
             img, target = self.transforms(img, target)
         return img, target
+
+
+def decode_masks(segmentations: list[Any], h: int, w: int) -> torch.Tensor:
+    """COCO ``segmentation`` fields (polygon lists, uncompressed or compressed RLE) to an (N, H, W)
+    uint8 tensor, decoded by faster-coco-eval's C mask API (the same code COCOeval uses)."""
+    if not segmentations:
+        return torch.zeros((0, h, w), dtype=torch.uint8)
+    from faster_coco_eval.core import mask as mask_api
+
+    rles = []
+    for segm in segmentations:
+        if isinstance(segm, list):  # polygons: one object may have several parts
+            rles.append(mask_api.merge(mask_api.frPyObjects(segm, h, w)))
+        elif isinstance(segm.get("counts"), list):  # uncompressed RLE
+            rles.append(mask_api.frPyObjects(segm, h, w))
+        else:
+            rles.append(segm)
+    decoded = mask_api.decode(rles)  # (H, W, N), Fortran order
+    return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
+
+
+def coco80() -> list[tuple[int, str]]:
+    """The 80 COCO 2017 categories as (id, name), from torchvision's 91-slot table."""
+    from torchvision.models import _meta
+
+    return [(i, n) for i, n in enumerate(_meta._COCO_CATEGORIES) if i > 0 and n != "N/A"]
+
+
+def slot_names(pairs: list[tuple[int, str]]) -> list[str]:
+    """Class list indexed by category id - 1 ("N/A" where no category has that id)."""
+    names = ["N/A"] * max(i for i, _ in pairs)
+    for i, n in pairs:
+        names[i - 1] = n
+    return names
+
+
+def resolve_label_space(requested: str, pairs: list[tuple[int, str]], hint: list[str] | None,
+                        where: Path) -> str:
+    """``category-id`` or ``contiguous`` for ``labels=requested`` (see the module docstring)."""
+    if requested not in LABEL_SPACES:
+        raise DataError(f"{where}: labels={requested}: expected {', '.join(LABEL_SPACES)}")
+    ids_ok = all(i >= 1 for i, _ in pairs)
+    if requested == "category-id" and not ids_ok:
+        raise DataError(f"{where}: labels=category-id needs category ids >= 1 (0 is the background label)")
+    if requested != "auto":
+        return requested
+    if hint is not None:
+        if ids_ok and list(hint) == slot_names(pairs):
+            return "category-id"
+        if list(hint) == [n for _, n in pairs]:
+            return "contiguous"
+    return "category-id" if pairs == coco80() else "contiguous"
+
+
+LABEL_SPACES = ("auto", "category-id", "contiguous")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,13 +28,18 @@ def coco_evaluate(
     out_json: Path | None = None,
     iou_type: str = "bbox",
     image_ids: Sequence[int] | None = None,
-) -> dict[str, float]:
-    """COCO AP/AR of ``results`` (COCO result dicts: image_id, category_id, bbox xywh, score).
+    per_class: bool = False,
+) -> dict[str, Any]:
+    """COCO AP/AR of ``results`` (COCO result dicts: image_id, category_id, score, and ``bbox`` xywh
+    or ``segmentation`` RLE for ``iou_type="segm"``) against the annotation file itself, so crowd
+    regions are "ignore" exactly as COCOeval defines them.
 
     Evaluates on every image of the ground truth, or only ``image_ids`` when given (e.g. a quick run
     on a subset); images without detections count as misses. Returns the 12 standard numbers
     (:data:`COCO_METRICS`). Empty ``results`` give all zeros. Otherwise an area bucket with no
-    ground truth is reported as -1, as pycocotools does.
+    ground truth is reported as -1, as pycocotools does. ``per_class`` adds ``per_class``: one
+    ``{id, name, AP, AP50}`` per category (AP over IoU 0.50:0.95, all areas, 100 detections;
+    None for a category without ground truth).
     """
     from faster_coco_eval import COCO, COCOeval_faster  # heavy C++ extension: import on use
 
@@ -43,10 +50,13 @@ def coco_evaluate(
         out_json = Path(out_json)
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(results))
-    if not results:
-        return dict.fromkeys(COCO_METRICS, 0.0)
-
     gt = COCO(load_json(ann_file), print_function=_quiet)
+    if not results:
+        out: dict[str, Any] = dict.fromkeys(COCO_METRICS, 0.0)
+        if per_class:
+            out["per_class"] = [{"id": c["id"], "name": c["name"], "AP": 0.0, "AP50": 0.0}
+                                for c in gt.loadCats(sorted(gt.getCatIds()))]
+        return out
     gt_ids = set(gt.getImgIds())
     unknown = sorted({int(r["image_id"]) for r in results} - gt_ids)
     if unknown:
@@ -59,43 +69,86 @@ def coco_evaluate(
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-    return {name: float(v) for name, v in zip(COCO_METRICS, ev.stats[: len(COCO_METRICS)], strict=True)}
+    out = {name: float(v) for name, v in zip(COCO_METRICS, ev.stats[: len(COCO_METRICS)], strict=True)}
+    if per_class:
+        out["per_class"] = _per_class_ap(ev, gt)
+    return out
+
+
+def _per_class_ap(ev: Any, gt: Any) -> list[dict[str, Any]]:
+    """AP per category from COCOeval's precision array [T, R, K, A, M] (area "all", maxDets 100),
+    averaged over the cells that are defined (> -1), as ``summarize`` does for the overall AP."""
+    prec = np.asarray(ev.eval["precision"])[:, :, :, 0, -1]  # T x R x K
+    t50 = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - 0.5)))
+    rows = []
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = prec[:, :, k]
+        ap = p[p > -1]
+        ap50 = p[t50][p[t50] > -1]
+        rows.append({"id": int(cat_id), "name": gt.loadCats([cat_id])[0]["name"],
+                     "AP": float(ap.mean()) if ap.size else None, "AP50": float(ap50.mean()) if ap50.size else None})
+    return rows
+
+
+def _label_lut(label_to_cat_id: Mapping[int, int]) -> Tensor:
+    if not label_to_cat_id:
+        raise ValueError("label_to_cat_id is empty")
+    lut = torch.full((max(label_to_cat_id) + 1,), -1, dtype=torch.int64)
+    for label, cat_id in label_to_cat_id.items():
+        lut[label] = cat_id
+    return lut
 
 
 def detections_to_coco(
     detections: list[dict[str, Tensor]],
     image_ids: Sequence[int],
     label_to_cat_id: Mapping[int, int],
+    masks: bool = False,
 ) -> list[dict]:
-    """torchvision detector outputs (``boxes`` xyxy in original-image pixels, ``scores``, ``labels``)
-    to COCO result dicts (xywh boxes, labels mapped back to the data set's category ids)."""
+    """torchvision detector outputs (``boxes`` xyxy in original-image pixels, ``scores``, ``labels``
+    and, with ``masks``, ``masks`` N x 1 x H x W probabilities) to COCO result dicts: xywh boxes,
+    labels mapped back to the data set's category ids, masks thresholded at 0.5 and RLE-encoded.
+
+    A label with no category id (background, an ``N/A`` slot of torchvision's 91-slot COCO
+    layout) is dropped: COCOeval ignores categories absent from the ground truth anyway.
+    """
     if len(detections) != len(image_ids):
         raise ValueError(f"{len(detections)} detection dicts for {len(image_ids)} image ids")
-    if not label_to_cat_id:
-        raise ValueError("label_to_cat_id is empty")
-    lut = torch.full((max(label_to_cat_id) + 1,), -1, dtype=torch.int64)
-    for label, cat_id in label_to_cat_id.items():
-        lut[label] = cat_id
+    lut = _label_lut(label_to_cat_id)
     out: list[dict] = []
     for det, image_id in zip(detections, image_ids, strict=True):
         boxes = det["boxes"].detach().float().cpu().reshape(-1, 4)
         if boxes.shape[0] == 0:
             continue
         labels = det["labels"].detach().cpu().long()
-        if int(labels.min()) < 0 or int(labels.max()) >= lut.numel():
-            raise ValueError(f"image {image_id}: label outside 0..{lut.numel() - 1} has no category id")
-        cats = lut[labels]
-        if bool((cats < 0).any()):
-            missing = labels[cats < 0].unique().tolist()
-            raise ValueError(f"image {image_id}: labels {missing} have no category id")
-        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
-        scores = det["scores"].detach().float().cpu()
+        inside = (labels >= 0) & (labels < lut.numel())
+        cats = torch.where(inside, lut[labels.clamp(0, lut.numel() - 1)], torch.full_like(labels, -1))
+        keep = cats >= 0
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)[keep]
+        scores = det["scores"].detach().float().cpu()[keep]
         iid = int(image_id)
-        out.extend(
-            {"image_id": iid, "category_id": c, "bbox": b, "score": s}
-            for b, c, s in zip(xywh.tolist(), cats.tolist(), scores.tolist(), strict=True)
-        )
+        rows = [{"image_id": iid, "category_id": c, "bbox": b, "score": s}
+                for b, c, s in zip(xywh.tolist(), cats[keep].tolist(), scores.tolist(), strict=True)]
+        if masks:
+            for row, rle in zip(rows, masks_to_rle(det["masks"][keep.to(det["masks"].device)]), strict=True):
+                row["segmentation"] = rle
+        out.extend(rows)
     return out
+
+
+def masks_to_rle(masks: Tensor, threshold: float = 0.5) -> list[dict]:
+    """N x 1 x H x W (or N x H x W) mask probabilities -> compressed COCO RLEs (counts as str)."""
+    from faster_coco_eval.core import mask as mask_api
+
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    if masks.shape[0] == 0:
+        return []
+    binary = (masks.detach() > threshold).to(torch.uint8).cpu().numpy()
+    rles = mask_api.encode(np.asfortranarray(binary.transpose(1, 2, 0)))  # H x W x N, column-major
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
 
 
 class ConfusionMatrix:

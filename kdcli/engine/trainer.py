@@ -1,8 +1,14 @@
 """The training loop for `kdcli train` (one model) and `kdcli distill` (teacher + student + method).
 
-Per step: the student preprocesses the batch once; the student runs in train mode; the frozen
-teacher runs in eval mode under ``torch.no_grad()`` on the same input and computes only the
-taps the method needs; task and distillation losses are summed (each logged separately).
+Per step: the student preprocesses the batch once; the frozen teacher runs in eval mode under
+``torch.no_grad()`` on the same input and computes only the taps the method needs; the student
+(train mode) and the method run inside :class:`~kdcli.engine.distributed.DistillStep` (what DDP
+wraps); task and distillation losses are summed (each logged separately).
+
+Around it: gradient accumulation (``--accumulate``, DDP ``no_sync`` on the non-final micro-steps),
+AMP, guards (:mod:`kdcli.engine.guards`), checkpoints every ``--ckpt-every-steps`` optimizer steps
+and at each epoch end that resume bit-identically (:mod:`kdcli.engine.checkpoint`), and a clean
+stop on SIGINT/SIGTERM. Under torchrun every rank runs this loop; rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
@@ -25,22 +31,25 @@ from torch import Tensor, nn
 from ..config import TASK_DEFAULTS, RunConfig
 from ..errors import ConfigError, KdcliError, TrainingError
 from ..models import TapModel, build_model
+from ..viz.plots import update_results_png  # issue 8: results.png after each epoch
+from ..viz.stats import epoch_columns as mask_columns  # issue 8: mask/... columns of results.csv
+from ..viz.stats import observe as observe_internals
 from ..zoo import ModelSpec, resolve_ref
 from . import checkpoint as ckpt
+from . import distributed as ddp
+from .augment import attach_models, augment_batch  # issue 4
 from .evaluate_model import evaluate_model
+from .guards import GracefulStop, Interrupted, LossGuard, ignore_sigint_in_worker
+from .teacher_check import check_teacher_kind, teacher_check
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu)")
-    return torch.device(name)
+    return ddp.pick_device(name)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -115,6 +124,30 @@ class Run:
     device: torch.device
     log: Callable[[str], None] = print
     meta: dict[str, Any] = field(default_factory=dict)
+    dist: ddp.DistInfo = field(default_factory=ddp.DistInfo)
+    # student + method in one module (DistributedDataParallel over it under torchrun)
+    step_module: nn.Module | None = None
+    sampler: ddp.EpochSampler | None = None
+    guard: LossGuard | None = None
+
+    @property
+    def wrapped(self) -> nn.Module:
+        if self.step_module is None:
+            self.step_module = ddp.DistillStep(self.student, self.method)
+        return self.step_module
+
+    @property
+    def inner_step(self) -> ddp.DistillStep:
+        m = self.wrapped
+        return m.module if hasattr(m, "module") else m  # type: ignore[return-value]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of one full epoch on this rank (the loader is shorter after a mid-epoch resume)."""
+        if self.sampler is None:
+            return max(1, len(self.train_loader))
+        n, bs = self.sampler.num_samples, self.cfg.batch_size
+        return max(1, n // bs if n > bs else 1)
 
 
 def _resolve_student_spec(cfg: RunConfig, classes: list[str]) -> tuple[ModelSpec, Path | str | None]:
@@ -123,8 +156,11 @@ def _resolve_student_spec(cfg: RunConfig, classes: list[str]) -> tuple[ModelSpec
     weights: Path | str | None = ref.weights
     if cfg.student_weights:
         weights = cfg.student_weights
+    # backbone-only weights leave the classifier fresh: the student may take the data's classes
+    head_fixed = weights is not None and weights != "backbone" and not (
+        weights == "zoo" and spec.weights_kind == "backbone")
     if len(spec.classes) != len(classes) or spec.classes != classes:
-        if weights is not None:
+        if head_fixed:
             raise KdcliError(
                 f"--model {cfg.model}: its weights have {len(spec.classes)} classes but --data {cfg.data} has "
                 f"{len(classes)} ({', '.join(classes[:5])}...); train it from scratch or use matching data"
@@ -147,19 +183,56 @@ def image_size_of(spec: ModelSpec) -> int:
     return int(pp.get("size", pp.get("min_size", 512)))
 
 
+def _check_speed_options(cfg: RunConfig) -> None:
+    if cfg.accumulate < 1:
+        raise ConfigError(f"--accumulate {cfg.accumulate}: expected a number of micro-batches >= 1")
+    if cfg.ckpt_every_steps < 0:
+        raise ConfigError(f"--ckpt-every-steps {cfg.ckpt_every_steps}: expected >= 0 (0: epoch ends only)")
+    if cfg.zero_loss_steps < 0:
+        raise ConfigError(f"--zero-loss-steps {cfg.zero_loss_steps}: expected >= 0 (0: guard off)")
+
+
+def compile_student(student: TapModel) -> list[str]:
+    """``torch.compile`` the student's heavy parts in place (``nn.Module.compile``: key names unchanged).
+
+    The TapModel forward itself (Python control flow over taps and losses) stays eager; what is
+    compiled is each part it calls: the detector's backbone body, FPN and head, or the
+    segmenter's backbone. Returns the compiled parts' names."""
+    net = student.net
+    parts = {"backbone.body": None, "backbone.fpn": None, "head": None} if student.task == "detection" \
+        else {"backbone": None}
+    done = []
+    for path in parts:
+        m: Any = net
+        for a in path.split("."):
+            m = getattr(m, a, None)
+            if m is None:
+                break
+        if isinstance(m, nn.Module):
+            m.compile()
+            done.append(path)
+    return done
+
+
 def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
-    from ..data import build_dataset, collate_detection, collate_segmentation, subset
+    from ..data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
     from ..methods import build as build_method
 
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    _check_speed_options(cfg)
+    dist = ddp.init(cfg.device)
+    device = dist.device
+    if not dist.is_main:
+        log = _quiet  # rank 0 alone reports
+    seed_everything(cfg.seed)  # the same initial weights in every rank
     if not cfg.model:
         raise ConfigError("--model/--student: name a model (see `kdcli zoo list`)")
     probe = resolve_ref(cfg.model).spec
     task = probe.task
     size = cfg.image_size or image_size_of(probe)
-    train_ds = build_dataset(cfg.data, task, "train", size, train=True)
-    val_ds = build_dataset(cfg.data, task, "val", size, train=False)
+    # the data's label space follows the teacher's classes (else the student's); see kdcli.data.DataHints
+    hints = data_hints(probe, resolve_ref(cfg.teacher).spec if cfg.teacher else None, cfg.image_size)
+    train_ds = build_dataset(cfg.data, task, "train", size, train=True, hints=hints)
+    val_ds = build_dataset(cfg.data, task, "val", size, train=False, hints=hints)
     if cfg.max_train_images:
         train_ds = subset(train_ds, cfg.max_train_images)
     if cfg.max_val_images:
@@ -176,6 +249,8 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
             raise ConfigError(f"--teacher: method '{cfg.method}' needs a teacher")
     if cfg.teacher:
         tref = resolve_ref(cfg.teacher)
+        if tref.weights is None:  # a zoo entry: backbone-only weights cannot make a teacher (issue 5)
+            check_teacher_kind(tref.spec, cfg.teacher)
         if tref.spec.task != task:
             raise KdcliError(f"--teacher {cfg.teacher} is a {tref.spec.task} model but the student is {task}")
         if tref.spec.classes != list(train_ds.classes):
@@ -183,9 +258,12 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
                 f"--teacher {cfg.teacher}: predicts {len(tref.spec.classes)} classes but --data {cfg.data} has "
                 f"{len(train_ds.classes)}; a teacher must be trained on the data's classes"
             )
+        # every rank builds its own frozen teacher from the id; it is never wrapped in DDP
         teacher = build_model(tref.spec, tref.weights if tref.weights is not None else "zoo").to(device)
         teacher.eval()
         teacher.requires_grad_(False)
+        if not cfg.skip_teacher_check:  # issue 5: a teacher far below its reported score stops the run
+            teacher_check(teacher, cfg.teacher, val_ds, device, cfg.teacher_check_images, amp=cfg.amp, log=log)
         if cfg.inherit:
             inherited = inherit_from_teacher(student, teacher)
             log(f"inherit: {inherited} tensors of the neck/head copied from the teacher")
@@ -195,24 +273,42 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
         # self-distillation methods (no teacher model) see the student's taps on both sides
         t_info = teacher.tap_info if teacher is not None else student.tap_info
         method = build_method(cfg.method, student.tap_info, t_info, task, dict(cfg.set)).to(device)
+        attach_models(method, cfg, student, teacher)  # issue 4: PS-KD's snapshot, HARD's augmentor (augment.py)
+    if cfg.sync_bn:
+        if dist.world > 1:
+            student = ddp.convert_sync_bn(student, dist)  # type: ignore[assignment]
+        else:
+            log("note: --sync-bn has no effect in a single process")
+    if cfg.channels_last:
+        student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        log(f"compile: {', '.join(compile_student(student)) or 'nothing'} (the first steps include compilation)")
+    # after the models: each rank its own random streams (method masks, dropout)
+    seed_everything(cfg.seed + 1_000_003 * dist.rank)
     collate = collate_detection if task == "detection" else collate_segmentation
-    g = torch.Generator()
-    g.manual_seed(cfg.seed)
     workers = cfg.workers if cfg.workers >= 0 else 0
     common = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                  persistent_workers=workers > 0)
-    train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) > cfg.batch_size,
-        generator=g, worker_init_fn=_seed_worker, **common)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, **common)
+                  persistent_workers=workers > 0, worker_init_fn=ignore_sigint_in_worker)
+    # augmentation is seeded per (seed, epoch, sample): reproducible with any worker count and on resume
+    sampler = ddp.EpochSampler(train_ds, dist.world, dist.rank, cfg.seed)
+    per_rank = sampler.num_samples
+    batches = torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=per_rank > cfg.batch_size)
+    train_loader = torch.utils.data.DataLoader(ddp.SeededDataset(train_ds, cfg.seed), batch_sampler=batches,
+                                               generator=torch.Generator().manual_seed(cfg.seed), **common)
+    val_sampler = ddp.ShardSampler(len(val_ds), dist.rank, dist.world) if dist.enabled else None
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, sampler=val_sampler,
+                                             generator=torch.Generator().manual_seed(cfg.seed), **common)
     folder = Path(cfg.out or f"runs/{cfg.method + '-' if cfg.method else ''}{Path(cfg.model).name}")
-    return Run(cfg, task, folder, student, teacher, method, train_loader, val_loader, val_ds, device, log)
+    run = Run(cfg, task, folder, student, teacher, method, train_loader, val_loader, val_ds, device, log,
+              dist=dist, sampler=sampler)
+    run.step_module = ddp.wrap(ddp.DistillStep(student, method), dist)
+    return run
 
 
-def _seed_worker(worker_id: int) -> None:
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
+def _quiet(_msg: str) -> None:
+    pass
 
 
 def inherit_from_teacher(student: TapModel, teacher: TapModel) -> int:
@@ -237,11 +333,18 @@ def _trainable(run: Run) -> list[nn.Parameter]:
     return params
 
 
-def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def effective_lr(cfg: RunConfig, world: int) -> float:
+    """``--lr``, or with ``--scale-lr`` the linear scaling rule (Goyal et al. 2017): ``--lr`` is meant for
+    one process at ``--batch-size``; the effective batch is ``batch × world × accumulate``."""
+    return cfg.lr * world * cfg.accumulate if cfg.scale_lr else cfg.lr
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], lr: float | None = None) -> torch.optim.Optimizer:
+    lr = cfg.lr if lr is None else lr
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     raise ConfigError(f"--optimizer {cfg.optimizer}: expected sgd or adamw")
 
 
@@ -255,27 +358,37 @@ def _to_device(images: Any, targets: Any, device: torch.device) -> tuple[Any, An
 
 
 def train_step(run: Run, images: Any, targets: Any) -> tuple[Tensor, dict[str, float]]:
-    """One forward of student (+ teacher + method); returns the total loss and each term."""
+    """One forward of student (+ teacher + method); returns the total loss and each term.
+
+    The terms are checked by the run's :class:`LossGuard` in :func:`fit` (after they are averaged
+    over ranks); here, at the first steps, the guard looks for distillation terms without gradient
+    to the student."""
     images, targets = _to_device(images, targets, run.device)
     batch = run.student.preprocess(images, targets)
+    batch = augment_batch(run, batch)  # issue 4: HARD (engine/augment.py); unchanged without --augment hard
+    if run.cfg.channels_last:
+        batch.images = batch.images.contiguous(memory_format=torch.channels_last)
     with autocast_ctx(run.device, run.cfg.amp):
-        s_out = run.student(batch)
-        terms: dict[str, Tensor] = dict(s_out.losses)
+        t_out = None
         if run.method is not None:
             with torch.no_grad():
                 if run.teacher is not None:
                     t_out = run.teacher(batch, need=set(run.method.needs), losses=False)
                 else:  # self-distillation: the method makes its own teacher output, or none
                     t_out = run.method.teacher_forward(batch, set(run.method.needs))
-            terms.update(run.method(s_out, t_out, batch.targets))
-    values = {k: float(v.detach()) for k, v in terms.items()}
-    for k, v in values.items():
-        if not math.isfinite(v):
-            where = f"method '{k.split('.')[0]}', tap '{k.split('.', 1)[1]}'" if "." in k else f"task loss '{k}'"
-            raise TrainingError(f"non-finite loss in {where} ({v}); the last good checkpoint is kept. "
-                                "Lower --lr or the method's weight (--set weight=...)")
+        terms: dict[str, Tensor] = run.wrapped(batch, t_out)
+    if run.guard is not None and run.guard.needs_grad_check():
+        # fp16 gradients of small losses can underflow to exactly 0: look at them scaled, as GradScaler does
+        run.guard.inspect_gradients(terms, run.inner_step.last, 65536.0 if run.cfg.amp == "fp16" else 1.0)
+    if run.method is not None and run.dist.is_main:  # issue 8: mask statistics every few steps, never in the loss
+        observe_internals(run, run.inner_step.last, t_out, batch.targets)
+    run.inner_step.last = None
+    if not terms:
+        raise TrainingError("the model returned no loss: does the training data have targets?")
+    stacked = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+    values = dict(zip(terms.keys(), stacked.tolist(), strict=True))  # one device sync for all terms
     total = sum(v.float() for v in terms.values())
-    return total, values
+    return total, values  # type: ignore[return-value]
 
 
 def _write_csv(path: Path, row: dict[str, Any]) -> None:
@@ -286,6 +399,10 @@ def _write_csv(path: Path, row: dict[str, Any]) -> None:
             old_rows = list(csv.DictReader(f))
     keys = list(dict.fromkeys([*(old_rows[0].keys() if old_rows else []), *row.keys()]))
     rows = [*old_rows, row]
+    _write_rows(path, keys, rows)
+
+
+def _write_rows(path: Path, keys: list[str], rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -295,8 +412,170 @@ def _write_csv(path: Path, row: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _truncate_csv(path: Path, epochs: int) -> None:
+    """Drop rows of epochs after ``epochs``: written before a kill, they are redone after the resume."""
+    if not path.exists():
+        return
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        keys = list(reader.fieldnames or [])
+        rows = list(reader)
+    keep = [r for r in rows if int(r.get("epoch") or 0) <= epochs]
+    if len(keep) != len(rows):
+        _write_rows(path, keys, keep)
+
+
 def main_metric(task: str) -> str:
     return "mAP" if task == "detection" else "mIoU"
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in every checkpoint so that a resume continues exactly here."""
+
+    epoch: int = 0  # epochs completed
+    pos: int = 0  # batches of epoch ``epoch`` already consumed (0 at an epoch boundary)
+    step: int = 0  # optimizer steps so far
+    best: float = -1.0
+    sums: dict[str, float] = field(default_factory=dict)  # loss sums of the current epoch (results.csv)
+    n: int = 0
+
+
+class _Training:
+    """The pieces :func:`fit` builds (optimizer, schedule, scaler, guard) and how to (re)store them."""
+
+    def __init__(self, run: Run) -> None:
+        cfg = run.cfg
+        self.run = run
+        self.params = _trainable(run)
+        self.lr = effective_lr(cfg, run.dist.world)
+        self.opt = make_optimizer(cfg, self.params, self.lr)
+        self.steps_per_epoch = math.ceil(run.batches_per_epoch / cfg.accumulate)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, cfg.epochs * self.steps_per_epoch))
+        # fp16 needs loss scaling; bf16 has float32's range and does not
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")
+        self.guard = LossGuard(run.method, cfg.zero_loss_steps)
+        run.guard = self.guard
+        self.generators = ckpt.module_generators(run.method)
+        self.st = LoopState()
+
+    # -- checkpoint ---------------------------------------------------------------------------------
+    def tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        run = self.run
+        tensors = {f"net.{k}": v for k, v in run.student.net.state_dict().items()}
+        extra: dict[str, Any] = {}
+        if run.method is not None:
+            for k, v in run.method.state_dict().items():
+                if isinstance(v, Tensor):
+                    tensors[f"method.{k}"] = v
+                else:  # get_extra_state() of a method: plain Python values
+                    extra[k] = v
+        return tensors, extra
+
+    def save(self) -> None:
+        """Collective: every rank's RNG state goes to rank 0, which writes the checkpoint."""
+        run, st = self.run, self.st
+        ddp.broadcast_buffers(run.student, run.dist)  # the BN statistics rank 0 saves are everyone's
+        rngs = ddp.gather_objects(ckpt.rng_state(self.generators), run.dist)
+        tensors, extra = self.tensors()
+        if run.dist.enabled:
+            self._check_ranks_agree(tensors)
+        if not run.dist.is_main:
+            return
+        ckpt.save_checkpoint(run.folder / "weights", tensors, {
+            "epoch": st.epoch, "pos": st.pos, "step": st.step, "best": st.best, "sums": dict(st.sums), "n": st.n,
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rngs, "guard": self.guard.state_dict(), "method_extra": extra,
+            "world": run.dist.world, "batch_size": run.cfg.batch_size, "accumulate": run.cfg.accumulate,
+        })
+
+    def _check_ranks_agree(self, tensors: dict[str, Tensor]) -> None:
+        import hashlib
+
+        h = hashlib.sha256()
+        for k, v in tensors.items():
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+        hashes = ddp.gather_objects(h.hexdigest(), self.run.dist)
+        if len(set(hashes)) > 1:
+            raise TrainingError(f"the ranks hold different weights at step {self.st.step} (a DDP "
+                                "synchronisation failed); the checkpoint was not written")
+
+    def restore(self) -> None:
+        run, cfg = self.run, self.run.cfg
+        loaded = ckpt.load_checkpoint(run.folder / "weights")
+        for line in loaded.skipped:
+            run.log(f"resume: skipped {line}")
+        state, tensors = loaded.state, loaded.tensors
+        run.student.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        if run.method is not None:
+            m_state: dict[str, Any] = {k[7:]: v for k, v in tensors.items() if k.startswith("method.")}
+            m_state.update(state.get("method_extra", {}))
+            run.method.load_state_dict(m_state)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.guard.load_state_dict(state.get("guard", {}))
+        st = LoopState(int(state["epoch"]), int(state.get("pos", 0)), int(state.get("step", 0)),
+                       float(state["best"]), dict(state.get("sums", {})), int(state.get("n", 0)))
+        same_layout = (int(state.get("world", 1)), int(state.get("batch_size", cfg.batch_size)),
+                       int(state.get("accumulate", 1))) == (run.dist.world, cfg.batch_size, cfg.accumulate)
+        if st.pos and not same_layout:
+            raise ConfigError(
+                f"--resume {run.folder}: the checkpoint is {st.pos} batches into epoch {st.epoch + 1} with "
+                f"{state.get('world', 1)} process(es); resume with the same number of processes")
+        rngs = state["rng"]
+        if isinstance(rngs, dict):  # format 1: one process
+            rngs = [rngs]
+        if len(rngs) == run.dist.world:
+            ckpt.set_rng_state(rngs[run.dist.rank], self.generators)
+        else:
+            seed_everything(cfg.seed + 1_000_003 * run.dist.rank + st.step)
+            run.log(f"resume: {len(rngs)} process(es) wrote the checkpoint, {run.dist.world} resume it: "
+                    "random streams are re-seeded (the run stays valid but is not bit-identical)")
+        self.st = st
+        where = f"epoch {st.epoch + 1}, batch {st.pos}" if st.pos else f"epoch {st.epoch}/{cfg.epochs} done"
+        run.log(f"resumed {run.folder} at {where} (step {st.step}, from {loaded.slot}_state.pt)")
+
+    # -- one optimizer step ---------------------------------------------------------------------------
+    def optimizer_step(self) -> None:
+        cfg = self.run.cfg
+        if cfg.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.st.step += 1
+
+
+def _record_training(run: Run, lr: float) -> None:
+    """Effective batch and learning-rate rule next to the resolved config (``config.json``)."""
+    import json
+
+    cfg, dist = run.cfg, run.dist
+    path = run.folder / "config.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record["effective_batch"] = cfg.batch_size * dist.world * cfg.accumulate
+    record["training"] = {
+        "world_size": dist.world, "backend": dist.backend or "none", "batch_per_process": cfg.batch_size,
+        "accumulate": cfg.accumulate, "effective_batch": record["effective_batch"],
+        "lr_rule": "linear: lr x world_size x accumulate" if cfg.scale_lr else "none: --lr as given",
+        "lr_given": cfg.lr, "lr_used": lr, "amp": cfg.amp, "channels_last": cfg.channels_last,
+        "compile": cfg.compile, "sync_bn": cfg.sync_bn and dist.world > 1,
+        "ddp": "student + method in one DistributedDataParallel, find_unused_parameters=True"
+               if dist.enabled else "none",
+    }
+    ckpt.save_json(path, record)
+
+
+def _resume_hint(run: Run) -> str:
+    cmd = "distill" if run.cfg.method else "train"
+    launch = f"torchrun --nproc_per_node {run.dist.world} -m kdcli" if run.dist.enabled else "kdcli"
+    return f"{launch} {cmd} --resume {run.folder}"
 
 
 def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
@@ -304,105 +583,140 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
 
     ``stop_after`` ends the session after that many epochs of the schedule (the run stays
     resumable); used to split a run across sessions and by the resume test."""
+    with GracefulStop() as stop:  # from here on a signal stops at the next step boundary, with a checkpoint
+        return _fit(run, resume, progress, stop_after, stop)
+
+
+def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: GracefulStop) -> dict[str, Any]:
     from ..report import describe_run, epoch_progress
 
-    cfg = run.cfg
-    folder = run.folder
-    weights_dir = folder / "weights"
-    params = _trainable(run)
-    opt = make_optimizer(cfg, params)
-    iters_per_epoch = max(1, len(run.train_loader))
-    total_iters = cfg.epochs * iters_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_iters))
-    # fp16 needs loss scaling; bf16 has float32's range and does not
-    scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")
-    start_epoch, best = 0, -1.0
-    state_path = weights_dir / "last_state.pt"
+    cfg, dist, folder = run.cfg, run.dist, run.folder
+    tr = _Training(run)
     if resume:
-        if not state_path.exists():
-            raise TrainingError(f"--resume {folder}: no checkpoint ({state_path}) to resume from")
-        state = ckpt.load_state(state_path)
-        tensors = ckpt.load_tensors(weights_dir / "last.safetensors")
-        run.student.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        if run.method is not None:
-            run.method.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("method.")})
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        run.train_loader.generator.set_state(state["loader_rng"])
-        start_epoch, best = int(state["epoch"]), float(state["best"])
-        run.log(f"resumed {folder} at epoch {start_epoch}/{cfg.epochs}")
+        if not any((folder / "weights" / f"{slot}_state.pt").exists() for slot in ckpt.SLOTS):
+            raise TrainingError(f"--resume {folder}: no checkpoint yet (stopped before its first one); "
+                                "start the run again without --resume")
+        tr.restore()
+        if dist.is_main:
+            _truncate_csv(folder / "results.csv", tr.st.epoch)
     else:
-        if (folder / "results.csv").exists():
+        taken = ddp.broadcast_object((folder / "results.csv").exists(), dist)  # rank 0's file system decides
+        if taken:
             raise ConfigError(f"--out {folder}: already holds a run; continue it with --resume {folder} "
                               "or choose another --out")
-        folder.mkdir(parents=True, exist_ok=True)
-        describe_run(run)
+        if dist.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            describe_run(run)
+            _record_training(run, tr.lr)
+    st = tr.st
     metric_name = main_metric(run.task)
     metrics: dict[str, Any] = {}
+    k = cfg.accumulate
+    batches = run.batches_per_epoch
     end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    for epoch in range(start_epoch, end):
+    for epoch in range(st.epoch, end):
         run.student.train()
         if run.method is not None:
             run.method.train()
+        if run.sampler is not None:
+            run.sampler.set_epoch(epoch, skip=st.pos * cfg.batch_size)
         t0 = time.time()
-        sums: dict[str, float] = {}
-        n = 0
-        with epoch_progress(run, epoch, iters_per_epoch, enabled=progress) as advance:
-            for it, (images, targets) in enumerate(run.train_loader):
+        with epoch_progress(run, epoch, batches, enabled=progress and dist.is_main) as advance:
+            it = st.pos
+            for images, targets in run.train_loader:
                 if run.method is not None:
-                    run.method.set_progress(epoch, it, cfg.epochs, iters_per_epoch)
-                total, values = train_step(run, images, targets)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-                n += 1
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    run.method.set_progress(epoch, it, cfg.epochs, batches)
+                group = it - it % k
+                group_len = min(k, batches - group)
+                last_micro = it + 1 == group + group_len
+                # DDP averages gradients only on the last micro-batch of an accumulation group
+                no_sync = run.wrapped.no_sync() if dist.enabled and not last_micro else nullcontext()
+                with no_sync:
+                    total, values = train_step(run, images, targets)
+                    values, no_grad, stop_now = _agree(run, values, tr.guard, stop.requested)
+                    tr.guard.check(values, no_grad)
+                    tr.scaler.scale(total / group_len if group_len > 1 else total).backward()
+                it += 1
+                st.n += 1
+                for key, v in values.items():
+                    st.sums[key] = st.sums.get(key, 0.0) + v
                 advance(values)
+                if not last_micro:
+                    continue
+                tr.optimizer_step()
+                st.pos = it
+                if stop_now:
+                    tr.save()
+                    raise Interrupted(
+                        f"interrupted by {stop.requested or 'a signal on another rank'} at epoch {epoch + 1}, "
+                        f"batch {it}/{batches} (step {st.step}); checkpoint saved in {folder / 'weights'}. "
+                        f"Continue with: {_resume_hint(run)}")
+                if cfg.ckpt_every_steps and st.step % cfg.ckpt_every_steps == 0 and it < batches:
+                    tr.save()
         train_time = time.time() - t0
         if run.method is not None:
-            run.method.on_epoch_end(run.student, epoch)
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
+            run.method.on_epoch_end(run.student, epoch)  # the unwrapped student, never the DDP module
+        ddp.broadcast_buffers(run.student, dist)
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": tr.opt.param_groups[0]["lr"],
                                "train_time_s": round(train_time, 2)}
-        row.update({f"loss/{k}": round(v / max(n, 1), 6) for k, v in sums.items()})
+        row.update({f"loss/{key}": round(v / max(st.n, 1), 6) for key, v in st.sums.items()})
+        row.update(mask_columns(run))  # issue 8: mask/<method>.<tap>.<mask>.<stat> (kdcli/viz/stats.py)
         last_epoch = epoch + 1 == cfg.epochs
         if cfg.bn_recal > 0:
+            if run.sampler is not None:
+                run.sampler.set_epoch(epoch)
             recalibrate_bn(run.student, run.train_loader, cfg.bn_recal, run.device)
+            ddp.average_bn_statistics(run.student, dist)
         if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             # the latest predictions go to last/; the best epoch's are copied next to best.safetensors
+            shard = ddp.EvalShard(dist, run.val_ds) if dist.enabled else None
             metrics = evaluate_model(run.student, run.val_loader, run.val_ds, run.device,
-                                     out_dir=folder / "last", amp=cfg.amp)
-            row.update({f"val/{k}": round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
+                                     out_dir=folder / "last" if dist.is_main else None, amp=cfg.amp, shard=shard)
+            row.update({f"val/{key}": round(v, 5) for key, v in metrics.items() if isinstance(v, float)})
             score = float(metrics.get(metric_name, -1.0))
-            if score > best:
-                best = score
-                ckpt.save_tensors(weights_dir / "best.safetensors", run.student.net.state_dict(),
-                                  {"format": "pt", "epoch": str(epoch + 1), metric_name: f"{score:.5f}"})
-                ckpt.save_json(folder / "metrics.json", {"epoch": epoch + 1, **metrics})
-                latest = folder / "last" / "predictions.json"
-                if latest.exists():
-                    os.replace(latest, folder / "predictions.json")
-        _write_csv(folder / "results.csv", row)
-        # last state: student + method tensors (safetensors) and optimizer/RNG state
-        tensors = {f"net.{k}": v for k, v in run.student.net.state_dict().items()}
-        if run.method is not None:
-            tensors.update({f"method.{k}": v for k, v in run.method.state_dict().items()})
-        ckpt.save_tensors(weights_dir / "last.safetensors", tensors)
-        ckpt.save_state(state_path, {
-            "epoch": epoch + 1, "best": best, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": ckpt.rng_state(), "loader_rng": run.train_loader.generator.get_state(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-        })
-        run.log(" ".join(f"{k}={v}" for k, v in row.items()))
-    return ckpt_metrics(folder)
+            if score > st.best:
+                st.best = score
+                if dist.is_main:
+                    ckpt.save_tensors(folder / "weights" / "best.safetensors", run.student.net.state_dict(),
+                                      {"format": "pt", "epoch": str(epoch + 1), metric_name: f"{score:.5f}"})
+                    ckpt.save_json(folder / "metrics.json", {"epoch": epoch + 1, **metrics})
+                    latest = folder / "last" / "predictions.json"
+                    if latest.exists():
+                        os.replace(latest, folder / "predictions.json")
+        if dist.is_main:
+            _write_csv(folder / "results.csv", row)
+            update_results_png(folder, run.log)  # issue 8: a plotting failure is logged, never raised
+        st.epoch, st.pos, st.sums, st.n = epoch + 1, 0, {}, 0
+        tr.save()
+        run.log(" ".join(f"{key}={v}" for key, v in row.items()))
+        if epoch + 1 < end and _any_rank(run, stop.requested is not None):
+            raise Interrupted(f"interrupted by {stop.requested or 'a signal on another rank'} after epoch "
+                              f"{epoch + 1}; checkpoint saved in {folder / 'weights'}. "
+                              f"Continue with: {_resume_hint(run)}")
+    # every rank returns rank 0's record of the best epoch
+    return ddp.broadcast_object(ckpt_metrics(folder) if dist.is_main else None, dist) or metrics
+
+
+def _any_rank(run: Run, flag: bool) -> bool:
+    if not run.dist.enabled:
+        return flag
+    return bool(ddp.all_reduce_sum(torch.tensor([1.0 if flag else 0.0]), run.dist)[0] > 0)
+
+
+def _agree(run: Run, values: dict[str, float], guard: LossGuard, stop: str | None
+           ) -> tuple[dict[str, float], list[str], bool]:
+    """Loss terms averaged over ranks, the terms some rank found without gradient, and whether any
+    rank was asked to stop: one small all-reduce per micro-step, so every rank decides alike."""
+    keys = list(values)
+    flags = guard.flags(keys)
+    if not run.dist.enabled:
+        return values, [key for key, f in zip(keys, flags, strict=True) if f], stop is not None
+    vec = torch.tensor([*values.values(), *flags, 1.0 if stop else 0.0], dtype=torch.float64)
+    vec = ddp.all_reduce_sum(vec, run.dist)
+    n = len(keys)
+    avg = (vec[:n] / run.dist.world).tolist()
+    no_grad = [key for key, f in zip(keys, vec[n:2 * n].tolist(), strict=True) if f > 0]
+    return dict(zip(keys, avg, strict=True)), no_grad, bool(vec[-1] > 0)
 
 
 def ckpt_metrics(folder: Path) -> dict[str, Any]:
@@ -412,4 +726,5 @@ def ckpt_metrics(folder: Path) -> dict[str, Any]:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-__all__ = ["Run", "build_run", "fit", "TASK_DEFAULTS"]
+__all__ = ["Interrupted", "Run", "build_run", "fit", "inherit_from_teacher", "recalibrate_bn", "train_step",
+           "TASK_DEFAULTS"]

@@ -86,6 +86,14 @@ class MethodSet(Method):
         for m in self.methods.values():
             m.on_epoch_end(student, epoch)
 
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Every method's :meth:`Method.internals`, keys prefixed with the method's name."""
+        out: dict[str, Tensor] = {}
+        for name, m in self.methods.items():
+            out.update({f"{name}.{k}": v for k, v in m.internals(s, t, targets, query).items()})
+        return out
+
 
 def split_overrides(names: list[str], overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{"cwd.weight": 2}`` → per-method dicts; unprefixed keys go to a single method."""

@@ -113,8 +113,10 @@ def ranked_keep_mask(score: Tensor, ratio: float, select: str = "top", group: Te
     b, length = score.shape
     key = score if select == "top" else -score
     order = torch.argsort(key, dim=-1, descending=True, stable=True)  # (B, L)
-    if group is None:
-        group = torch.zeros(length, dtype=torch.long, device=score.device)
+    if group is None:  # one group: the rank is the sorted position
+        k = int(num_masked(ratio, length))
+        keep_sorted = (torch.arange(length, device=score.device) >= k).to(score.dtype).expand(b, length)
+        return torch.zeros_like(score).scatter(1, order, keep_sorted)
     group = group.to(score.device)
     order = order.gather(1, torch.argsort(group[order], dim=-1, stable=True))
     counts = torch.bincount(group, minlength=int(group.max().item()) + 1 if length else 1)
@@ -149,8 +151,22 @@ def reconstruction_loss(r: Tensor, ft: Tensor, weight: Tensor | None = None) -> 
     return sq.sum() / ft.shape[0]
 
 
+def grid_reconstruction_losses(r: Tensor, ft: Tensor, weight: Tensor | None = None) -> Tensor:
+    """:func:`reconstruction_loss` of every reconstruction in ``r`` (G, N, C, H, W) against ``ft`` → (G,)."""
+    sq = (r - ft).pow(2)
+    if weight is not None:
+        sq = sq * weight
+    return sq.flatten(1).sum(1) / ft.shape[0]
+
+
 class DualReconstruction(nn.Module):
-    """f_align, the spatial/channel generators G_s, G_c and the fusion logits θ of one tap."""
+    """f_align, the spatial/channel generators G_s, G_c and the fusion logits θ of one tap.
+
+    :meth:`reconstruct` runs several mask pairs (SAMKD's pyramid grids) through each generator in one call,
+    stacked along the batch: the same maths as one call per pair, without the per-call overhead that
+    dominates the small FPN levels. (A grouped convolution for the two generators was measured slower on
+    CPU at P3 sizes and is not used.)
+    """
 
     def __init__(self, student_channels: int, channels: int, align: str = "auto", fusion: str = "softmax") -> None:
         super().__init__()
@@ -176,9 +192,19 @@ class DualReconstruction(nn.Module):
 
     def forward(self, s_al: Tensor, keep_s: Tensor, keep_c: Tensor) -> Tensor:
         """R = w_s G_s(S̃ ⊙ B^S) + w_c G_c(S̃ ⊙ B^C); masks broadcast to S̃ (N, C, H, W)."""
-        w = self.weights()
-        return w[0] * self.gen_spatial(s_al * keep_s) + w[1] * self.gen_channel(s_al * keep_c)
+        return self.reconstruct(s_al, keep_s.unsqueeze(0), keep_c.unsqueeze(0))[0]
 
+    def reconstruct(self, s_al: Tensor, keep_s: Tensor, keep_c: Tensor) -> Tensor:
+        """R_g for G mask pairs at once: ``keep_s``, ``keep_c`` (G, N, ·, ·, ·) broadcast to (G, N, C, H, W);
+        returns (G, N, C, H, W), the same as G calls of :meth:`forward`."""
+        n, c, h, w = s_al.shape
+        xs, xc = s_al * keep_s, s_al * keep_c
+        if xs.shape != xc.shape:  # one side given for a single grid: shared by all
+            xs, xc = torch.broadcast_tensors(xs, xc)
+        xs, xc = xs.reshape(-1, c, h, w), xc.reshape(-1, c, h, w)  # (G·N, C, H, W)
+        ws = self.weights()
+        r = ws[0] * self.gen_spatial(xs) + ws[1] * self.gen_channel(xc)
+        return r.view(-1, n, c, h, w)
 
 
 @register
@@ -288,10 +314,25 @@ class DMKD(Method):
         self._stats = {}
         return {f"{self.name}.{tap}": self.loss_tap(tap, s.taps[tap], t.taps[tap]) for tap in self.taps}
 
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Per tap (kdcli viz, mask statistics): the keep-masks B^S (``spatial_mask``, (N, H, W), 1 = kept) and
+        B^C (``channel_mask``, (N, C)) of D3, and the teacher spatial attention A^S of D2 (N, H, W)."""
+        out: dict[str, Tensor] = {}
+        for tap in self.taps:
+            ft = upcast(t.taps[tap].detach().float())
+            n, c, h, w = ft.shape
+            keep_s, keep_c = self.masks(ft)
+            out[f"{tap}.spatial_mask"] = keep_s.reshape(n, h, w)
+            out[f"{tap}.channel_mask"] = keep_c.reshape(n, c)
+            out[f"{tap}.teacher_attention"] = teacher_attention(ft, self.temperature)[0].reshape(n, h, w)
+        return out
+
 
 __all__ = [
     "DMKD",
     "DualReconstruction",
+    "grid_reconstruction_losses",
     "random_keep_mask",
     "ranked_keep_mask",
     "reconstruction_loss",

@@ -43,12 +43,14 @@ fcos           0.8     1.6e-3   8e-4      8e-4      8e-6    FCOS R101 → R50 (2
 reppoints      0.5     1.6e-3   8e-4      8e-4      8e-6    RepPoints X101 → R50 (2x)
 =============  ======  =======  ========  ========  ======  ====================================
 
-``recipe="auto"`` (default) takes ``faster_rcnn`` for a student whose FPN starts at P2 (two-stage)
-and ``retinanet`` otherwise (FCOS cannot be told from RetinaNet by its taps: use
-``--set recipe=fcos``). The class default γ of the official code is 1e-3; every config uses the
-values above. ``taps="auto"`` (default) takes the official levels (§1.2): P3–P7 for one-stage
-students (RetinaNet, FCOS: all five levels, as ``"fpn"``), P2–P5 for two-stage ones (Faster
-R-CNN: ``"fpn:4"``, P6 is not distilled). ``box_scaling`` is ``"img_shape"`` (official: boxes
+``recipe="auto"`` (default) takes the row of the student's detector family, which kdcli's detection
+models put on every tap (``TapInfo.family``): ``retinanet`` → retinanet, ``fcos`` → fcos,
+``fasterrcnn`` / ``maskrcnn`` → faster_rcnn (the official Mask R-CNN configs use the Faster R-CNN
+values). Taps without a family (hand-made tap info) fall back to ``faster_rcnn`` for an FPN that
+starts at P2 and ``retinanet`` otherwise. The class default γ of the official code is 1e-3; every
+config uses the values above. ``taps="auto"`` (default) takes the official levels (§1.2): every FPN
+level (P3–P7) of a one-stage student, every level but the last (the max-pool P6; P2–P5 on a ResNet
+FPN) of a two-stage one. ``box_scaling`` is ``"img_shape"`` (official: boxes
 scaled by the level size over the *unpadded* resized image size), or ``"input"`` / ``"stride"``
 (see :mod:`kdcli.methods.boxes`). ``init_student=True`` of the official configs is the
 "inheriting strategy" (§1.4), an engine option, not part of this loss.
@@ -99,16 +101,42 @@ RECIPES: dict[str, dict[str, float]] = {
 }
 
 
+# detector family (TapInfo.family, set by kdcli's detection models) → official config row (§8.5); the
+# official Mask R-CNN configs (R101 → R50, Cascade X101 → R50) use the Faster R-CNN values
+FAMILY_RECIPES = {"retinanet": "retinanet", "fcos": "fcos", "fasterrcnn": "faster_rcnn", "maskrcnn": "faster_rcnn"}
+TWO_STAGE = ("fasterrcnn", "maskrcnn")
+
+
+def family(student: dict[str, TapInfo]) -> str:
+    """The detector family of the student's FPN levels ('' when unknown or mixed)."""
+    names = {student[n].family for n in fpn_taps(student)}
+    return names.pop() if len(names) == 1 else ""
+
+
 def two_stage(student: dict[str, TapInfo]) -> bool:
-    """A student whose FPN starts at P2 (torchvision Faster/Mask R-CNN) rather than P3."""
+    """A two-stage student: by its family when known, else an FPN that starts at P2 (torchvision's
+    Faster/Mask R-CNN) rather than P3."""
+    fam = family(student)
+    if fam:
+        return fam in TWO_STAGE
     levels = fpn_taps(student)
     return bool(levels) and levels[0] == "p2"
 
 
 def auto_taps(student: dict[str, TapInfo]) -> list[str]:
-    """The official FGD levels (§1.2): P2–P5 for two-stage students, every level (P3–P7) otherwise."""
+    """The official FGD levels (§1.2): every FPN level of a one-stage student (P3–P7); for a two-stage
+    student every level but the last, the max-pool P6 (P2–P5 on a ResNet FPN)."""
     levels = fpn_taps(student)
-    return levels[:4] if two_stage(student) else levels
+    return levels[:-1] if two_stage(student) and len(levels) > 1 else levels
+
+
+def auto_recipe(student: dict[str, TapInfo]) -> str:
+    """``recipe=auto``: the row of the student's family; without one, Faster R-CNN for a two-stage-looking
+    FPN and RetinaNet otherwise."""
+    fam = family(student)
+    if fam in FAMILY_RECIPES:
+        return FAMILY_RECIPES[fam]
+    return "faster_rcnn" if two_stage(student) else "retinanet"
 
 
 def attention(f: Tensor, temp: float) -> tuple[Tensor, Tensor]:
@@ -211,7 +239,7 @@ class FGD(Method):
         return hp
 
     def tap_spec(self, hp: dict[str, Any], student: dict[str, TapInfo]) -> Any:
-        # "auto": P3–P7 for one-stage students, P2–P5 when the FPN starts at P2 (two-stage), §1.2
+        # "auto": P3–P7 for one-stage students, P2–P5 for two-stage ones (§1.2)
         return auto_taps(student) if hp["taps"] == "auto" else hp["taps"]
 
     def __init__(
@@ -224,7 +252,7 @@ class FGD(Method):
         super().__init__(student, teacher, task, **hp)
         recipe = str(hp.get("recipe", "auto"))
         if recipe == "auto":
-            recipe = "faster_rcnn" if two_stage(student) else "retinanet"
+            recipe = auto_recipe(student)
         if recipe not in RECIPES:
             raise ConfigError(f"--set recipe={recipe}: not one of auto, {', '.join(RECIPES)}")
         for key in WEIGHTS:
@@ -302,3 +330,28 @@ class FGD(Method):
             if not part and not strict:
                 continue
             self.load_official(tap, part, strict=strict)
+
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Per tap (kdcli viz, mask statistics): the box masks ``fg_mask``/``bg_mask`` (§8.3), the teacher's and
+        the student's spatial attention S(F) (Eq. 1), the teacher's channel attention Cat(F_T) (Eq. 2) and the
+        teacher branch's global-context weights softmax_hw(conv_mask_t(F_T)) (Eq. 6)."""
+        out: dict[str, Tensor] = {}
+        first = t.taps[self.taps[0]]
+        boxes, extras = self._boxes(s, t, targets, first.shape[0])
+        u, index = normalise_boxes([b.detach().to(first.device) for b in boxes], scaling=self.box_scaling,
+                                   image_sizes=extras.get("image_sizes"), input_shape=extras.get("input_shape"))
+        for tap in self.taps:
+            level = self.levels[tap]
+            with float32_region(s.taps[tap]):
+                fs, ft = upcast(s.taps[tap].detach()), upcast(t.taps[tap].detach())
+                fs = match_spatial(level.align(fs) if level.align is not None else fs, ft)
+                n, _, h, w = ft.shape
+                fg, bg = level_masks(u, index, n, (h, w), scaling=self.box_scaling, stride=self.strides[tap],
+                                     dtype=ft.dtype)
+                s_t, c_t = attention(ft, self.temp)
+                context = torch.softmax(level.conv_mask_t(ft).reshape(n, h * w), dim=1).reshape(n, h, w)
+                out.update({f"{tap}.fg_mask": fg, f"{tap}.bg_mask": bg, f"{tap}.teacher_attention": s_t,
+                            f"{tap}.student_attention": attention(fs, self.temp)[0],
+                            f"{tap}.channel_attention": c_t, f"{tap}.context_attention": context})
+        return out

@@ -32,8 +32,10 @@ Deviations and assumptions:
 Heterogeneous pairs: the regressor maps student channels to teacher channels (it exists for every
 tap whenever the channel counts differ, and also when they are equal unless
 ``adapter_always=False``); a student map of a different H×W is resized to the teacher's after the
-regressor (bilinear, ``align_corners=False``; a 1×1 conv commutes with bilinear resizing, so the
-order does not change the result).
+regressor (bilinear, ``align_corners=False``). A 1×1 conv commutes with bilinear resizing (the
+interpolation weights of every output pixel sum to 1, so the bias passes through unchanged), so when
+the student map is the larger one it is resized first and the regressor runs on the teacher's
+smaller grid: the same result up to round-off, without regressing pixels that are then averaged away.
 """
 
 from __future__ import annotations
@@ -93,6 +95,15 @@ class FitNet(Method):
                     cs, ct, bias=bool(hp["adapter_bias"]), init=str(hp["adapter_init"])
                 )
 
+    def regress(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+        """r(F_S) on the teacher's H×W: resize then regress when the student map is larger, else the reverse."""
+        if tap not in self.adapters:
+            return match_spatial(fs, ft)
+        adapter = self.adapters[tap]
+        if fs.shape[-2] * fs.shape[-1] > ft.shape[-2] * ft.shape[-1]:
+            return adapter(match_spatial(fs, ft))
+        return match_spatial(adapter(fs), ft)
+
     def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for tap in self.taps:
@@ -104,8 +115,6 @@ class FitNet(Method):
                 )
             with float32_region(fs):
                 fs, ft = upcast(fs), upcast(ft.detach())
-                if tap in self.adapters:
-                    fs = self.adapters[tap](fs)
-                fs = match_spatial(fs, ft)
+                fs = self.regress(tap, fs, ft)
                 out[f"{self.name}.{tap}"] = self.weight * (fs - ft).pow(2).mean()
         return out

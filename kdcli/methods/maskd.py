@@ -230,6 +230,22 @@ class MasKD(Method):
         copy_official_masks(self.mask_modules, self.taps, state_dict)
         copy_official_align(self.align, self.taps, align or {})
 
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Per tap (kdcli viz, mask statistics): the receptive-token masks σ(tokens · F_T) the loss uses
+        (``token_mask``, (N, T, H, W); times the student's masks once the custom mask is active)."""
+        out: dict[str, Tensor] = {}
+        for tap in self.taps:
+            mm = self.mask_modules[tap]
+            with float32_region(s.taps[tap]):
+                fs, ft = upcast(s.taps[tap].detach()), upcast(t.taps[tap].detach())
+                mask = mm.forward_mask(ft)
+                if self.custom_mask_active:
+                    fs = match_spatial(self.align[tap](fs) if tap in self.align else fs, ft)
+                    mask = mask * mm.forward_mask(fs)
+                out[f"{tap}.token_mask"] = mask
+        return out
+
 
 def copy_official_masks(modules: nn.ModuleDict, taps: tuple[str, ...], state_dict: Mapping[str, Tensor]) -> None:
     """Copy official ``mask_modules.{i}.*`` / ``mask_module.*`` / bare ``MaskModule`` tensors into ``modules``.

@@ -43,9 +43,13 @@ offers one):
   the sum-MSE by the global FGD attention A^S·A^C (τ = ``temperature``); masked §5.2 (default) does not.
 - S4 β_g = 1/|𝒢| (masked §5.2) — ``grid_weight = mean | sum`` (feature §3.2: "sum over g").
 - S5 "coarse-to-fine" — ``pyramid_mode = joint | progressive`` (§5.2 step 5): joint uses every grid every
-  step; progressive uses only grid ⌊progress·|𝒢|⌋ (β = 1), where ``progress`` ∈ [0, 1] is set with
-  :meth:`SAMKD.set_progress`. **kdcli's engine does not call it yet**, so progressive stays on the coarsest
-  grid unless the caller updates it.
+  step; progressive ("g switches 1 → 2 → 4 at fixed epoch fractions") uses only grid
+  i = min(⌊progress·|𝒢| + 10⁻⁹⌋, |𝒢| − 1) with β = 1, i.e. equal fractions of the run per grid (the spec
+  gives no fractions). ``progress`` ∈ [0, 1) is the engine's training fraction (:meth:`Method.set_progress`,
+  called before every step: (epoch + it / iters_per_epoch) / epochs), so with a number of epochs divisible by
+  |𝒢| the switches fall on epoch boundaries (24 epochs: grid 1 for epochs 0–7, 2 for 8–15, 4 for 16–23), and
+  short runs switch mid-epoch rather than never reaching the finest grid. The 10⁻⁹ guards k/|𝒢| against
+  round-off. No switch for the fractions.
 - S6 SLD regions are the finest grid's cells; ``sld_region = top | soft`` with κ = ``sld_keep`` = 0.5;
   per-image normalisation then batch mean. For segmentation the region weights, computed on the feature
   tap's grid, are resized (nearest) to the logits' size. The discrepancy uses S̃ of the same tap, detached.
@@ -62,6 +66,12 @@ Randomness is injectable: :attr:`SAMKD.generator` (CPU; None = global RNG) for `
 masks can be passed to :meth:`SAMKD.sfd_tap` (a list of (B^S_g, B^C_g) per grid) and region weights to
 :meth:`SAMKD.sld_tap`. :attr:`SAMKD.last_stats` holds per tap and grid the kept fractions, the fusion
 weights and the SLD selected fraction. Everything runs in float32 with autocast disabled.
+
+Computation (same maths, fewer operations; checked against a per-image, per-cell, per-grid reference in
+the tests): the masks of every grid come from one ranking of all cells (:class:`Pyramid` numbers the cells
+of all grids consecutively), the G masked inputs of a tap go through each generator in one call (stacked
+along the batch, :meth:`DualReconstruction.reconstruct`), S̃ is computed once per tap for SFD and SLD, and
+the binary KL uses two log-sigmoids (:func:`binary_kl`).
 """
 
 from __future__ import annotations
@@ -80,9 +90,9 @@ from .common import check_pair, float32_region, match_spatial, upcast
 from .dmkd import (
     DualReconstruction,
     check_choices,
+    grid_reconstruction_losses,
     random_keep_mask,
     ranked_keep_mask,
-    reconstruction_loss,
     teacher_attention,
 )
 
@@ -112,11 +122,41 @@ def cell_mean(x: Tensor, cell: Tensor, num_cells: int) -> Tensor:
     return (x @ onehot) / onehot.sum(0).clamp_min(1)
 
 
+class Pyramid:
+    """The cells of every grid of a pyramid on an H×W map, numbered consecutively across the grids.
+
+    ``group`` (G·P,) holds, grid after grid, the cell id of every position offset by the cell count of
+    the grids before it, so that one ranking call with ``group`` ranks every cell of every grid at
+    once, and one matmul with the (P, Σ cells) ``indicator`` gives every cell mean. Built once per
+    (H, W, grids, device) and cached by the method (a few kB per map size).
+    """
+
+    def __init__(self, h: int, w: int, grids: tuple[int, ...], device: torch.device) -> None:
+        ids, counts, offset = [], [], 0
+        for g in grids:
+            cell, n = cell_index(h, w, g, device)
+            ids.append(cell + offset)
+            counts.append(n)
+            offset += n
+        self.counts = tuple(counts)
+        self.total = offset
+        self.group = torch.cat(ids)  # (G·P,) global cell id of (grid, position)
+        self.indicator = F.one_hot(self.group, offset).view(len(grids), h * w, offset).sum(0)  # (P, Σ cells)
+        self.size = self.indicator.sum(0).clamp_min(1)  # positions per cell
+
+    def cell_means(self, x: Tensor) -> Tensor:
+        """Mean of x (N, C, P) over every cell of every grid → (N, C, Σ cells) (== :func:`cell_mean` per grid)."""
+        return (x @ self.indicator.to(x.dtype)) / self.size.to(x.dtype)
+
+
 def binary_kl(zs: Tensor, zt: Tensor, tau: float) -> Tensor:
-    """Element-wise KL(σ(z^T/t) ‖ σ(z^S/t)) of sigmoid logits, computed with logsigmoid."""
-    zs, zt = zs / tau, zt / tau
-    p = torch.sigmoid(zt)
-    return p * (F.logsigmoid(zt) - F.logsigmoid(zs)) + (1 - p) * (F.logsigmoid(-zt) - F.logsigmoid(-zs))
+    """Element-wise KL(σ(z^T/t) ‖ σ(z^S/t)) of sigmoid logits.
+
+    With p = σ(a), a = z^T/t, b = z^S/t: p (log σ(a) − log σ(b)) + (1 − p)(log σ(−a) − log σ(−b)), written with
+    log σ(−x) = log σ(x) − x as  log σ(a) − log σ(b) − (1 − p)(a − b)  (two log-sigmoids instead of four).
+    """
+    a, b = zt / tau, zs / tau
+    return F.logsigmoid(a) - F.logsigmoid(b) - (1 - torch.sigmoid(a)) * (a - b)
 
 
 @register
@@ -219,18 +259,20 @@ class SAMKD(Method):
             }
         )
         self.generator: torch.Generator | None = None  # CPU generator for mask_mode=random; None = global RNG
-        self.progress = 0.0  # training fraction for pyramid_mode=progressive (see set_progress)
+        self._pyramids: dict[tuple[Any, ...], Pyramid] = {}
         self._stats: dict[str, Tensor] = {}
 
     # -- schedule and statistics ------------------------------------------------------------
-    def set_progress(self, fraction: float) -> None:
-        """Training fraction in [0, 1] (``pyramid_mode=progressive`` uses grid ⌊fraction·|𝒢|⌋)."""
-        self.progress = min(max(float(fraction), 0.0), 1.0)
-
     def active_grids(self) -> tuple[tuple[int, float], ...]:
-        """(g, β_g) of the grids used now."""
+        """(g, β_g) of the grids used now.
+
+        ``pyramid_mode=progressive``: only grid i = min(⌊progress·|𝒢| + 10⁻⁹⌋, |𝒢| − 1), β = 1 — with 𝒢 = (1, 2, 4) the
+        coarsest grid for the first third of training, then 2×2, then 4×4 for the last third. ``progress`` ∈
+        [0, 1) is set by the engine before every step (:meth:`Method.set_progress`: epochs done plus the
+        fraction of the current epoch, over the run's epochs).
+        """
         if self.pyramid_mode == "progressive":
-            i = min(int(self.progress * len(self.grids)), len(self.grids) - 1)
+            i = min(max(int(self.progress * len(self.grids) + 1e-9), 0), len(self.grids) - 1)
             return ((self.grids[i], 1.0),)
         beta = 1.0 / len(self.grids) if self.grid_weight == "mean" else 1.0
         return tuple((g, beta) for g in self.grids)
@@ -243,22 +285,48 @@ class SAMKD(Method):
         values = torch.stack([v.float() for v in self._stats.values()]).tolist()
         return dict(zip(self._stats.keys(), values, strict=True))
 
+    def pyramid(self, h: int, w: int, grids: tuple[int, ...], device: torch.device) -> Pyramid:
+        key = (h, w, grids, str(device))
+        if key not in self._pyramids:
+            self._pyramids[key] = Pyramid(h, w, grids, device)
+        return self._pyramids[key]
+
     # -- SFD ----------------------------------------------------------------------------------
     def grid_masks(self, ft: Tensor, g: int) -> tuple[Tensor, Tensor]:
         """Keep-masks for grid g: B^S (N, 1, H, W), B^C (N, C, H, W) constant inside each cell."""
+        keep_s, keep_c = self.pyramid_masks(ft, (g,))
+        return keep_s[0], keep_c[0]
+
+    def pyramid_masks(self, ft: Tensor, grids: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Keep-masks of every grid in ``grids``: B^S (G, N, 1, H, W) and B^C (G, N, C, H, W).
+
+        Ranked: one ranking of the positions of every cell of every grid, one of the channels of every cell
+        (each cell's local channel attention is a row), then one gather that spreads each cell's channel mask
+        over its positions — the same masks as ranking each grid separately (ties by index in both).
+        """
         n, c, h, w = ft.shape
-        cell, cells = cell_index(h, w, g, ft.device)
+        pyr = self.pyramid(h, w, tuple(grids), ft.device)
         if self.mask_mode == "random":
-            keep_s = random_keep_mask((n, 1, h, w), self.ratio_spatial, self.generator, ft)
-            per_cell = random_keep_mask((n, c, cells), self.ratio_channel, self.generator, ft)
-            return keep_s, per_cell[..., cell].view(n, c, h, w)
+            # per grid, in the order B^S then B^C, so that a seeded generator gives reproducible masks
+            pairs = []
+            for g, cells in zip(grids, pyr.counts, strict=True):
+                cell, _ = cell_index(h, w, g, ft.device)
+                keep_s = random_keep_mask((n, 1, h, w), self.ratio_spatial, self.generator, ft)
+                per_cell = random_keep_mask((n, c, cells), self.ratio_channel, self.generator, ft)
+                pairs.append((keep_s, per_cell[..., cell].view(n, c, h, w)))
+            return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        big = len(grids)
         with torch.no_grad():
             a = ft.abs().flatten(2)  # (N, C, P)
-            keep_s = ranked_keep_mask(a.mean(1), self.ratio_spatial, self.mask_select, cell)
-            local = cell_mean(a, cell, cells).transpose(1, 2).reshape(n * cells, c)  # (N·G, C)
-            keep_c = ranked_keep_mask(local, self.ratio_channel, self.mask_select).view(n, cells, c)
-            keep_c = keep_c.transpose(1, 2)[..., cell]  # (N, C, P)
-        return keep_s.view(n, 1, h, w), keep_c.reshape(n, c, h, w)
+            score = a.mean(1).repeat(1, big)  # (N, G·P): the spatial score once per grid
+            keep_s = ranked_keep_mask(score, self.ratio_spatial, self.mask_select, pyr.group)
+            keep_s = keep_s.view(n, big, h, w).transpose(0, 1).unsqueeze(2)  # (G, N, 1, H, W)
+            local = pyr.cell_means(a).transpose(1, 2)  # (N, Σ cells, C): local channel attention per cell
+            keep_rows = ranked_keep_mask(local.reshape(-1, c), self.ratio_channel, self.mask_select)
+            keep_c = keep_rows.view(n, pyr.total, c)[:, pyr.group]  # (N, G·P, C)
+            # (G, N, C, H, W), made contiguous once: the masking product (and its backward) is faster
+            keep_c = keep_c.view(n, big, h, w, c).permute(1, 0, 4, 2, 3).contiguous()
+        return keep_s, keep_c
 
     def aligned(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
         return match_spatial(self.blocks[tap].align(fs), ft)
@@ -268,27 +336,36 @@ class SAMKD(Method):
     ) -> Tensor:
         """L_SFD of one tap; ``masks``: one (B^S_g, B^C_g) per active grid, overriding the computed masks."""
         check_pair(self.name, tap, fs, ft)
+        with float32_region(fs):
+            fs, ft = upcast(fs), upcast(ft.detach())
+            return self._sfd(tap, self.aligned(tap, fs, ft), ft, masks)
+
+    def _sfd(self, tap: str, s_al: Tensor, ft: Tensor, masks: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+        """Σ_g β_g α Σ (R_g − T)² / N on float32 (or float64) S̃ and T, every active grid in one reconstruction."""
         block: DualReconstruction = self.blocks[tap]  # type: ignore[assignment]
         grids = self.active_grids()
         if masks is not None and len(masks) != len(grids):
             raise MethodError(f"method 'samkd': {len(masks)} mask pairs given for {len(grids)} active grids")
-        with float32_region(fs):
-            fs, ft = upcast(fs), upcast(ft.detach())
-            s_al = self.aligned(tap, fs, ft)
-            weight = None
-            if self.loss_weight == "attention":
-                a_s, a_c = teacher_attention(ft, self.temperature)
-                weight = a_s.view(ft.shape[0], 1, *ft.shape[2:]) * a_c.view(*ft.shape[:2], 1, 1)
-            total = s_al.sum() * 0.0
-            for i, (g, beta) in enumerate(grids):
-                keep_s, keep_c = self.grid_masks(ft, g) if masks is None else (upcast(masks[i][0]),
-                                                                               upcast(masks[i][1]))
-                total = total + beta * self.alpha * reconstruction_loss(block(s_al, keep_s, keep_c), ft, weight)
-                self._stats[f"{tap}.g{g}.spatial_keep"] = keep_s.detach().float().mean()
-                self._stats[f"{tap}.g{g}.channel_keep"] = keep_c.detach().float().mean()
+        if masks is None:
+            keep_s, keep_c = self.pyramid_masks(ft, tuple(g for g, _ in grids))
+        else:
+            keep_s = torch.stack(torch.broadcast_tensors(*(upcast(m[0]) for m in masks)))
+            keep_c = torch.stack(torch.broadcast_tensors(*(upcast(m[1]) for m in masks)))
+        weight = None
+        if self.loss_weight == "attention":
+            a_s, a_c = teacher_attention(ft, self.temperature)
+            weight = a_s.view(ft.shape[0], 1, *ft.shape[2:]) * a_c.view(*ft.shape[:2], 1, 1)
+        per_grid = grid_reconstruction_losses(block.reconstruct(s_al, keep_s, keep_c), ft, weight)  # (G,)
+        beta = torch.tensor([b for _, b in grids], dtype=per_grid.dtype, device=per_grid.device)
+        with torch.no_grad():
+            kept_s = keep_s.flatten(1).float().mean(1)
+            kept_c = keep_c.flatten(1).float().mean(1)
+            for i, (g, _) in enumerate(grids):
+                self._stats[f"{tap}.g{g}.spatial_keep"] = kept_s[i]
+                self._stats[f"{tap}.g{g}.channel_keep"] = kept_c[i]
             w = block.weights().detach()
             self._stats[f"{tap}.w_spatial"], self._stats[f"{tap}.w_channel"] = w[0], w[1]
-        return total
+        return self.alpha * (beta * per_grid).sum()
 
     # -- SLD ----------------------------------------------------------------------------------
     def region_weights(self, s_al: Tensor, ft: Tensor) -> Tensor:
@@ -296,14 +373,14 @@ class SAMKD(Method):
         with torch.no_grad():
             n, _, h, w = ft.shape
             d = (ft - s_al).pow(2).mean(1).flatten(1)  # (N, P)
-            cell, cells = cell_index(h, w, max(self.grids), ft.device)
-            score = cell_mean(d.unsqueeze(1), cell, cells).squeeze(1)  # (N, G)
+            pyr = self.pyramid(h, w, (max(self.grids),), ft.device)
+            score = pyr.cell_means(d.unsqueeze(1)).squeeze(1)  # (N, R)
             if self.sld_region == "top":
                 # ranked_keep_mask zeros the top ⌈κ·R⌉ regions; SLD keeps exactly those
                 region = 1.0 - ranked_keep_mask(score, self.sld_keep, "top")
             else:
                 region = score
-            u = region[:, cell]  # (N, P)
+            u = region[:, pyr.group]  # (N, P)
             mass = u.sum(1, keepdim=True)
             u = torch.where(mass > 0, u / mass.clamp_min(1e-30), torch.full_like(u, 1.0 / u.shape[1]))
         return u.view(n, 1, h, w)
@@ -346,9 +423,14 @@ class SAMKD(Method):
         out: dict[str, Tensor] = {}
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
-            out[f"{self.name}.{tap}"] = self.sfd_tap(tap, fs, ft)
-            if not self.sld_weight:
-                continue
+            check_pair(self.name, tap, fs, ft)
+            with float32_region(fs):
+                fs32, ft32 = upcast(fs), upcast(ft.detach())
+                s_al = self.aligned(tap, fs32, ft32)  # once per tap: SFD and the SLD regions share it
+                out[f"{self.name}.{tap}"] = self._sfd(tap, s_al, ft32, None)
+                if not self.sld_weight:
+                    continue
+                weights = self.region_weights(s_al.detach(), ft32)
             zs, zt = s.taps[self.sld_logits], t.taps[self.sld_logits]
             if self.sld_logits == "cls_logits":
                 if zs.shape != zt.shape:
@@ -357,12 +439,24 @@ class SAMKD(Method):
                         f"and classes); got {tuple(zs.shape)} and {tuple(zt.shape)}"
                     )
                 zs, zt = self.level_logits(zs, tap, s), self.level_logits(zt, tap, s)
-            with float32_region(fs):
-                f32s, f32t = upcast(fs), upcast(ft.detach())
-                weights = self.region_weights(self.aligned(tap, f32s, f32t), f32t)
             out[f"{self.name}.{tap}.sld"] = self.sld_tap(tap, zs, zt, weights)
             self._stats[f"{tap}.sld_selected"] = (weights > 0).float().mean()
         return out
 
+    def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
+                  query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
+        """Per tap (kdcli viz, mask statistics): the spatial keep-masks B^S_g of the active grids (``spatial_mask``,
+        (N, G, H, W), 1 = kept; S2) and, with SLD on, its region weights ω (``sld_weights``, (N, H, W); S6)."""
+        out: dict[str, Tensor] = {}
+        grids = tuple(g for g, _ in self.active_grids())
+        for tap in self.taps:
+            with float32_region(s.taps[tap]):
+                fs, ft = upcast(s.taps[tap].detach()), upcast(t.taps[tap].detach())
+                keep_s, _ = self.pyramid_masks(ft, grids)  # (G, N, 1, H, W)
+                out[f"{tap}.spatial_mask"] = keep_s[:, :, 0].transpose(0, 1).float()
+                if self.sld_weight:
+                    out[f"{tap}.sld_weights"] = self.region_weights(self.aligned(tap, fs, ft), ft)[:, 0]
+        return out
 
-__all__ = ["SAMKD", "binary_kl", "cell_index", "cell_mean"]
+
+__all__ = ["SAMKD", "Pyramid", "binary_kl", "cell_index", "cell_mean"]

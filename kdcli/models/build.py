@@ -27,6 +27,8 @@ def build_model(spec: ModelSpec, weights: Path | str | None = None) -> TapModel:
         raise ZooError(f"{spec.name}: unknown task '{spec.task}'")
     if weights == "zoo":
         load_zoo_weights(model, spec)
+    elif weights == "backbone":
+        load_backbone_weights(model, spec)
     elif weights is not None:
         load_strict(model.net, read_state_dict(Path(weights)), str(weights))
     return model
@@ -41,6 +43,17 @@ def load_zoo_weights(model: TapModel, spec: ModelSpec) -> None:
         load_strict(model.net, state, str(path))
     else:
         load_strict(backbone_body(model.net), strip_classifier(state), str(path))
+
+
+def load_backbone_weights(model: TapModel, spec: ModelSpec) -> None:
+    """ImageNet weights into the backbone body alone: the entry's own (``weights_kind = "backbone"``)
+    or its ``backbone_weights`` source; neck and heads stay freshly initialised."""
+    source = spec.weights if spec.weights_kind == "backbone" else spec.backbone_weights
+    if not source or source == "none":
+        raise ZooError(f"{spec.name}: the zoo names no ImageNet backbone weights for it (weights_kind "
+                       f"{spec.weights_kind}, no backbone_weights); use student_weights = \"zoo\" or a file")
+    path = cached_file(source, spec.name if spec.weights_kind == "backbone" else f"{spec.name} --backbone")
+    load_strict(backbone_body(model.net), strip_classifier(read_state_dict(path)), str(path))
 
 
 def backbone_body(net: nn.Module) -> nn.Module:

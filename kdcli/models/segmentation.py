@@ -44,6 +44,10 @@ def _mobilenet_stages(arch: str, output_stride: int) -> tuple[nn.Module, int, in
 
 
 def build_segmenter(spec: ModelSpec) -> nn.Module:
+    if spec.style != "torchvision" or spec.architecture == "pspnet":  # imported mmseg layouts (models/mm.py)
+        from .mm import build_mmseg_segmenter
+
+        return build_mmseg_segmenter(spec)
     lib, arch = split_backbone(spec.backbone)
     nc, width = spec.num_classes, spec.head_channels
     if spec.architecture == "lraspp":

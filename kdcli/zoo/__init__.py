@@ -29,6 +29,7 @@ ARCHITECTURES = {
     "fasterrcnn": "detection",
     "maskrcnn": "detection",
     "deeplabv3": "segmentation",
+    "pspnet": "segmentation",
     "fcn": "segmentation",
     "lraspp": "segmentation",
 }
@@ -78,6 +79,14 @@ class ModelSpec:
     norm: str = "bn"
     weights: str = "none"
     weights_kind: str = "none"
+    # ImageNet weights of the backbone alone, for `student_weights = "backbone"` on an entry whose
+    # `weights` are a whole detector/segmenter (a `backbone` entry's own weights serve otherwise)
+    backbone_weights: str = ""
+    # layouts of imported checkpoints (docs/import.md): "torchvision" | "mmdet" | "mmseg"
+    style: str = "torchvision"
+    resnet_style: str = "pytorch"  # "caffe": stride in the bottleneck's 1x1 conv (mmdet caffe ResNets)
+    fcos_centerness: str = "reg"  # mmdet FCOS: "cls" when centerness_on_reg=False
+    fcos_regression: str = "relu"  # mmdet FCOS: "exp" when norm_on_bbox=False
     metric: dict[str, float] = field(default_factory=dict)
     license: str = ""
     notes: str = ""
@@ -168,7 +177,12 @@ def load_model_config(path: Path) -> ModelSpec:
 
 
 def resolve_ref(ref: str) -> ModelRef:
-    """Zoo name → spec (+ weights source); run folder or export folder → spec + local weights."""
+    """Zoo name → spec (+ weights source); run folder or export folder → spec + local weights;
+    ``hf-hub:org/name[@rev]`` → a pushed kdcli model from the Hugging Face cache (no download)."""
+    if ref.startswith("hf-hub:"):
+        from ..hub import resolve_hub_ref
+
+        return resolve_hub_ref(ref)
     p = Path(ref)
     if p.exists():
         if p.is_dir():

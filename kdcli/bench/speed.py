@@ -1,0 +1,308 @@
+"""``kdcli bench speed``: the cost of each method's training step against the floor.
+
+The floor is what any distillation step pays: the frozen teacher's inference (under ``torch.no_grad()``)
+plus a plain training step of the student (forward, task losses, backward, SGD step). A method's step adds
+its own forward, its learnable parts and their backward. Per method:
+
+- time: floor steps (A) and method steps (B) alternate A B B A A B … for ``--steps`` pairs after two
+  warm-up pairs, so both see the same machine load; the ratio is median(B) / median(A), with the 25th–75th
+  percentile of the per-pair ratios as the noise. ``--clock cpu`` times with the process's CPU time
+  (``time.process_time``), steadier than the wall clock on a machine shared with other jobs (use it with
+  ``--threads 1``); CUDA is timed on the wall clock with ``torch.cuda.synchronize``.
+- memory: the peak memory of ``--memory-steps`` training steps (after one unmeasured step) over the memory
+  held just before them; the ratio is the method's over the floor's. CUDA: ``torch.cuda.max_memory_allocated``
+  (reset before each measurement). CPU: tensors are invisible to ``tracemalloc`` and an RSS rise depends on
+  how the allocator caches pages, so the tensor allocations and frees recorded by ``torch.profiler``
+  (``profile_memory=True``) are summed in time order (:func:`kdcli.bench._proc.tensor_peak_mb`): tensor
+  memory only, like CUDA's figure.
+
+Models are built untrained (speed does not depend on the weights) and fed one random batch (one box per
+image, or an all-background mask). Self-KD methods (no teacher model) and teacher-training objectives are
+not timed. Devices: ``--device all`` (default) times the CPU and, when available, CUDA.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass
+class SpeedOptions:
+    teacher: str = "shapes-r34-fcos"
+    student: str = "shapes-r18-fcos"
+    size: int = 128
+    batch: int = 8
+    steps: int = 10
+    amp: str = "bf16"
+    methods: str = "all"
+    device: str = "all"  # all | cpu | cuda
+    clock: str = "wall"  # wall | cpu
+    threads: int = 0
+    memory: bool = True
+    memory_steps: int = 2
+    out: Path | None = None
+    command: str = ""
+
+
+@dataclass
+class SpeedResult:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+def make_batch(student: Any, n: int, size: int, device: Any) -> Any:
+    """A preprocessed random batch: one box per image (detection) or an all-background mask."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    if student.task == "detection":
+        targets = [{"boxes": torch.tensor([[8.0, 8.0, size / 2, size / 2]]), "labels": torch.tensor([1])}
+                   for _ in range(n)]
+        batch = student.preprocess(images, targets)
+    else:
+        batch = student.preprocess(torch.stack(images), torch.zeros(n, size, size, dtype=torch.long))
+    return batch.to(device)
+
+
+class Stepper:
+    """One training step: teacher under no_grad, student forward + task losses, optional method, SGD step."""
+
+    def __init__(self, student: Any, teacher: Any, method: Any, batch: Any, amp: str, clock: str = "wall") -> None:
+        import torch
+
+        self.student, self.teacher, self.method, self.batch, self.amp = student, teacher, method, batch, amp
+        self.device = batch.images.device
+        self.cuda = self.device.type == "cuda"
+        self.clock = time.process_time if clock == "cpu" and not self.cuda else time.perf_counter
+        params = list(student.parameters()) + (list(method.parameters()) if method is not None else [])
+        self.opt = torch.optim.SGD(params, lr=1e-4)
+        self.need = set(method.needs) if method is not None else set()
+
+    def __call__(self) -> float:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = self.clock()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+            with torch.no_grad():
+                t_out = self.teacher(self.batch, need=self.need, losses=False)
+            out = self.student(self.batch)
+            loss = sum(out.losses.values())
+            if self.method is not None:
+                loss = loss + sum(self.method(out, t_out, self.batch.targets).values())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return self.clock() - t0
+
+
+def interleaved(floor: Stepper, step: Stepper, pairs: int) -> dict[str, float]:
+    """Alternate floor (A) and method (B) steps A B B A A B …; medians and the spread of per-pair ratios."""
+    for _ in range(2):
+        floor()
+        step()
+    tf: list[float] = []
+    tm: list[float] = []
+    for i in range(pairs):
+        if i % 2:
+            m, f = step(), floor()
+        else:
+            f, m = floor(), step()
+        tf.append(f)
+        tm.append(m)
+    ratios = sorted(m / f for m, f in zip(tm, tf, strict=True) if f > 0)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"floor_s": statistics.median(tf), "method_s": statistics.median(tm),
+            "ratio": statistics.median(tm) / statistics.median(tf), "q25": q[0], "q75": q[2]}
+
+
+def speed_methods(task: str, methods: str = "all") -> list[str]:
+    """Methods timed for ``task``: those that distil from a teacher model (module docstring)."""
+    from ..methods import available, get
+
+    registry = available()
+    names = list(registry) if methods.strip() == "all" else [n.strip() for n in methods.split(",") if n.strip()]
+    out = []
+    for n in names:
+        cls = get(n)
+        if cls.needs_teacher and task in cls.tasks and task in cls.presets:
+            out.append(n)
+    if not out:
+        raise ConfigError(f"--methods {methods}: no method with a teacher supports {task}")
+    return out
+
+
+def build_models(opts: SpeedOptions, device: Any) -> tuple[Any, Any]:
+    import torch
+
+    from ..models import build_model
+    from ..zoo import resolve_ref
+
+    torch.manual_seed(0)
+    s_spec, t_spec = resolve_ref(opts.student).spec, resolve_ref(opts.teacher).spec
+    if s_spec.task != t_spec.task:
+        raise ConfigError(f"--teacher {opts.teacher} and --student {opts.student}: different tasks")
+    student = build_model(s_spec).to(device).train()
+    teacher = build_model(t_spec).to(device).eval().requires_grad_(False)
+    return student, teacher
+
+
+# -- memory ------------------------------------------------------------------------------------------
+def step_memory(opts: SpeedOptions, method_name: str | None, device: Any,
+                models: tuple[Any, Any] | None = None) -> float:
+    """Peak MB of ``opts.memory_steps`` training steps above the memory held before them.
+
+    One unmeasured step first (lazy state, kernel caches), then its gradients are dropped so that the measured
+    steps allocate theirs (the peak includes the gradients). CUDA: ``max_memory_allocated``;
+    CPU: the tensor allocations recorded by ``torch.profiler`` (:func:`kdcli.bench._proc.tensor_peak_mb`)."""
+    import torch
+
+    from ..methods import build
+    from ._proc import tensor_peak_mb
+
+    student, teacher = models or build_models(opts, device)
+    method = None
+    if method_name:
+        method = build(method_name, student.tap_info, teacher.tap_info, student.task).to(device)
+    batch = make_batch(student, opts.batch, opts.size, device)
+    step = Stepper(student, teacher, method, batch, opts.amp)
+    step()
+    # no gradient left from the warm-up: the measured steps allocate (and free) every tensor they use, so
+    # the profiler sees both ends of each (a tensor made before it starts is freed unseen)
+    step.opt.zero_grad(set_to_none=True)
+    gc.collect()
+
+    def steps() -> None:
+        for _ in range(opts.memory_steps):
+            step()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        steps()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return tensor_peak_mb(steps)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------
+def devices(name: str) -> list[Any]:
+    import torch
+
+    if name == "all":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if name == "cpu":
+        return [torch.device("cpu")]
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available here")
+        return [torch.device(name)]
+    raise ConfigError(f"--device {name}: expected all, cpu or cuda")
+
+
+def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
+    """Time (and measure the memory of) every method's step against the floor on each device."""
+    import torch
+
+    from ..methods import build
+
+    if opts.steps < 1 or opts.batch < 1 or opts.size < 32:
+        raise ConfigError("--steps and --batch must be >= 1 and --size >= 32")
+    if opts.amp not in ("none", "bf16") or opts.clock not in ("wall", "cpu"):
+        raise ConfigError(f"--amp {opts.amp} / --clock {opts.clock}: expected none|bf16 and wall|cpu")
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    res = SpeedResult()
+    for dev in devices(opts.device):
+        student, teacher = build_models(opts, dev)
+        names = speed_methods(student.task, opts.methods)
+        batch = make_batch(student, opts.batch, opts.size, dev)
+        floor = Stepper(student, teacher, None, batch, opts.amp, opts.clock)
+        floor_mem = step_memory(opts, None, dev, (student, teacher)) if opts.memory else math.nan
+        log(f"[{dev.type}] floor step memory {floor_mem:.0f} MB; timing {len(names)} methods")
+        for name in names:
+            row: dict[str, Any] = {"device": dev.type, "method": name}
+            try:
+                method = build(name, student.tap_info, teacher.tap_info, student.task).to(dev)
+                row.update(interleaved(floor, Stepper(student, teacher, method, batch, opts.amp, opts.clock),
+                                       opts.steps))
+                if opts.memory:
+                    mem = step_memory(opts, name, dev, (student, teacher))
+                    row.update(floor_mem_mb=floor_mem, method_mem_mb=mem,
+                               mem_ratio=mem / floor_mem if floor_mem > 0 else math.nan)
+                row["status"] = "ok"
+            except Exception as err:  # noqa: BLE001 - report the method, time the others
+                row["status"] = f"failed: {type(err).__name__}: {err}"
+            res.rows.append(row)
+            log(f"[{dev.type}] {name}: " + (f"x{row['ratio']:.2f} time" if "ratio" in row else row["status"])
+                + (f", x{row['mem_ratio']:.2f} memory" if "mem_ratio" in row else ""))
+        del student, teacher, floor
+    if opts.out:
+        res.files = write_outputs(Path(opts.out), opts, res)
+    return res
+
+
+COLUMNS = ["device", "method", "floor_s", "method_s", "ratio", "q25", "q75", "floor_mem_mb", "method_mem_mb",
+           "mem_ratio", "status"]
+
+
+def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
+    from ..report import versions
+    from .quality import machine
+
+    v = versions()
+    lines = ["# Step time and memory per method (`kdcli bench speed`)", ""]
+    if opts.command:
+        lines += ["```", opts.command, "```", ""]
+    lines += [f"- versions: kdcli {v['kdcli']}, torch {v['torch']}, torchvision {v['torchvision']}",
+              f"- machine: {machine()}",
+              f"- {opts.teacher} → {opts.student}, batch {opts.batch} at {opts.size} px, amp {opts.amp}, "
+              f"{opts.steps} interleaved pairs, clock {opts.clock}, threads {opts.threads or 'default'}",
+              "- floor = teacher inference + plain student step; ratio = median(method) / median(floor); "
+              "memory = tensor memory of the steps above what was held before them (CPU: torch.profiler "
+              "memory events; CUDA: max allocated)", "",
+              "| device | method | floor s | method s | time × floor | pair ratios q25–q75 | memory × floor |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['device']} | {r['method']} | | | {r.get('status')} | | |")
+            continue
+        mem = f"{r['mem_ratio']:.2f}" if not math.isnan(r.get("mem_ratio", math.nan)) else ""
+        lines.append(f"| {r['device']} | {r['method']} | {r['floor_s']:.3f} | {r['method_s']:.3f} | "
+                     f"{r['ratio']:.2f} | {r['q25']:.2f}–{r['q75']:.2f} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, opts: SpeedOptions, res: SpeedResult) -> list[Path]:
+    from .quality import write_csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "speed.md"
+    md.write_text(markdown(opts, res.rows))
+    return [write_csv(out / "speed.csv", res.rows, list(COLUMNS)), md]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..cli import main as cli_main
+
+    sys.argv = [sys.argv[0], "bench", "speed", *argv]  # the CLI's options, errors and exit codes
+    cli_main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""`kdcli bench quality` / `kdcli bench speed` on tiny data: budgets, rankings, outputs, memory probes."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kdcli.bench import quality as q
+from kdcli.bench._proc import run_child
+from kdcli.bench.speed import SpeedOptions, run_speed
+from kdcli.errors import ConfigError
+
+
+def test_budget_parsing_and_planning():
+    assert q.parse_budget("2e") == ("epochs", 2) and q.parse_budget("3epochs") == ("epochs", 3)
+    assert q.parse_budget("300") == ("steps", 300) and q.parse_budget("40steps") == ("steps", 40)
+    for bad in ("", "0e", "two", "2x"):
+        with pytest.raises(ConfigError):
+            q.parse_budget(bad)
+    # 400 images, batch 8: 50 steps an epoch
+    assert q.plan_budget("2e", 400, 8).steps == 100
+    b = q.plan_budget("20", 400, 8)  # under one epoch: one epoch on 20 x 8 images
+    assert (b.epochs, b.steps, b.max_train_images) == (1, 20, 160)
+    b = q.plan_budget("120", 400, 8)  # rounded to whole epochs, the actual count reported
+    assert (b.epochs, b.steps, b.max_train_images) == (2, 100, 0)
+
+
+def test_method_selection_per_task():
+    det = q.method_names("detection")
+    seg = q.method_names("segmentation")
+    assert det[0] == seg[0] == "baseline"
+    assert {"fgd", "bckd", "freekd", "pskd", "uskd", "kd"} <= set(det)
+    assert "mcmi" not in det and "mcmi" not in seg  # a teacher-training objective
+    assert not {"fgd", "bckd", "freekd"} & set(seg)  # detection only
+    assert q.method_names("segmentation", "kd,fgd") == ["baseline", "kd"]
+    with pytest.raises(ConfigError):
+        q.method_names("segmentation", "fgd")
+    with pytest.raises(Exception, match="unknown method"):
+        q.method_names("detection", "nope")
+    assert q.needs_teacher("kd") and not q.needs_teacher("uskd") and not q.needs_teacher("baseline")
+
+
+def test_rank_agreement_and_verdicts():
+    a = {"a": 0.3, "b": 0.2, "c": 0.1}
+    assert q.kendall_tau(a, {"a": 3.0, "b": 2.0, "c": 1.0}) == (1.0, 3)
+    assert q.kendall_tau(a, {"a": 1.0, "b": 2.0, "c": 3.0}) == (-1.0, 3)
+    tau, n = q.kendall_tau({**a, "d": 0.0}, {"a": 2.0, "b": 3.0, "c": 1.0, "x": 9.0})  # 3 common, 1 of 3 swapped
+    assert n == 3 and tau == pytest.approx(1 / 3)
+    # ties are not agreement: all-equal proxy scores give no τ, one tie lowers the denominator (τ-b)
+    assert math.isnan(q.kendall_tau(a, {"a": 0.0, "b": 0.0, "c": 0.0})[0])
+    assert q.kendall_tau(a, {"a": 1.0, "b": 0.0, "c": 0.0})[0] == pytest.approx(2 / math.sqrt(3 * 2))
+    assert math.isnan(q.kendall_tau({"a": 1.0}, {"a": 1.0})[0])
+    assert q.verdict("kd", [0.02, 0.03, 0.025]) == "yes"
+    assert q.verdict("kd", [0.02, -0.03, 0.01]) == "no (within noise)"
+    assert q.verdict("kd", [-0.02, -0.03, -0.025]) == "no (worse)"
+    assert q.verdict("kd", [-0.01]) == "no (1 seed)"
+
+
+def test_child_peak_memory_and_rss_sampler(tmp_path: Path):
+    """A child's own peak RSS (VmHWM) shows the 200 MB it touched, not the parent's RSS (wait4's ru_maxrss
+    starts from the parent's RSS at the fork, so it is only an upper bound); the in-process sampler, run in
+    that fresh child, sees the rise of the 100 MB it allocates inside its block."""
+    import numpy as np
+
+    ballast = np.ones(300 * 2**20 // 8)  # make the parent bigger than the child will ever be
+    code = ("import numpy as np; from kdcli.bench._proc import RssSampler, peak_rss_mb\n"
+            "with RssSampler() as rss:\n    b = np.ones(100 * 2**20 // 8)\n"
+            "a = np.ones(200 * 2**20 // 8); print(rss.peak_mb, peak_rss_mb())")
+    rc, upper = run_child([sys.executable, "-c", code], tmp_path / "child.log")
+    rise, own = (float(v) for v in (tmp_path / "child.log").read_text().split()[-2:])
+    assert rc == 0 and 300 <= own < 420 and upper >= own
+    assert 90 <= rise < 150
+    rc, _ = run_child([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fail.log")
+    assert rc == 3
+    del ballast
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        im.verify()
+        return im.size
+
+
+def test_quality_suite_tiny(tiny_shapes: Path, tmp_path: Path):
+    """Teacher trained and cached by the suite, baseline + a teacher method + a self-KD method, 1 seed."""
+    (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
+    pair = q.Pair("lraspp", "shapes-mbv3-lraspp", "shapes-mbv3-lraspp", teacher_epochs=1)
+    opts = q.QualityOptions([pair], data=f"semantic:{tiny_shapes / 'cityscapes'}", methods="kd,uskd", budget="2",
+                            seeds=1, out=tmp_path / "suite", batch_size=4, image_size=64, max_val_images=4,
+                            device="cpu", amp="none", workers=0, isolate=False, command="kdcli bench quality (test)")
+    res = q.run_suite(opts, log=lambda s: None)
+    rows = list(csv.DictReader(open(tmp_path / "suite" / "quality.csv")))
+    assert list(rows[0])[: len(q.QUALITY_COLUMNS)] == q.QUALITY_COLUMNS
+    assert [r["method"] for r in rows if r["rank"]] and {r["method"] for r in rows} == {"baseline", "kd", "uskd"}
+    for r in rows:
+        assert r["seeds"] == "1" and r["metric"] == "mIoU" and r["steps"] == "2" and r["epochs"] == "1"
+        assert 0.0 <= float(r["mean"]) <= 1.0 and float(r["run_s"]) > 0
+        assert float(r["peak_mem_mb"]) >= 0 and "in-process" in r["mem_kind"]  # approximate in-process
+    ranks = sorted(int(r["rank"]) for r in rows)  # competition ranks: ties share one
+    assert ranks[0] == 1 and all(1 <= x <= 3 for x in ranks)
+    by = {r["method"]: r for r in rows}
+    assert float(by["kd"]["loss_ratio"]) > 0 and float(by["baseline"]["loss_ratio"]) == 0  # distill / task terms
+    runs = list(csv.DictReader(open(tmp_path / "suite" / "runs.csv")))
+    assert len(runs) == 3 and all(r["status"] == "ok" for r in runs)
+    uskd = tmp_path / "suite" / "runs" / "lraspp" / "uskd" / "seed0"
+    assert '"teacher": null' in (uskd / "config.json").read_text()  # self-KD: no teacher model
+    md = (tmp_path / "suite" / "quality.md").read_text()
+    assert "| rank | method | mIoU | pixel_acc | gain mIoU |" in md and "Caveat" in md
+    assert "kdcli bench quality (test)" in md
+    w, h = q.bar_figure_size(1, 3)
+    assert _png_size(tmp_path / "suite" / "quality.png") == (int(w * 100), int(h * 100))
+    assert {p.name for p in res.files} >= {"quality.csv", "runs.csv", "quality.md", "quality.png"}
+    # the teacher was trained once and cached; a second suite reuses it and every finished run
+    from kdcli.weights import kdcli_home
+
+    assert (kdcli_home() / "demo-teachers").is_dir()
+    before = {p: p.stat().st_mtime for p in (tmp_path / "suite" / "runs").rglob("results.csv")}
+    again = q.run_suite(opts, log=lambda s: None)
+    assert {p: p.stat().st_mtime for p in (tmp_path / "suite" / "runs").rglob("results.csv")} == before
+    assert [r["mean"] for r in again.rows] == [r["mean"] for r in res.rows]
+    # proxy ranking vs a reference suite (here: itself) is reported with Kendall's tau
+    opts.reference = tmp_path / "suite" / "quality.csv"
+    q.run_suite(opts, log=lambda s: None)
+    md = (tmp_path / "suite" / "quality.md").read_text()
+    tied = len({r["mean"] for r in rows}) < 3  # an identical suite agrees fully, unless its scores tie
+    assert ("Kendall τ-b = undefined" if tied else "Kendall τ-b = 1.00 over 3 common methods") in md
+
+
+def test_tensor_peak_known_value():
+    import torch
+
+    from kdcli.bench._proc import tensor_peak_mb
+
+    def work() -> None:
+        a = torch.ones(100 * 2**20 // 4)  # 100 MB
+        b = torch.ones(50 * 2**20 // 4)
+        del a
+        c = torch.ones(30 * 2**20 // 4)  # after a is freed: the peak stays a + b
+        del b, c
+
+    assert tensor_peak_mb(work) == pytest.approx(150.0, abs=0.5)
+
+
+def test_speed_tiny(tmp_path: Path):
+    opts = SpeedOptions(teacher="shapes-mbv3-lraspp", student="shapes-mbv3-lraspp", size=64, batch=2, steps=2,
+                        methods="kd", device="cpu", memory=True, out=tmp_path, amp="none")
+    res = run_speed(opts, log=lambda s: None)
+    (row,) = res.rows
+    # timings on a shared machine are noise at this size: only that both were measured
+    assert row["status"] == "ok" and row["method"] == "kd" and row["floor_s"] > 0 and row["method_s"] > 0
+    assert row["ratio"] == pytest.approx(row["method_s"] / row["floor_s"]) and row["q25"] <= row["q75"]
+    # tensor memory is deterministic: KD keeps everything the floor does, plus the teacher's logits
+    assert row["floor_mem_mb"] > 1 and row["method_mem_mb"] >= row["floor_mem_mb"] - 0.01
+    text = (tmp_path / "speed.md").read_text()
+    assert "| cpu | kd |" in text
+    header = (tmp_path / "speed.csv").read_text().splitlines()[0]
+    assert header.startswith("device,method,floor_s,method_s,ratio,q25,q75")
+
+
+def test_bench_cli_refuses_bad_options_before_any_run(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "quality", "--teacher", "shapes-r34-fcos", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "--teacher and --student together" in str(r.exception)
+    r = runner.invoke(app, ["bench", "quality", "--pairs", "fcos", "--budget", "0e", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "--budget 0e" in str(r.exception)
+    r = runner.invoke(app, ["bench", "quality", "--pairs", "yolo", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "--pairs yolo" in str(r.exception)
+    assert not any(tmp_path.iterdir())  # nothing was trained or written

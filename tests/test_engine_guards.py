@@ -1,0 +1,259 @@
+"""Guards against silent failure, signals, DDP wrapping, and the speed options' validation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdcli.config import RunConfig
+from kdcli.engine.guards import GracefulStop, LossGuard
+from kdcli.errors import ConfigError, TrainingError
+from kdcli.models.taps import ModelOutput
+
+
+class _Methods:
+    """Stands for a MethodSet: name -> object with ``needs``."""
+
+    def __init__(self, **needs: tuple[str, ...]) -> None:
+        self.methods = {k: type("M", (), {"needs": v, "taps": v})() for k, v in needs.items()}
+
+
+def test_terms_are_grouped_by_method_and_tap():
+    g = LossGuard(_Methods(acam=("p3", "p4"), freekd=("p3",), fgd=("p3",)))
+    assert g.group("acam.p3") == g.group("acam.p3.div") == "acam.p3"
+    assert g.group("freekd.mse.p3") == "freekd.p3" and g.group("fgd.p3.fg") == "fgd.p3"
+    assert g.group("acam.other") == "acam"
+    assert g.describe("acam.p3") == "method 'acam', tap 'p3'"
+
+
+def test_nonfinite_and_zero_runs_stop_naming_method_and_tap():
+    g = LossGuard(_Methods(kd=("cls_logits",)), zero_steps=3)
+    with pytest.raises(TrainingError, match="non-finite loss in method 'kd', tap 'cls_logits'"):
+        g.check({"classification": 1.0, "kd.cls_logits": math.nan})
+    with pytest.raises(TrainingError, match="task loss 'classification'"):
+        g.check({"classification": math.inf, "kd.cls_logits": 1.0})
+    g.check({"classification": 1.0, "kd.cls_logits": 0.0})
+    g.check({"classification": 1.0, "kd.cls_logits": 0.0})
+    g.check({"classification": 1.0, "kd.cls_logits": 0.5})  # a non-zero step resets the count
+    g.check({"classification": 1.0, "kd.cls_logits": 0.0})
+    g.check({"classification": 1.0, "kd.cls_logits": -0.0})
+    assert g.zero_run["kd.cls_logits"] == 2
+    restored = LossGuard(_Methods(kd=("cls_logits",)), zero_steps=3)
+    restored.load_state_dict(json.loads(json.dumps(g.state_dict())))  # the count survives a resume
+    with pytest.raises(TrainingError, match=r"method 'kd', tap 'cls_logits'.* exactly 0 for 3 consecutive"):
+        restored.check({"classification": 1.0, "kd.cls_logits": 0.0})
+    off = LossGuard(_Methods(kd=("cls_logits",)), zero_steps=0)
+    for _ in range(100):
+        off.check({"kd.cls_logits": 0.0})
+
+
+def test_gradient_check_finds_a_loss_detached_from_the_student():
+    g = LossGuard(_Methods(a=("p3",), b=("p3",), c=("p3",)), grad_steps=2)
+    x = torch.randn(2, 4, requires_grad=True)
+    adapter = torch.nn.Parameter(torch.ones(4))
+
+    def step() -> tuple[dict[str, torch.Tensor], list[float]]:
+        tap = x * 2  # a student tap: an intermediate tensor of the student's graph
+        terms = {
+            "task": tap.sum(),
+            "a.p3": (tap * adapter).pow(2).mean(),  # reaches the student through the adapter
+            "b.p3": (tap.detach() * adapter).pow(2).mean(),  # trains the adapter only: the silent failure
+            "c.p3": (tap * 0).sum() * adapter.sum(),  # exactly zero: left to the zero guard
+        }
+        g.inspect_gradients(terms, ModelOutput(taps={"p3": tap}))
+        return terms, g.flags(list(terms))
+
+    terms, flags = step()
+    assert g.grad_ok == {"a.p3"} and g.grad_misses == {"b.p3": 1} and flags == [0.0] * 4  # not yet
+    terms, flags = step()  # a second non-zero step without gradient: flagged
+    assert flags == [0.0, 0.0, 1.0, 0.0] and g.needs_grad_check()
+    with pytest.raises(TrainingError, match="method 'b', tap 'p3' gives no gradient to the student"):
+        g.check({k: float(v.detach()) for k, v in terms.items()}, [k for k, f in zip(terms, flags, strict=True) if f])
+    assert x.grad is None  # the check computes gradients of the taps only, accumulates nothing
+
+
+def test_gradient_check_clears_a_group_once_it_has_a_gradient():
+    """A random mask may cut every path on one step (MGD on a 1x1 map): one miss, then a gradient."""
+    g = LossGuard(_Methods(m=("p7",)), grad_steps=2)
+    x = torch.randn(3, requires_grad=True)
+    for keep in (0.0, 1.0, 0.0, 0.0):
+        tap = x * 1
+        g.inspect_gradients({"m.p7": (tap * keep).sum() + 1.0}, ModelOutput(taps={"p7": tap}))
+        assert g.flags(["m.p7"]) == [0.0]
+    assert g.grad_ok == {"m.p7"} and not g.needs_grad_check()
+
+
+def test_graceful_stop_turns_signals_into_a_flag():
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C means now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+# -- end to end on a tiny segmentation distillation ------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from safetensors.torch import save_file
+
+    from kdcli.models import build_model
+    from kdcli.zoo import get_spec
+
+    out = tmp_path_factory.mktemp("guards") / "teacher"
+    torch.manual_seed(123)
+    spec = get_spec("shapes-mbv3-lraspp")
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in build_model(spec).net.state_dict().items()},
+              str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"model": spec.to_dict()}))
+    return out
+
+
+def _cfg(tiny_shapes: Path, teacher: Path, out: Path, **kw) -> RunConfig:
+    (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
+    base = dict(model="shapes-mbv3-lraspp", teacher=str(teacher), method="kd+fitnet",
+                data=f"semantic:{tiny_shapes / 'cityscapes'}", out=str(out), epochs=1, batch_size=2, image_size=64,
+                max_train_images=4, max_val_images=2, workers=0, optimizer="adamw", lr=1e-3, warmup_iters=0,
+                bn_recal=0, device="cpu", skip_teacher_check=True)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_a_zero_distillation_loss_stops_the_run(tiny_shapes: Path, teacher: Path, tmp_path: Path):
+    from kdcli import api
+
+    cfg = _cfg(tiny_shapes, teacher, tmp_path / "z", method="kd", set={"weight": "0"}, zero_loss_steps=2)
+    with pytest.raises(TrainingError, match=r"method 'kd', tap 'seg_logits' has been exactly 0 for 2 consecutive"):
+        api.train(cfg, log=lambda s: None)
+
+
+def test_a_loss_without_gradient_to_the_student_stops_the_run(tiny_shapes: Path, teacher: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    from kdcli.engine import guards
+    from kdcli.engine.trainer import build_run, fit
+
+    run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "g"), log=lambda s: None)
+    fitnet = run.method.methods["fitnet"]
+    real = fitnet.forward
+
+    def from_a_copy(s: ModelOutput, t: ModelOutput, targets: object = None) -> dict:
+        # what a hook-on-the-wrong-module bug looks like: the student's features, outside its graph
+        return real(ModelOutput({k: v.detach() for k, v in s.taps.items()}, s.losses, s.extras), t, targets)
+
+    fitnet.forward = from_a_copy
+    monkeypatch.setattr(guards, "GRAD_CHECK_STEPS", 1)  # the run has 2 steps; the default waits for 20
+    before = {k: v.detach().clone() for k, v in run.student.net.named_parameters()}
+    with pytest.raises(TrainingError, match="method 'fitnet', tap 'seg_feat' gives no gradient to the student"):
+        fit(run, progress=False)
+    after = dict(run.student.net.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # stopped before the first update
+    assert run.guard is not None and "kd.seg_logits" in run.guard.grad_ok  # kd itself was fine
+
+
+def test_ddp_wrapping_changes_nothing_the_methods_see(tiny_shapes: Path, teacher: Path, tmp_path: Path):
+    """One process in a gloo group: the student is wrapped in DDP exactly as under torchrun. Taps come from
+    the student's forward, not from module names, so the ``module.`` prefix cannot touch them: the same
+    loss terms, the same checkpoint keys, and hooks get the unwrapped TapModel."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kdcli.engine.trainer import build_run, fit
+    from kdcli.methods import MethodSet
+    from kdcli.models import TapModel
+
+    seen: list[object] = []
+    real_hook = MethodSet.on_epoch_end
+
+    def spy(self: MethodSet, student: object, epoch: int) -> None:
+        seen.append(student)
+        real_hook(self, student, epoch)
+
+    MethodSet.on_epoch_end = spy  # type: ignore[method-assign]
+    try:
+        plain = build_run(_cfg(tiny_shapes, teacher, tmp_path / "plain"), log=lambda s: None)
+        assert not isinstance(plain.step_module, DistributedDataParallel)
+        fit(plain, progress=False)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        try:
+            run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "ddp"), log=lambda s: None)
+            assert isinstance(run.step_module, DistributedDataParallel) and run.dist.enabled
+            fit(run, progress=False)
+        finally:
+            dist.destroy_process_group()
+    finally:
+        MethodSet.on_epoch_end = real_hook  # type: ignore[method-assign]
+    assert len(seen) == 2 and all(isinstance(s, TapModel) and not isinstance(s, DistributedDataParallel)
+                                  for s in seen)
+    assert run.guard is not None and run.guard.grad_ok == {"kd.seg_logits", "fitnet.seg_feat"}
+    rows = [next(csv.DictReader(open(tmp_path / f / "results.csv"))) for f in ("plain", "ddp")]
+    terms = [k for k in rows[0] if k.startswith("loss/")]
+    assert {"loss/kd.seg_logits", "loss/fitnet.seg_feat"} <= set(terms)
+    for k in terms:
+        assert float(rows[1][k]) == pytest.approx(float(rows[0][k]), rel=1e-6, abs=1e-9), k
+    assert float(rows[1]["loss/kd.seg_logits"]) > 0 and float(rows[1]["loss/fitnet.seg_feat"]) > 0
+    a = load_file(str(tmp_path / "plain" / "weights" / "last.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "weights" / "last.safetensors"))
+    assert set(a) == set(b) and not any("module." in k for k in b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
+    record = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert record["training"]["ddp"].startswith("student + method in one DistributedDataParallel")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("accumulate", 0, "--accumulate 0"),
+    ("ckpt_every_steps", -1, "--ckpt-every-steps -1"),
+    ("zero_loss_steps", -2, "--zero-loss-steps -2"),
+    ("sync_bn", True, "--sync-bn: .* CUDA only"),
+])
+def test_bad_speed_options_are_refused(tiny_shapes: Path, teacher: Path, tmp_path: Path, option: str, value: object,
+                                       message: str):
+    from kdcli.engine.trainer import build_run
+
+    cfg = _cfg(tiny_shapes, teacher, tmp_path / "x", **{option: value})
+    if option == "sync_bn":  # SyncBatchNorm only matters with several processes; on CPU it is refused there
+        from kdcli.engine.distributed import DistInfo, convert_sync_bn
+
+        with pytest.raises(ConfigError, match=message):
+            convert_sync_bn(torch.nn.BatchNorm2d(3), DistInfo(world=2, backend="gloo"))
+        return
+    with pytest.raises(ConfigError, match=message):
+        build_run(cfg, log=lambda s: None)
+
+
+def test_channels_last_and_bf16_keep_the_losses(tiny_shapes: Path, teacher: Path, tmp_path: Path):
+    """NHWC changes the memory layout only (losses equal to float32 round-off); bf16 autocast changes the
+    numbers a little (losses are still computed in float32, within 5 %)."""
+    from kdcli.engine.trainer import build_run, train_step
+
+    run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "s"), log=lambda s: None)
+    images, targets = next(iter(run.train_loader))
+    torch.manual_seed(0)
+    _, plain = train_step(run, images, targets)
+    run.cfg.channels_last = True
+    run.student.to(memory_format=torch.channels_last)
+    run.teacher.to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    total, nhwc = train_step(run, images, targets)
+    assert total.dtype == torch.float32
+    run.cfg.amp = "bf16"
+    torch.manual_seed(0)
+    total, bf16 = train_step(run, images, targets)
+    assert total.dtype == torch.float32 and set(plain) == set(nhwc) == set(bf16)
+    for k, v in plain.items():
+        assert nhwc[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+        assert bf16[k] == pytest.approx(v, rel=5e-2, abs=1e-3), k
+    assert any(bf16[k] != plain[k] for k in plain)  # autocast did run in bf16
