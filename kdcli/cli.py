@@ -98,8 +98,8 @@ _O = typer.Option
 
 @app.command()
 def train(
-    model: str = _O(None, "--model", "-m", help="zoo name, run folder or exported folder"),
-    data: str = _O(None, help="shapes | coco:/path | semantic:/path (default shapes)"),
+    model: str = _O(None, "--model", "-m", help="zoo name, run folder, exported folder or hf-hub:org/name"),
+    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml (default shapes)"),
     epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
     optimizer: str = _O(None, help="sgd | adamw"), weight_decay: float = _O(None),
     schedule: str = _O(None, help="cosine | poly | step | constant"), warmup_iters: int = _O(None),
@@ -135,6 +135,9 @@ def train(
                                zero_loss_steps))
     if model:
         opts["model"] = model
+    elif resume is None and config is None:
+        raise ConfigError("kdcli train: missing --model (a zoo name, run folder or exported folder), "
+                          "or give --config / --resume")
     # issue 4: teacher-free methods and --objective mcmi on `train`
     if method:
         _check_teacher_free(method)
@@ -151,15 +154,15 @@ def train(
 @app.command()
 def distill(
     method: str = _O(None, "--method", help="method name, or several joined by + (cwd+fgd)"),
-    teacher: str = _O(None, "--teacher", "-t", help="zoo name, run folder or exported folder"),
-    student: str = _O(None, "--student", "-s", help="zoo name, run folder or exported folder"),
+    teacher: str = _O(None, "--teacher", "-t", help="zoo name, run folder, exported folder or hf-hub:org/name"),
+    student: str = _O(None, "--student", "-s", help="zoo name, run folder, exported folder or hf-hub:org/name"),
     set_: list[str] = _O(None, "--set", help="method option key=value (method.key=value when combined)"),
     inherit: bool = _O(False, "--inherit", help="initialise the student's neck/head from the teacher"),
     skip_teacher_check: bool = _O(False, "--skip-teacher-check",
                                   help="do not stop when the teacher scores far below its reported metric"),
     teacher_check_images: int = _O(None, help="validation images for the teacher check (default 50, 0: skip)"),
     student_weights: str = _O(None, help="zoo | backbone (ImageNet backbone only) | FILE; default: from scratch"),
-    data: str = _O(None, help="shapes | coco:/path | semantic:/path (default shapes)"),
+    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml (default shapes)"),
     epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
     optimizer: str = _O(None), weight_decay: float = _O(None), schedule: str = _O(None),
     warmup_iters: int = _O(None), grad_clip: float = _O(None), seed: int = _O(None), workers: int = _O(None),

@@ -28,6 +28,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,26 +435,35 @@ def export(src: str | Path, out: str | Path | None = None, formats: str | list[s
         if params is not None:
             params["input_size"] = [size, size]
         desc = graph_description(spec, size, params)
-    save_tensors(out_dir / "model.safetensors", source.state, meta)
-    result.files["safetensors"] = out_dir / "model.safetensors"
-    for fmt, name in GRAPH_FILES.items():  # a graph left from an earlier export would hold other weights
-        if fmt not in fmts:
-            (out_dir / name).unlink(missing_ok=True)
-    if graph:
-        graph_meta = {**meta, "graph": json.dumps(desc)}
-        with torch.no_grad():
-            if "onnx" in fmts:
-                check = write_onnx(module, out_dir / GRAPH_FILES["onnx"], size, spec.task, graph_meta, onnx_exporter)
-                exports["onnx"] = {"file": GRAPH_FILES["onnx"], "opset": ONNX_OPSET, "exporter": onnx_exporter,
-                                   **desc, "check": check}
-                result.files["onnx"], result.checks["onnx"] = out_dir / GRAPH_FILES["onnx"], check
-            if "torchscript" in fmts:
-                check = write_torchscript(module, out_dir / GRAPH_FILES["torchscript"], size, graph_meta)
-                exports["torchscript"] = {"file": GRAPH_FILES["torchscript"], "method": "torch.jit.trace", **desc,
-                                          "check": check}
-                result.files["torchscript"] = out_dir / GRAPH_FILES["torchscript"]
-                result.checks["torchscript"] = check
-    config["exports"] = exports
-    save_json(out_dir / "config.json", config)
-    result.files["config"] = out_dir / "config.json"
+    # every file is written into a staging folder and moved into place only when all formats passed
+    # their checks: a failed graph export leaves an earlier export folder exactly as it was
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
+    try:
+        save_tensors(stage / "model.safetensors", source.state, meta)
+        if graph:
+            graph_meta = {**meta, "graph": json.dumps(desc)}
+            with torch.no_grad():
+                if "onnx" in fmts:
+                    check = write_onnx(module, stage / GRAPH_FILES["onnx"], size, spec.task, graph_meta,
+                                       onnx_exporter)
+                    exports["onnx"] = {"file": GRAPH_FILES["onnx"], "opset": ONNX_OPSET, "exporter": onnx_exporter,
+                                       **desc, "check": check}
+                    result.checks["onnx"] = check
+                if "torchscript" in fmts:
+                    check = write_torchscript(module, stage / GRAPH_FILES["torchscript"], size, graph_meta)
+                    exports["torchscript"] = {"file": GRAPH_FILES["torchscript"], "method": "torch.jit.trace",
+                                              **desc, "check": check}
+                    result.checks["torchscript"] = check
+        config["exports"] = exports
+        save_json(stage / "config.json", config)
+        for fmt, name in GRAPH_FILES.items():  # a graph left from an earlier export would hold other weights
+            if fmt not in fmts:
+                (out_dir / name).unlink(missing_ok=True)
+        files = {"safetensors": "model.safetensors", **{f: GRAPH_FILES[f] for f in graph}, "config": "config.json"}
+        for key, name in files.items():  # config.json last: it describes the files already in place
+            os.replace(stage / name, out_dir / name)
+            result.files[key] = out_dir / name
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return result

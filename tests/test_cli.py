@@ -46,6 +46,11 @@ def test_unknown_model(tmp_path: Path):
     assert_one_line_error(kdcli("train", "-m", "r999-retina", "--out", str(tmp_path / "r")), "r999-retina")
 
 
+def test_train_without_model_names_the_option(tmp_path: Path):
+    assert_one_line_error(kdcli("train", "--out", str(tmp_path / "r")), "kdcli train: missing --model")
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_data_folder(tmp_path: Path):
     res = kdcli("train", "-m", "shapes-r18-fcos", "--data", f"coco:{tmp_path / 'nope'}")
     assert_one_line_error(res, "--data", "does not exist")

@@ -195,3 +195,21 @@ def test_cli_export_torchscript_of_a_timm_backbone(tmp_path: Path):
     bad = CliRunner().invoke(app, ["export", str(run), "--format", "onnx,tflite"])
     assert isinstance(bad.exception, ConfigError)  # main() prints it as one line (tests/test_cli.py)
     assert str(bad.exception) == "--format tflite: unknown format (valid: safetensors, onnx, torchscript)"
+
+
+def test_a_failed_graph_export_leaves_the_earlier_export_untouched(tmp_path: Path, monkeypatch):
+    import kdcli.export as ex
+
+    run = model_folder(tmp_path / "run", "shapes-r18-deeplabv3")
+    out = tmp_path / "out"
+    export(run, out, "safetensors,torchscript", image_size=64)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"model.safetensors", "model.torchscript.pt", "config.json"}
+
+    model_folder(run, "shapes-r18-deeplabv3", seed=5)  # new weights, then a graph export that fails
+    def boom(*args, **kwargs):
+        raise ExportError("TorchScript output differs from PyTorch; not written")
+    monkeypatch.setattr(ex, "write_torchscript", boom)
+    with pytest.raises(ExportError, match="not written"):
+        export(run, out, "safetensors,torchscript", image_size=64)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either

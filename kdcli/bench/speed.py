@@ -9,7 +9,7 @@ its own forward, its learnable parts and their backward. Per method:
   percentile of the per-pair ratios as the noise. ``--clock cpu`` times with the process's CPU time
   (``time.process_time``), steadier than the wall clock on a machine shared with other jobs (use it with
   ``--threads 1``); CUDA is timed on the wall clock with ``torch.cuda.synchronize``.
-- memory: the peak memory of ``--memory-steps`` training steps (after one unmeasured step) over the memory
+- memory: the peak memory of two training steps (``SpeedOptions.memory_steps``) (after one unmeasured step) over the memory
   held just before them; the ratio is the method's over the floor's. CUDA: ``torch.cuda.max_memory_allocated``
   (reset before each measurement). CPU: tensors are invisible to ``tracemalloc`` and an RSS rise depends on
   how the allocator caches pages, so the tensor allocations and frees recorded by ``torch.profiler``

@@ -680,9 +680,10 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
                     ckpt.save_tensors(folder / "weights" / "best.safetensors", run.student.net.state_dict(),
                                       {"format": "pt", "epoch": str(epoch + 1), metric_name: f"{score:.5f}"})
                     ckpt.save_json(folder / "metrics.json", {"epoch": epoch + 1, **metrics})
-                    latest = folder / "last" / "predictions.json"
-                    if latest.exists():
-                        os.replace(latest, folder / "predictions.json")
+                    for name in ("predictions.json", "predictions_segm.json"):  # mask models write both
+                        latest = folder / "last" / name
+                        if latest.exists():
+                            os.replace(latest, folder / name)
         if dist.is_main:
             _write_csv(folder / "results.csv", row)
             update_results_png(folder, run.log)  # issue 8: a plotting failure is logged, never raised
