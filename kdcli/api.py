@@ -21,8 +21,12 @@ def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
 
 
 def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[str] | None = None,
-          stop_after: int | None = None) -> tuple[Path, dict]:
-    """Train ``cfg.model`` (no teacher), or distil when ``cfg.teacher``/``cfg.method`` are set."""
+          stop_after: int | None = None, command: str | None = None) -> tuple[Path, dict]:
+    """Train ``cfg.model`` (no teacher), or distil when ``cfg.teacher``/``cfg.method`` are set.
+
+    ``command``: the kdcli command that started the run (``train`` or ``distill``), recorded in
+    ``config.json`` and named in resume hints; None: this process's kdcli command line, else what the
+    config implies (:func:`kdcli.engine.trainer.started_by`)."""
     import torch
 
     from .engine.trainer import build_run, fit
@@ -31,7 +35,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
         cfg = _with_task_defaults(cfg, explicit)
     cfg = apply_objective_and_augment(cfg)  # issue 4: --objective mcmi, --augment hard
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run = build_run(cfg, log=log)
+    run = build_run(cfg, log=log, command=command)
     metrics = fit(run, resume=resume, stop_after=stop_after)
     return run.folder, metrics
 
@@ -44,7 +48,8 @@ def resume(folder: str | Path, log: Any = print) -> tuple[Path, dict]:
     record = json.loads(cfg_path.read_text())
     cfg = RunConfig.from_dict(record["config"], str(cfg_path))
     cfg.out = str(folder)
-    return train(cfg, resume=True, log=log)
+    # the command that started the run (kdcli train / distill), for the hints of this session
+    return train(cfg, resume=True, log=log, command=record.get("command"))
 
 
 def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = "auto",
@@ -128,17 +133,41 @@ def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
             raise KdcliError(f"kdcli zoo fetch {name}: the zoo has no {what} for it"
                              + ("" if backbone else f"; train it with `kdcli train --model {name}`"))
         todo.setdefault(source, name)
-    return [(name, fetch(source, log=log)) for source, name in todo.items()]
+    from .weights import UnpinnedRevision
+
+    done: list[tuple[str, Path]] = []
+    for source, name in todo.items():
+        try:
+            done.append((name, fetch(source, log=log)))
+        except UnpinnedRevision as err:
+            if not all_:
+                raise
+            log(f"skipped: {err}")  # --all fetches every pinned source; the message names the command
+    return done
 
 
-def _finished_epochs(folder: Path) -> int:
-    """Epochs a run folder has completed (0 if none), from its resumable state."""
-    from .engine.checkpoint import load_state
+def _finished_epochs(folder: Path, log: Any = None) -> int:
+    """Epochs a run folder has completed (0 if none), from its newest intact checkpoint.
 
-    state = folder / "weights" / "last_state.pt"
-    if not state.exists() or not (folder / "weights" / "best.safetensors").exists():
+    The same choice as ``--resume`` (:func:`kdcli.engine.checkpoint.load_checkpoint`): a damaged
+    ``last_state.pt`` (or its tensor file) falls back to ``prev_state.pt``; the files passed over are
+    named through ``log``. No checkpoint, or none intact: 0 (nothing to continue)."""
+    from .engine.checkpoint import SLOTS, load_checkpoint
+    from .errors import TrainingError
+
+    weights = folder / "weights"
+    if not any((weights / f"{slot}_state.pt").exists() for slot in SLOTS):
         return 0
-    return int(load_state(state)["epoch"])
+    try:
+        loaded = load_checkpoint(weights, tensors=False)
+    except TrainingError as err:
+        if log is not None:
+            log(f"{folder}: {err}")
+        return 0
+    if log is not None:
+        for line in loaded.skipped:
+            log(f"{folder}: skipped {line}")
+    return int(loaded.state["epoch"])
 
 
 def cached_teacher(model: str, epochs: int, base: dict[str, Any], log: Any = print, fresh: bool = False,
@@ -149,7 +178,7 @@ def cached_teacher(model: str, epochs: int, base: dict[str, Any], log: Any = pri
     from .weights import kdcli_home
 
     t_dir = kdcli_home() / "demo-teachers" / (key or f"{model}-e{epochs}")
-    done = _finished_epochs(t_dir)
+    done = _finished_epochs(t_dir, log=log)
     if fresh or done == 0:
         log(f"{tag}training the teacher {model} ({epochs} epochs; cached in {t_dir})")
         shutil.rmtree(t_dir, ignore_errors=True)
@@ -166,11 +195,11 @@ def cached_teacher(model: str, epochs: int, base: dict[str, Any], log: Any = pri
 DEMO = {
     "detection": {
         "teacher": "shapes-r34-fcos", "student": "shapes-r18-fcos", "method": "cankd",
-        "teacher_epochs": 16, "student_epochs": 8, "lr": 1e-3, "optimizer": "adamw", "amp": "bf16",
+        "teacher_epochs": 16, "student_epochs": 8, "lr": 1e-3, "optimizer": "adamw", "amp": "auto",
     },
     "segmentation": {
         "teacher": "shapes-r18-deeplabv3", "student": "shapes-mbv3-lraspp", "method": "kd",
-        "teacher_epochs": 8, "student_epochs": 6, "lr": 1e-3, "optimizer": "adamw", "amp": "bf16",
+        "teacher_epochs": 8, "student_epochs": 6, "lr": 1e-3, "optimizer": "adamw", "amp": "auto",
     },
 }
 

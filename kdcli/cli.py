@@ -99,13 +99,15 @@ _O = typer.Option
 @app.command()
 def train(
     model: str = _O(None, "--model", "-m", help="zoo name, run folder, exported folder or hf-hub:org/name"),
-    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml (default shapes)"),
+    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml "
+                              "(default shapes)"),
     epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
     optimizer: str = _O(None, help="sgd | adamw"), weight_decay: float = _O(None),
     schedule: str = _O(None, help="cosine | poly | step | constant"), warmup_iters: int = _O(None),
     grad_clip: float = _O(None, help="L2 max-norm, 0 disables"), seed: int = _O(None), workers: int = _O(None),
     image_size: int = _O(None), device: str = _O(None, help="auto | cpu | cuda[:i]"),
-    amp: str = _O(None, help="none | bf16 | fp16"), max_train_images: int = _O(None),
+    amp: str = _O(None, help="none | bf16 | fp16 | auto (bf16 where the hardware has native bf16)"),
+    max_train_images: int = _O(None),
     max_val_images: int = _O(None), bn_recal: int = _O(None, help="batches to re-estimate BN stats"),
     out: Path = _O(None, help="run folder"), config: Path = _O(None, help="TOML/JSON config file"),
     resume: Path = _O(None, help="continue this run folder"),
@@ -162,7 +164,8 @@ def distill(
                                   help="do not stop when the teacher scores far below its reported metric"),
     teacher_check_images: int = _O(None, help="validation images for the teacher check (default 50, 0: skip)"),
     student_weights: str = _O(None, help="zoo | backbone (ImageNet backbone only) | FILE; default: from scratch"),
-    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml (default shapes)"),
+    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml "
+                              "(default shapes)"),
     epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
     optimizer: str = _O(None), weight_decay: float = _O(None), schedule: str = _O(None),
     warmup_iters: int = _O(None), grad_clip: float = _O(None), seed: int = _O(None), workers: int = _O(None),
@@ -480,7 +483,8 @@ def bench_quality(
     budget: str = _O("2e", help="per run, equal for every method: epochs (2e) or optimizer steps (300)"),
     seeds: int = _O(3), out: Path = _O(Path("runs/bench-quality"), help="suite folder (reruns reuse its runs)"),
     batch_size: int = _O(8, "--batch-size", "-b"), lr: float = _O(1e-3), optimizer: str = _O("adamw"),
-    amp: str = _O("bf16", help="none | bf16 | fp16"), image_size: int = _O(0), max_train_images: int = _O(0),
+    amp: str = _O("auto", help="none | bf16 | fp16 | auto (bf16 where the hardware has native bf16)"),
+    image_size: int = _O(0), max_train_images: int = _O(0),
     max_val_images: int = _O(0), device: str = _O("auto"), workers: int = _O(2),
     student_weights: str = _O(None, help="zoo | backbone | FILE (default: from scratch)"),
     isolate: bool = _O(True, "--isolate/--in-process", help="one child process per run (its own peak memory)"),
@@ -525,7 +529,8 @@ def bench_quality(
 def bench_speed(
     teacher: str = _O("shapes-r34-fcos", "--teacher", "-t"), student: str = _O("shapes-r18-fcos", "--student", "-s"),
     size: int = _O(128, help="square input side"), batch: int = _O(8), steps: int = _O(10, help="timed pairs"),
-    amp: str = _O("bf16", help="none | bf16"), methods: str = _O("all"),
+    amp: str = _O("auto", help="none | bf16 | auto (bf16 where the hardware has native bf16)"),
+    methods: str = _O("all"),
     device: str = _O("all", help="all (CPU, and CUDA when available) | cpu | cuda"),
     clock: str = _O("wall", help="wall | cpu (process CPU time: steadier on a shared machine, with --threads 1)"),
     threads: int = _O(0, help="torch.set_num_threads (0: default)"),

@@ -40,7 +40,7 @@ class RunConfig:
     workers: int = 2
     image_size: int = 0  # 0: the model's preprocess size
     device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16
+    amp: str = "none"  # none | bf16 | fp16 | auto (engine/amp.py)
     max_train_images: int = 0  # 0: all
     max_val_images: int = 0
     bn_recal: int = 10  # batches used to re-estimate BatchNorm statistics before evaluation

@@ -8,9 +8,10 @@ point it at another server after importing huggingface_hub), else the client's d
   (:func:`kdcli.export.stage`), adds ``README.md`` (the card), ``results.csv``, the run's plots
   (``*.png``) and the resolved run config (``run_config.json``), creates the repo if needed and
   commits everything in one ``create_commit`` (optionally on a branch, optionally as a pull request).
-- **Pull**: only ``kdcli pull hf-hub:org/name[@rev]`` downloads. Everywhere else
-  (``--student``/``--teacher hf-hub:...``, ``kdcli eval hf-hub:...``) reads the cache only, and a miss
-  is a one-line error naming the pull command.
+- **Pull**: only ``kdcli pull hf-hub:org/name[@rev]`` downloads, and ``kdcli zoo fetch hf-hub:org/name[@rev]``,
+  which calls the same :func:`fetch` when the repo's ``config.json`` holds a kdcli model spec. Everywhere
+  else (``--student``/``--teacher hf-hub:...``, ``kdcli eval hf-hub:...``) reads the cache only, at the
+  named revision (``main`` without one), and a miss is a one-line error naming the pull command.
 - **Token**: ``huggingface_hub.get_token()`` (``HF_TOKEN``, then the login cache). It is passed to
   the client and nowhere else: never printed, never written to a run folder or a card, and the
   staged files are scanned for it before upload.
@@ -166,12 +167,24 @@ def resolve_hub_ref(ref: str) -> ModelRef:
     for name in MODEL_FILES:
         hit = try_to_load_from_cache(repo, name, revision=rev)
         if not isinstance(hit, str):
-            raise ZooError(f"{ref}: not in the Hugging Face cache; download it with `kdcli pull {ref}`")
+            raise ZooError(f"{ref}: not in the Hugging Face cache; download it with `kdcli pull {ref}` "
+                           f"(or `kdcli zoo fetch {ref}`)")
         found[name] = Path(hit)
-    config = _read_config(found["config.json"], ref)
-    if "model" not in config:
+    if not is_kdcli_config(found["config.json"], ref):
         raise ZooError(f"{ref}: config.json has no kdcli model spec; not a kdcli model")
     return ModelRef(load_model_config(found["config.json"]), found["model.safetensors"], ref)
+
+
+def is_kdcli_config(path: Path, where: str = "") -> bool:
+    """Whether a ``config.json`` is a kdcli export's (it holds the model spec under ``model``). An
+    unreadable file is an error when ``where`` names it, else simply not a kdcli config."""
+    try:
+        config = _read_config(path, where or str(path))
+    except ZooError:
+        if where:
+            raise
+        return False
+    return isinstance(config.get("model"), dict)
 
 
 def _read_config(path: Path, where: str) -> dict[str, Any]:
@@ -182,15 +195,17 @@ def _read_config(path: Path, where: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def fetch(ref: str) -> Path:
-    """Download a pushed kdcli model's ``config.json`` and ``model.safetensors`` into the cache."""
+def fetch(ref: str, command: str = "kdcli pull") -> Path:
+    """Download a pushed kdcli model's ``config.json`` and ``model.safetensors`` at the ref's revision
+    into the cache; returns the snapshot folder. ``command`` starts the error messages (``kdcli pull``,
+    or ``kdcli zoo fetch``, which comes here for kdcli models)."""
     from huggingface_hub import get_token, hf_hub_download
 
     repo, rev = parse_ref(ref)
-    _require_online(f"kdcli pull {ref}")
+    _require_online(f"{command} {ref}")
     token = get_token()  # optional: public repos need none
     path = None
-    with hub_errors(f"kdcli pull {ref}", repo, token):
+    with hub_errors(f"{command} {ref}", repo, token):
         for name in MODEL_FILES:
             path = Path(hf_hub_download(repo, name, revision=rev, endpoint=endpoint(), token=token))
     resolve_hub_ref(ref)  # a repo that is not a kdcli model fails here, after the download

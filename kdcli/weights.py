@@ -4,6 +4,13 @@ Sources: ``torchvision:<Enum>.<MEMBER>`` (the torch hub cache, as torchvision st
 ``hf-hub:org/repo[@revision]`` (the Hugging Face cache), ``url:https://...#sha256=...``
 (``$KDCLI_HOME/weights``), or a local ``.safetensors``/``.pth`` path.
 
+Revisions: an ``hf-hub:`` source is fetched and read at its ``@revision`` (``main`` without one).
+The zoo's sources pin a commit (40 hex digits). A zoo source without one is refused, by fetch and
+cache reads alike, until the user names a commit with ``kdcli zoo fetch hf-hub:org/repo@<commit>``;
+that commit is recorded in ``$KDCLI_HOME/hf-revisions.json`` and used for the zoo's source from
+then on. A pushed kdcli model (``config.json`` with a model spec + ``model.safetensors``) is fetched
+by :func:`kdcli.hub.fetch`, the code of ``kdcli pull``.
+
 Only :func:`fetch` (``kdcli zoo fetch``) downloads. Everything else reads the caches, and a miss is
 a one-line error naming the missing file and the fetch command. Offline mode (``--offline``,
 ``KDCLI_OFFLINE=1``) refuses every download; ``HF_HUB_OFFLINE=1`` refuses Hub downloads.
@@ -28,6 +35,12 @@ _TRUE = ("1", "true", "yes", "on")
 # torchvision's file names carry the first hex digits of the file's sha256 (torch.hub.HASH_REGEX)
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]*)\.")
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # tried in this order
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+PINS_FILE = "hf-revisions.json"  # in $KDCLI_HOME: the commits users named for unpinned zoo sources
+
+
+class UnpinnedRevision(ZooError):
+    """A zoo ``hf-hub:`` source without a pinned commit, and none named by the user."""
 
 
 def kdcli_home() -> Path:
@@ -103,6 +116,83 @@ def fetch_hint(source: str, model_name: str = "") -> str:
     return f"`kdcli zoo fetch {model_name or source}`"
 
 
+# -- hf-hub revisions ---------------------------------------------------------------------------------
+def is_commit(rev: str | None) -> bool:
+    """A full commit sha (40 hex digits): the only revision that cannot move."""
+    return bool(rev) and _COMMIT.fullmatch(rev or "") is not None
+
+
+def zoo_unpinned(source: str) -> list[str]:
+    """The zoo entries whose ``weights`` or ``backbone_weights`` are ``source``, when that is an
+    ``hf-hub:`` source without a pinned commit; empty otherwise."""
+    if not source.startswith("hf-hub:") or is_commit(parse_hf(source[len("hf-hub:"):])[1]):
+        return []
+    from .zoo import weight_sources
+
+    return weight_sources().get(source, [])
+
+
+def pins_path() -> Path:
+    return kdcli_home() / PINS_FILE
+
+
+def user_pins() -> dict[str, str]:
+    """``org/repo`` → the commit the user named for the zoo's unpinned source of that repo."""
+    path = pins_path()
+    if not path.is_file():
+        return {}
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ZooError(f"{path}: cannot read the recorded Hub revisions ({err}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise ZooError(f"{path}: expected a JSON object of org/repo → commit; fix or delete it")
+    return {k: v for k, v in data.items() if isinstance(v, str) and is_commit(v)}
+
+
+def hf_revision(source: str) -> tuple[str, str | None]:
+    """(repo, revision) at which an ``hf-hub:`` source is fetched and read: its own ``@revision``,
+    or, for a zoo source without a pinned commit, the commit the user named (refused if none)."""
+    repo, rev = parse_hf(source.partition(":")[2])
+    entries = zoo_unpinned(source)
+    if not entries:
+        return repo, rev
+    pin = user_pins().get(repo)
+    if pin is None:
+        raise UnpinnedRevision(
+            f"weights {source} ({', '.join(entries)}): the zoo pins no commit of {repo}; pick one on the Hub and "
+            f"run `kdcli zoo fetch hf-hub:{repo}@<commit>` (40 hex digits), which records it for these entries")
+    return repo, pin
+
+
+def _record_pin(repo: str, rev: str | None, log: Callable[[str], None]) -> None:
+    """``kdcli zoo fetch hf-hub:repo@<commit>`` names the commit for the zoo's unpinned sources of ``repo``."""
+    if not is_commit(rev):
+        return
+    from .zoo import weight_sources
+
+    entries = sorted({name for src, names in weight_sources().items() if src.startswith("hf-hub:")
+                      and parse_hf(src[len("hf-hub:"):])[0] == repo and zoo_unpinned(src) for name in names})
+    if not entries:
+        return
+    import json
+
+    pins = user_pins()
+    if pins.get(repo) == rev:
+        return
+    old = pins.get(repo)
+    pins[repo] = str(rev)
+    path = pins_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    was = f" (was {old})" if old else ""
+    log(f"hf-hub:{repo}: commit {rev} recorded in {path} for {', '.join(entries)}{was}")
+
+
 def cached_file(source: str, model_name: str = "") -> Path:
     """Local path of a weight source, or a one-line error naming the missing file and the fetch
     command. Never downloads."""
@@ -111,9 +201,11 @@ def cached_file(source: str, model_name: str = "") -> Path:
     if kind == "torchvision":
         path = torchvision_path(_torchvision_url(rest))
     elif kind == "hf-hub":
-        found = _hf_cached(*parse_hf(rest))
+        repo, rev = hf_revision(source)
+        found = _hf_cached(repo, rev)
         if found is None:
-            raise ZooError(f"weights {source}: {'/'.join(HF_FILES)} not in the Hugging Face cache; run {hint}")
+            shown = f"{source} (your commit {rev})" if zoo_unpinned(source) else source
+            raise ZooError(f"weights {shown}: {'/'.join(HF_FILES)} not in the Hugging Face cache; run {hint}")
         path = found
     elif kind == "url":
         url, want = parse_url(rest)
@@ -140,6 +232,26 @@ def _hf_cached(repo: str, rev: str | None) -> Path | None:
     return None
 
 
+def _hf_fetched(repo: str, rev: str | None) -> Path | None:
+    """The cached weights of ``repo@rev`` when nothing is left to fetch: the weight file is cached
+    and so is ``config.json`` (or its absence), which says whether it is a kdcli model (that needs
+    both files). Offline, the weight file alone answers."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from .hub import is_kdcli_config
+
+    weights_path = _hf_cached(repo, rev)
+    if weights_path is None:
+        return None
+    config = try_to_load_from_cache(repo, "config.json", revision=rev)
+    if isinstance(config, str):
+        kdcli_model = is_kdcli_config(Path(config))
+        return weights_path if not kdcli_model or weights_path.name == "model.safetensors" else None
+    if config is None and not hub_offline():
+        return None  # not known whether it is a kdcli model: ask the Hub
+    return weights_path
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -156,14 +268,21 @@ def fetch(source: str, log: Callable[[str], None] = print, progress: bool = True
     kind, _, rest = source.partition(":")
     if kind not in ("torchvision", "hf-hub", "url"):
         raise ZooError(f"weights '{source}': only torchvision:, hf-hub: and url: sources can be fetched")
+    if kind == "hf-hub":
+        repo, rev = hf_revision(source)  # a zoo source without a pinned commit stops here, before any request
+        path = _hf_fetched(repo, rev)
+        if path is not None:
+            log(f"{source}: already cached at {path}")
+        else:
+            path = _fetch_hf(source, repo, rev, log=log)
+        _record_pin(repo, parse_hf(rest)[1], log)
+        return path
     try:
         path = cached_file(source)
         log(f"{source}: already cached at {path}")
         return path
     except ZooError:
         pass
-    if kind == "hf-hub":
-        return _fetch_hf(source, *parse_hf(rest), log=log)
     if kdcli_offline():
         raise ZooError(f"kdcli zoo fetch {source}: offline mode (--offline / KDCLI_OFFLINE) forbids downloads")
     if kind == "torchvision":
@@ -199,6 +318,9 @@ def download(url: str, dest: Path, sha_prefix: str | None, progress: bool = True
 
 
 def _fetch_hf(source: str, repo: str, rev: str | None, log: Callable[[str], None]) -> Path:
+    """``hf_hub_download`` at ``rev``: a kdcli model (``config.json`` with a model spec) through
+    :func:`kdcli.hub.fetch`, exactly as ``kdcli pull`` fetches it; otherwise ``model.safetensors``,
+    else ``pytorch_model.bin``."""
     if hub_offline():
         raise ZooError(f"kdcli zoo fetch {source}: offline mode (--offline / KDCLI_OFFLINE / HF_HUB_OFFLINE) "
                        "forbids downloads")
@@ -210,8 +332,10 @@ def _fetch_hf(source: str, repo: str, rev: str | None, log: Callable[[str], None
         RevisionNotFoundError,
     )
 
+    from . import hub
+
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the process may have changed it
-    for fname in HF_FILES:
+    for fname in ("config.json", *HF_FILES):
         try:
             path = Path(hf_hub_download(repo, fname, revision=rev, endpoint=endpoint))
         except EntryNotFoundError:
@@ -223,6 +347,14 @@ def _fetch_hf(source: str, repo: str, rev: str | None, log: Callable[[str], None
         except (HfHubHTTPError, OSError) as err:
             raise ZooError(f"{source}: download failed ({str(err).splitlines()[0]})") from None
         commit = path.parent.name  # snapshots/<commit>/<file>
+        if fname == "config.json":
+            if hub.is_kdcli_config(path):  # a pushed kdcli model: one code path with `kdcli pull`
+                ref = f"{hub.PREFIX}{repo}" + (f"@{rev}" if rev else "")
+                folder = hub.fetch(ref, command="kdcli zoo fetch")
+                log(f"{source}: kdcli model (config.json, model.safetensors) at commit {folder.name} in {folder}; "
+                    f"name it as {ref}")
+                return folder / "model.safetensors"
+            continue
         log(f"{source}: {fname} at commit {commit} in {path.parent}")
         return path
     raise ZooError(f"{source}: the repository has neither {' nor '.join(HF_FILES)}")

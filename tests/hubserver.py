@@ -16,7 +16,9 @@ installed client's source: ``hf_api.create_repo``/``create_branch``/``repo_info`
 Writes need ``Authorization: Bearer <token>`` with a token in ``tokens``; private repos need it
 to be read too. Errors carry the ``X-Error-Code`` header the client maps (RepoNotFound,
 RevisionNotFound, EntryNotFound). ``force`` makes matching requests fail with a given status.
-Every request is recorded (method, path, query, headers, body) for the tests to inspect.
+Every request is recorded (method, path, query, headers, body) for the tests to inspect;
+``resolved()`` lists the (repo, revision, file) of the file requests. ``add_repo`` commits files
+directly (a weights repo not pushed by kdcli), optionally under a fixed commit id.
 """
 
 from __future__ import annotations
@@ -69,14 +71,34 @@ class HubState:
         self.force: list[tuple[str, str, int]] = []  # (method, path regex, status)
         self.lock = threading.Lock()
 
-    def commit(self, repo: Repo, ref: str, files: dict[str, bytes], header: dict[str, Any]) -> str:
+    def commit(self, repo: Repo, ref: str, files: dict[str, bytes], header: dict[str, Any],
+               sha: str | None = None) -> str:
         parent = repo.heads.get(ref, "")
-        sha = _sha(parent.encode(), json.dumps(sorted(files)).encode(), *files.values(), json.dumps(header).encode())
+        sha = sha or _sha(parent.encode(), json.dumps(sorted(files)).encode(), *files.values(),
+                          json.dumps(header).encode())
         repo.branches[ref] = files
         repo.heads[ref] = sha
         repo.commits[sha] = files
         repo.messages.append({"ref": ref, **header})
         return sha
+
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], ref: str = "main", sha: str | None = None,
+                 private: bool = False) -> str:
+        """Commit ``files`` to ``ref`` of ``repo_id`` (created if needed) without the client, e.g. a
+        timm-style weights repo; ``sha`` fixes the commit id (a real Hub commit a manifest pins)."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo(private=private))
+            return self.commit(repo, ref, dict(files), {"summary": f"add {', '.join(sorted(files))}"}, sha)
+
+    def resolved(self, method: str | None = None) -> list[tuple[str, str, str]]:
+        """(repo, revision, file) of every ``/resolve/`` request so far (``method``: only those)."""
+        out = []
+        for r in self.requests:
+            m = re.fullmatch(rf"/{REPO}/resolve/([^/]+(?:/pr/\d+)?)/(.+)", r.path)
+            if m and (method is None or r.method == method):
+                out.append((m.group(1), m.group(2), m.group(3)))
+        return out
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -56,6 +56,73 @@ def test_nonfinite_and_zero_runs_stop_naming_method_and_tap():
         off.check({"kd.cls_logits": 0.0})
 
 
+class _Scheduled:
+    """A method whose current weight factor is set by the test (a warm-up from 0)."""
+
+    def __init__(self, taps: tuple[str, ...]) -> None:
+        self.needs = self.taps = taps
+        self.factor = 1.0
+
+    def schedule(self) -> float:
+        return self.factor
+
+
+def test_degenerate_and_switched_off_terms_do_not_count_but_real_zeros_still_stop():
+    dkd = _Scheduled(("seg_logits",))
+    methods = _Methods(cwd=("p3", "p7"))
+    methods.methods["dkd"] = dkd
+    g = LossGuard(methods, zero_steps=3, exempt={"cwd.p7": "1x1 map"})
+    for _ in range(10):  # cwd.p7 is 0 for any input (exempt); dkd is weighted 0 by its schedule
+        dkd.factor = 0.0
+        g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+    assert g.zero_run.get("cwd.p7", 0) == 0 and g.zero_run.get("dkd.seg_logits", 0) == 0
+    dkd.factor = 0.5  # the warm-up ends: a zero now counts
+    g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+    g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+    dkd.factor = 0.0  # a step switched off neither counts nor resets the run of zeros
+    g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+    assert g.zero_run["dkd.seg_logits"] == 2
+    dkd.factor = 1.0
+    with pytest.raises(TrainingError, match=r"method 'dkd', tap 'seg_logits' has been exactly 0 for 3 consecutive"):
+        g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+    # a non-degenerate tap of the same method that is 0 (a tap resolving to the wrong tensor) still stops
+    g2 = LossGuard(_Methods(cwd=("p3", "p7")), zero_steps=2, exempt={"cwd.p7": "1x1 map"})
+    g2.check({"cwd.p3": 0.0, "cwd.p7": 0.0})
+    with pytest.raises(TrainingError, match=r"method 'cwd', tap 'p3' has been exactly 0 for 2"):
+        g2.check({"cwd.p3": 0.0, "cwd.p7": 0.0})
+    # exempt groups are left out of the gradient check: it ends once the other groups showed a gradient
+    x = torch.randn(2, 4, requires_grad=True)
+    tap = x * 2
+    g2.inspect_gradients({"cwd.p3": tap.pow(2).mean(), "cwd.p7": (tap * 0).sum()}, ModelOutput(taps={"p3": tap}))
+    assert g2.grad_ok == {"cwd.p3"} and not g2.needs_grad_check()
+
+
+def test_cwd_and_cankd_declare_a_one_by_one_map_and_its_term_is_zero_for_any_input():
+    from types import SimpleNamespace
+
+    from kdcli.engine.trainer import degenerate_terms, largest_maps
+    from kdcli.methods import build
+    from kdcli.models.taps import TapInfo
+
+    info = {n: TapInfo(n, 8, s) for n, s in (("p3", 8), ("p6", 64), ("p7", 128))}
+    fcos = SimpleNamespace(task="detection", spec=SimpleNamespace(preprocess={"min_size": 128, "max_size": 128}))
+    maps = largest_maps(fcos, info)
+    assert maps == {"p3": (16, 16), "p6": (2, 2), "p7": (1, 1)}  # the shapes demo's 128 px: P7 is 1x1
+    fcos.spec.preprocess = {"min_size": 64, "max_size": 64}
+    assert largest_maps(fcos, info)["p6"] == (1, 1)  # 64 px: P6 too
+    fcos.spec.preprocess = {"min_size": 800, "max_size": 1333}
+    assert largest_maps(fcos, info)["p7"] == (11, 11)  # COCO: never
+    method = build("cwd+cankd", info, info, "detection", {"cwd.taps": "p3,p6,p7", "cankd.taps": "p3,p6,p7"})
+    found = degenerate_terms(method, {"p3": (16, 16), "p6": (1, 2), "p7": (1, 1)})
+    assert set(found) == {"cwd.p7", "cankd.p7"} and "softmax" in found["cwd.p7"]
+    torch.manual_seed(0)
+    for hw, zero in (((1, 1), True), ((1, 2), False)):
+        fs, ft = torch.randn(2, 8, *hw, requires_grad=True), torch.randn(2, 8, *hw)
+        s, t = ModelOutput(taps={"p3": fs, "p6": fs, "p7": fs}), ModelOutput(taps={"p3": ft, "p6": ft, "p7": ft})
+        for m in method.methods.values():
+            assert (float(m(s, t)[f"{m.name}.p7"].detach()) == 0.0) is zero, (m.name, hw)  # the declaration is true
+
+
 def test_gradient_check_finds_a_loss_detached_from_the_student():
     g = LossGuard(_Methods(a=("p3",), b=("p3",), c=("p3",)), grad_steps=2)
     x = torch.randn(2, 4, requires_grad=True)
@@ -138,6 +205,41 @@ def test_a_zero_distillation_loss_stops_the_run(tiny_shapes: Path, teacher: Path
     cfg = _cfg(tiny_shapes, teacher, tmp_path / "z", method="kd", set={"weight": "0"}, zero_loss_steps=2)
     with pytest.raises(TrainingError, match=r"method 'kd', tap 'seg_logits' has been exactly 0 for 2 consecutive"):
         api.train(cfg, log=lambda s: None)
+
+
+def test_a_one_by_one_cwd_tap_is_named_once_and_does_not_stop_the_run(tiny_shapes: Path, teacher: Path,
+                                                                       tmp_path: Path):
+    """CWD on c5 of a 16 px input (1x1 at stride 16) is 0 for any input: one warning before training,
+    and the zero guard (K = 1 here) runs on; the other terms are still checked."""
+    from kdcli import api
+
+    logs: list[str] = []
+    cfg = _cfg(tiny_shapes, teacher, tmp_path / "w", method="kd+cwd", set={"cwd.taps": "c5,c3"}, image_size=16,
+               zero_loss_steps=1)
+    api.train(cfg, log=logs.append)
+    warned = [line for line in logs if line.startswith("warning:")]
+    assert len(warned) == 1 and "method 'cwd', tap 'c5': the map is 1x1" in warned[0], warned
+    assert "--set cwd.taps=c3" in warned[0]
+    row = next(csv.DictReader(open(tmp_path / "w" / "results.csv")))
+    assert float(row["loss/cwd.c5"]) == 0.0 and float(row["loss/cwd.c3"]) > 0 and float(row["loss/kd.seg_logits"]) > 0
+
+
+def test_a_term_weighted_zero_by_its_schedule_does_not_count(tiny_shapes: Path, teacher: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """A warm-up from 0 (DKD's factor, 0 for the first epoch here): its zeros are not failures; once the
+    factor is non-zero the term is checked again."""
+    from kdcli import api
+    from kdcli.methods.dkd import DKD
+
+    monkeypatch.setattr(DKD, "schedule", lambda self: 0.0 if self.epoch == 0 else 1.0)
+    cfg = _cfg(tiny_shapes, teacher, tmp_path / "d", method="dkd", epochs=2, zero_loss_steps=1)
+    api.train(cfg, log=lambda s: None)  # 2 zero steps in epoch 0 with K = 1: no stop
+    rows = list(csv.DictReader(open(tmp_path / "d" / "results.csv")))
+    assert float(rows[0]["loss/dkd.seg_logits"]) == 0.0 and float(rows[1]["loss/dkd.seg_logits"]) > 0
+    monkeypatch.setattr(DKD, "schedule", lambda self: 1.0)
+    cfg = _cfg(tiny_shapes, teacher, tmp_path / "d0", method="dkd", set={"weight": "0"}, zero_loss_steps=1)
+    with pytest.raises(TrainingError, match=r"method 'dkd', tap 'seg_logits' has been exactly 0 for 1"):
+        api.train(cfg, log=lambda s: None)  # a static weight of 0 is not a schedule: it still stops
 
 
 def test_a_loss_without_gradient_to_the_student_stops_the_run(tiny_shapes: Path, teacher: Path, tmp_path: Path,

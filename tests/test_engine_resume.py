@@ -141,3 +141,107 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference: tuple[Path, Pat
     assert 1 <= state["step"] < 6  # stopped at a step boundary, before the end
     api.resume(out, log=lambda s: None)
     _same_run(root / "full", out)
+
+
+# -- how far a run went: the same checkpoint choice as --resume (issue 7) --------------------------
+def test_finished_epochs_uses_the_checkpoint_fallback(tmp_path: Path):
+    """``api._finished_epochs`` (how the demo and ``kdcli bench quality`` tell a finished teacher from an
+    interrupted one) takes the newest *intact* checkpoint, as ``--resume`` does: a damaged last_state.pt
+    or last.safetensors, or a kill between the renames of a write, falls back to prev."""
+    import shutil
+
+    from kdcli.engine.checkpoint import save_checkpoint
+
+    logs: list[str] = []
+    assert api._finished_epochs(tmp_path / "none", log=logs.append) == 0
+    w = tmp_path / "run" / "weights"
+    save_checkpoint(w, {"net.x": torch.zeros(3)}, {"epoch": 1, "step": 3})
+    save_checkpoint(w, {"net.x": torch.ones(3)}, {"epoch": 2, "step": 6})
+    assert api._finished_epochs(tmp_path / "run") == 2
+    cases = (("last_state.pt", "unreadable", 1),  # truncated/garbage state: prev (epoch 1)
+             ("last.safetensors", "no intact tensor file", 1),  # a flipped byte: its checksum fails
+             ("killed", "", 2))  # killed after the renames last -> prev, before the new last: prev is epoch 2
+    for case_name, said, want in cases:
+        case = tmp_path / case_name
+        shutil.copytree(tmp_path / "run", case)
+        cw = case / "weights"
+        if case_name == "last_state.pt":
+            (cw / "last_state.pt").write_bytes(b"not a zip")
+        elif case_name == "last.safetensors":
+            data = bytearray((cw / "last.safetensors").read_bytes())
+            data[-1] ^= 0xFF
+            (cw / "last.safetensors").write_bytes(bytes(data))
+        else:
+            for suffix in ("_state.pt", ".safetensors"):
+                os.replace(cw / f"last{suffix}", cw / f"prev{suffix}")
+        before = len(logs)
+        assert api._finished_epochs(case, log=logs.append) == want, case_name
+        assert all(said in line for line in logs[before:]) and (not said or logs[before:]), logs[before:]
+    for name in ("last_state.pt", "prev_state.pt"):
+        (w / name).write_bytes(b"broken")
+    assert api._finished_epochs(tmp_path / "run", log=logs.append) == 0  # nothing intact: nothing to continue
+    assert "no intact checkpoint" in logs[-1]
+
+
+def test_a_damaged_last_state_resumes_from_prev_bit_identically(reference: tuple[Path, Path]):
+    """The reference run's last checkpoint (end of epoch 2) made unreadable: the status says 1 epoch done
+    (prev: step 4, mid-epoch 2) and --resume redoes the rest from prev, ending on the same weights."""
+    import shutil
+
+    root, _ = reference
+    out = root / "damaged-last"
+    shutil.copytree(root / "full", out)
+    (out / "weights" / "last_state.pt").write_bytes(b"\x00" * 64)
+    logs: list[str] = []
+    assert api._finished_epochs(out, log=logs.append) == 1
+    assert any("last_state.pt: unreadable" in line for line in logs), logs
+    api.resume(out, log=logs.append)
+    assert any(line.startswith("resumed ") and "from prev_state.pt" in line for line in logs), logs
+    _same_run(root / "full", out)
+    assert api._finished_epochs(out) == 2
+
+
+# -- the resume hint names the command that started the run (issue 7) -----------------------------
+def test_started_by_reads_the_command_line_or_else_the_config(monkeypatch: pytest.MonkeyPatch):
+    from kdcli.config import apply_objective_and_augment
+    from kdcli.engine.trainer import started_by
+
+    pskd = RunConfig(model="m", method="pskd")
+    for argv, want in ((["/venv/bin/kdcli", "train", "--method", "pskd"], "train"),
+                       (["/venv/bin/kdcli", "--offline", "distill", "--method", "pskd"], "distill"),
+                       (["/src/kdcli/__main__.py", "distill", "--method", "pskd"], "distill"),  # torchrun -m kdcli
+                       (["/venv/bin/kdcli", "bench", "quality"], "train")):  # not a training command: the config
+        monkeypatch.setattr(sys, "argv", argv)
+        assert started_by(pskd) == want, argv
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # the Python API: what only `distill` takes decides
+    assert started_by(apply_objective_and_augment(RunConfig(model="m", objective="mcmi"))) == "train"
+    assert started_by(RunConfig(model="m", method="pskd")) == "train"
+    assert started_by(RunConfig(model="m", method="cwd", teacher="t")) == "distill"
+
+
+def test_the_resume_hint_names_the_command_that_started_the_run(tiny_shapes: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    """`kdcli train --method pskd` interrupted: the hint says `kdcli train --resume`, not `distill`; a run
+    started by `kdcli distill` keeps saying `distill` after a resume by any means (config.json records it)."""
+    from kdcli.engine import trainer
+    from kdcli.engine.guards import GracefulStop, Interrupted
+
+    class SignalledAtOnce(GracefulStop):  # as if SIGTERM arrived during the first step
+        def __enter__(self) -> GracefulStop:
+            super().__enter__()
+            self.requested = "SIGTERM"
+            return self
+
+    monkeypatch.setattr(trainer, "GracefulStop", SignalledAtOnce)
+    (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
+    base = dict(model="shapes-mbv3-lraspp", method="pskd", data=f"semantic:{tiny_shapes / 'cityscapes'}", epochs=1,
+                batch_size=2, image_size=64, max_train_images=4, max_val_images=2, workers=0, device="cpu")
+    for command in ("train", "distill"):
+        out = tmp_path / command
+        monkeypatch.setattr(sys, "argv", ["/venv/bin/kdcli", command, "--method", "pskd"])
+        with pytest.raises(Interrupted, match=f"Continue with: kdcli {command} --resume {out}$"):
+            api.train(RunConfig(out=str(out), **base), log=lambda s: None)
+        assert json.loads((out / "config.json").read_text())["command"] == command
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/kdcli", "train", "--resume", str(tmp_path / "distill")])
+    with pytest.raises(Interrupted, match=f"Continue with: kdcli distill --resume {tmp_path / 'distill'}$"):
+        api.resume(tmp_path / "distill", log=lambda s: None)

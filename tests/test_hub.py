@@ -261,3 +261,82 @@ def test_cli_push_and_pull(server: HubServer, runs: dict[str, Path], tmp_path: P
     lines = [ln for ln in denied.stderr.splitlines() if ln.strip()]
     assert denied.returncode != 0 and lines == [
         "error: no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access)"]
+
+
+def test_zoo_fetch_of_a_pushed_model_is_a_pull(server: HubServer, runs: dict[str, Path], monkeypatch):
+    """`kdcli zoo fetch hf-hub:org/name[@rev]` of a kdcli model runs `kdcli pull`'s code; `--student
+    hf-hub:org/name` then loads from the cache."""
+    hub.push(runs["kd"], "kd-org/zoo-fetched")
+    hub.push(runs["base"], "kd-org/zoo-fetched", revision="base")
+    ref = "hf-hub:kd-org/zoo-fetched"
+    pulls: list[tuple[str, str]] = []
+    real = hub.fetch
+    monkeypatch.setattr(hub, "fetch", lambda r, command="kdcli pull": pulls.append((r, command)) or real(r, command))
+    msgs: list[str] = []
+    start = len(server.state.requests)
+    [(name, path)] = api.fetch_weights([ref], log=msgs.append)  # what `kdcli zoo fetch hf-hub:...` calls
+    assert name == ref and pulls == [(ref, "kdcli zoo fetch")]
+    assert path.name == "model.safetensors" and sorted(p.name for p in path.parent.iterdir()) == list(hub.MODEL_FILES)
+    assert f"name it as {ref}" in msgs[-1]
+    asked = server.state.resolved()
+    assert {f for _r, _rev, f in server.state.resolved("GET")} == set(hub.MODEL_FILES)
+    assert {rev for _r, rev, _f in asked} == {"main"}
+    # as after `kdcli pull`: resolution reads the cache alone, and the weights are the run's
+    n = len(server.state.requests)
+    r = resolve_ref(ref)  # what --student/--teacher hf-hub:... and `kdcli eval hf-hub:...` call
+    assert len(server.state.requests) == n and r.weights == path and r.spec.name == STUDENT
+    best = load_file(str(runs["kd"] / "weights" / "best.safetensors"))
+    loaded = build_model(r.spec, r.weights).net.state_dict()
+    assert all(torch.equal(loaded[k], best[k]) for k in best)
+    assert api.fetch_weights([ref], log=msgs.append) == [(ref, path)] and len(server.state.requests) == n  # cached
+    assert "already cached" in msgs[-1]
+    # a revision is requested as such and read back at that revision
+    base_ref = f"{ref}@base"
+    [(_n, base_path)] = api.fetch_weights([base_ref], log=msgs.append)
+    assert pulls[-1] == (base_ref, "kdcli zoo fetch")
+    new = server.state.requests[n:]
+    assert new and all("/resolve/base/" in q.path for q in new if "/resolve/" in q.path)
+    base_commit = server.state.repos["kd-org/zoo-fetched"].heads["base"]
+    assert resolve_ref(base_ref).weights == base_path and base_path.parent.name == base_commit
+    base_best = load_file(str(runs["base"] / "weights" / "best.safetensors"))
+    assert all(torch.equal(load_file(str(base_path))[k], base_best[k]) for k in base_best)
+    # the same command's errors, one line
+    with pytest.raises(KdcliError) as e:
+        api.fetch_weights(["hf-hub:kd-org/zoo-fetched@nope"])
+    assert "no revision 'nope'" in _one_line(e.value)
+    assert start < len(server.state.requests)
+    # a model pushed by kdcli at a commit: `zoo fetch ...@<commit>` reads exactly that commit back
+    main_commit = server.state.repos["kd-org/zoo-fetched"].heads["main"]
+    [(_n, pinned)] = api.fetch_weights([f"{ref}@{main_commit}"], log=msgs.append)
+    assert pinned.parent.name == main_commit and resolve_ref(f"{ref}@{main_commit}").weights == pinned
+
+
+def test_a_cache_miss_of_a_named_hub_model_is_one_line(server: HubServer, runs: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch):
+    """`kdcli eval hf-hub:org/name` before any download: one line naming the repo and the command; after
+    `kdcli zoo fetch hf-hub:org/name` the model resolves from the cache."""
+    hub.push(runs["kd"], "kd-org/missed")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "cli"),
+           "HF_TOKEN": TOKEN, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf-home")}
+
+    def kdcli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kdcli", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    n = len(server.state.requests)
+    missed = kdcli("eval", "hf-hub:kd-org/missed", "--data", "shapes", "--device", "cpu")
+    lines = [ln for ln in missed.stderr.splitlines() if ln.strip()]
+    assert missed.returncode != 0 and lines == [
+        "error: hf-hub:kd-org/missed: not in the Hugging Face cache; download it with "
+        "`kdcli pull hf-hub:kd-org/missed` (or `kdcli zoo fetch hf-hub:kd-org/missed`)"], missed.stderr
+    assert len(server.state.requests) == n  # the miss asked the Hub nothing
+    with pytest.raises(ZooError) as e:  # a revision is named as typed
+        resolve_ref("hf-hub:kd-org/missed@dev")
+    assert "`kdcli pull hf-hub:kd-org/missed@dev`" in _one_line(e.value)
+    fetched = kdcli("zoo", "fetch", "hf-hub:kd-org/missed")
+    assert fetched.returncode == 0 and "model.safetensors" in fetched.stdout, fetched.stderr
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cli"))  # the cache the command filled
+    n = len(server.state.requests)
+    r = resolve_ref("hf-hub:kd-org/missed")
+    assert len(server.state.requests) == n and r.spec.name == STUDENT
+    assert sorted(p.name for p in r.weights.parent.iterdir()) == list(hub.MODEL_FILES)

@@ -91,7 +91,7 @@ class QualityOptions:
     batch_size: int = 8
     lr: float = 1e-3
     optimizer: str = "adamw"
-    amp: str = "bf16"
+    amp: str = "auto"  # bf16 where the hardware has native bf16 (engine/amp.py)
     image_size: int = 0
     max_train_images: int = 0
     max_val_images: int = 0
@@ -210,7 +210,7 @@ def prepare_teacher(pair: Pair, task: str, opts: QualityOptions, log: Any) -> tu
         epochs = pair.teacher_epochs or TEACHER_EPOCHS[task]
         base = {k: v for k, v in recipe(task, opts).items() if k not in ("max_val_images",)}
         base.update(seed=0, eval_every=2, batch_size=opts.batch_size)
-        demo = dict(data="shapes", batch_size=8, lr=1e-3, optimizer="adamw", amp="bf16", image_size=0)
+        demo = dict(data="shapes", batch_size=8, lr=1e-3, optimizer="adamw", amp="auto", image_size=0)
         key = f"{pair.teacher}-e{epochs}"
         if any(base[k] != v for k, v in demo.items()) or opts.max_train_images:
             base["max_train_images"] = opts.max_train_images

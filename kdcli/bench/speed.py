@@ -9,10 +9,11 @@ its own forward, its learnable parts and their backward. Per method:
   percentile of the per-pair ratios as the noise. ``--clock cpu`` times with the process's CPU time
   (``time.process_time``), steadier than the wall clock on a machine shared with other jobs (use it with
   ``--threads 1``); CUDA is timed on the wall clock with ``torch.cuda.synchronize``.
-- memory: the peak memory of two training steps (``SpeedOptions.memory_steps``) (after one unmeasured step) over the memory
-  held just before them; the ratio is the method's over the floor's. CUDA: ``torch.cuda.max_memory_allocated``
-  (reset before each measurement). CPU: tensors are invisible to ``tracemalloc`` and an RSS rise depends on
-  how the allocator caches pages, so the tensor allocations and frees recorded by ``torch.profiler``
+- memory: the peak memory of two training steps (``SpeedOptions.memory_steps``, after one unmeasured step)
+  over the memory held just before them; the ratio is the method's over the floor's. CUDA:
+  ``torch.cuda.max_memory_allocated`` (reset before each measurement). CPU: tensors are invisible to
+  ``tracemalloc`` and an RSS rise depends on how the allocator caches pages, so the tensor allocations
+  and frees recorded by ``torch.profiler``
   (``profile_memory=True``) are summed in time order (:func:`kdcli.bench._proc.tensor_peak_mb`): tensor
   memory only, like CUDA's figure.
 
@@ -28,7 +29,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class SpeedOptions:
     size: int = 128
     batch: int = 8
     steps: int = 10
-    amp: str = "bf16"
+    amp: str = "auto"  # bf16 where the hardware has native bf16 (engine/amp.py)
     methods: str = "all"
     device: str = "all"  # all | cpu | cuda
     clock: str = "wall"  # wall | cpu
@@ -217,16 +218,23 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     """Time (and measure the memory of) every method's step against the floor on each device."""
     import torch
 
+    from ..engine.amp import resolve_amp
     from ..methods import build
 
     if opts.steps < 1 or opts.batch < 1 or opts.size < 32:
         raise ConfigError("--steps and --batch must be >= 1 and --size >= 32")
-    if opts.amp not in ("none", "bf16") or opts.clock not in ("wall", "cpu"):
-        raise ConfigError(f"--amp {opts.amp} / --clock {opts.clock}: expected none|bf16 and wall|cpu")
+    if opts.amp not in ("none", "bf16", "auto") or opts.clock not in ("wall", "cpu"):
+        raise ConfigError(f"--amp {opts.amp} / --clock {opts.clock}: expected none|bf16|auto and wall|cpu")
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
     res = SpeedResult()
-    for dev in devices(opts.device):
+    all_opts = opts
+    for dev in devices(all_opts.device):
+        # auto: bf16 only where the hardware has native bf16 kernels (engine/amp.py); this bench has no fp16
+        amp, warning = resolve_amp(all_opts.amp, dev)
+        opts = replace(all_opts, amp=amp if amp == "bf16" else "none")
+        if warning:
+            log(f"warning: {warning}")
         student, teacher = build_models(opts, dev)
         names = speed_methods(student.task, opts.methods)
         batch = make_batch(student, opts.batch, opts.size, dev)

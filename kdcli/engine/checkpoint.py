@@ -165,8 +165,11 @@ def save_checkpoint(weights_dir: Path, tensors: dict[str, Tensor], state: dict[s
     _fsync_dir(weights_dir)
 
 
-def load_checkpoint(weights_dir: Path) -> Loaded:
-    """The newest intact checkpoint in ``weights_dir``; damaged files are skipped and reported."""
+def load_checkpoint(weights_dir: Path, tensors: bool = True) -> Loaded:
+    """The newest intact checkpoint in ``weights_dir``; damaged files are skipped and reported.
+
+    ``tensors=False`` makes the same choice (checksums included) but leaves ``Loaded.tensors`` empty:
+    what a status query needs (how far a run went), without deserialising the weights."""
     skipped: list[str] = []
     states: list[tuple[str, dict[str, Any]]] = []
     for slot in SLOTS:
@@ -191,12 +194,12 @@ def load_checkpoint(weights_dir: Path) -> Loaded:
         want = state.get("tensors_sha256")
         if want is None:  # format 1: the pair written side by side, no checksum to match
             if slot in blobs and safetensors_problem(blobs[slot]) is None:
-                return Loaded(load(blobs[slot]), state, slot, skipped)
+                return Loaded(load(blobs[slot]) if tensors else {}, state, slot, skipped)
             skipped.append(f"{slot}_state.pt: its tensor file is missing or damaged")
             continue
         for data in blobs.values():
             if len(data) == state.get("tensors_size") and hashlib.sha256(data).hexdigest() == want:
-                return Loaded(load(data), state, slot, skipped)
+                return Loaded(load(data) if tensors else {}, state, slot, skipped)
         skipped.append(f"{slot}_state.pt: no intact tensor file matches its checksum (step {state.get('step')})")
     if not states and not blobs:
         raise TrainingError(f"--resume: no checkpoint in {weights_dir} to resume from")

@@ -16,6 +16,17 @@ Terms are grouped by method and tap: ``acam.p3`` and ``acam.p3.div`` form the gr
 ``freekd.mse.p3`` joins (freekd, p3). Under DDP the checks run on values and flags summed over
 ranks, so every rank takes the same decision at the same step.
 
+Zeros that are not failures do not count towards ``zero_steps``:
+
+- a group that is 0 for any input by construction at the run's map sizes (``exempt``, found before
+  training by the engine from each method's :meth:`~kdcli.methods.base.Method.degenerate`: CWD or
+  CanKD on a 1×1 FPN level) is left out of the zero and gradient checks;
+- a step where the method's current weight factor (:meth:`~kdcli.methods.base.Method.schedule`, e.g.
+  a warm-up from 0) is exactly 0 neither counts nor resets the group's run of zeros.
+
+A term that is 0 while its method's factor is non-zero and its map is not degenerate (a tap that
+resolves to the wrong tensor, an empty mask, ``--set weight=0``) still stops the run.
+
 :class:`GracefulStop` turns SIGINT/SIGTERM into a flag the training loop reads at each step
 boundary: it saves a checkpoint there and raises :class:`Interrupted`. A second SIGINT interrupts
 at once (``KeyboardInterrupt``).
@@ -52,14 +63,20 @@ def is_distill_term(key: str) -> bool:
 class LossGuard:
     """Checks every step's loss terms; see the module docstring."""
 
-    def __init__(self, method: Any, zero_steps: int = 50, grad_steps: int | None = None) -> None:
+    def __init__(self, method: Any, zero_steps: int = 50, grad_steps: int | None = None,
+                 exempt: dict[str, str] | None = None) -> None:
         self.zero_steps = max(0, int(zero_steps))
         self.grad_steps = max(1, int(GRAD_CHECK_STEPS if grad_steps is None else grad_steps))
         self.taps: dict[str, set[str]] = {}
+        self.members: dict[str, Any] = {}  # method name -> the method (its current weight factor)
         if method is not None:
             members = getattr(method, "methods", {"": method})
             for name, m in members.items():
-                self.taps[name or getattr(m, "name", "")] = set(getattr(m, "needs", ())) | set(getattr(m, "taps", ()))
+                key = name or getattr(m, "name", "")
+                self.taps[key] = set(getattr(m, "needs", ())) | set(getattr(m, "taps", ()))
+                self.members[key] = m
+        # group -> why its term is 0 for any input (not counted by the zero and gradient checks)
+        self.exempt: dict[str, str] = dict(exempt or {})
         self.zero_run: dict[str, int] = {}  # group -> consecutive steps at exactly zero
         self.grad_ok: set[str] = set()  # groups seen giving the student a gradient
         self.grad_misses: dict[str, int] = {}  # group -> non-zero steps without gradient so far
@@ -79,6 +96,11 @@ class LossGuard:
         method, _, tap = group.partition(".")
         return f"method '{method}', tap '{tap}'" if tap else f"method '{method}'"
 
+    def switched_off(self, group: str) -> bool:
+        """The group's method has a current weight factor of exactly 0 (a schedule, not a failure)."""
+        schedule = getattr(self.members.get(group.partition(".")[0]), "schedule", None)
+        return callable(schedule) and float(schedule()) == 0.0
+
     # -- gradient reachability (local; decided after reduction) ------------------------------------
     def needs_grad_check(self) -> bool:
         return self._n_groups is None or len(self.grad_ok) < self._n_groups
@@ -91,7 +113,7 @@ class LossGuard:
         on a 1×1 P7), never on twenty."""
         groups: dict[str, list[Tensor]] = {}
         for k, v in terms.items():
-            if is_distill_term(k):
+            if is_distill_term(k) and self.group(k) not in self.exempt:  # exempt: 0 for any input, no gradient
                 groups.setdefault(self.group(k), []).append(v)
         self._n_groups = len(groups)
         self._pending = []
@@ -141,6 +163,8 @@ class LossGuard:
                 g = self.group(k)
                 sums[g] = sums.get(g, 0.0) + abs(v)
         for g, s in sums.items():
+            if g in self.exempt or (s == 0.0 and self.switched_off(g)):
+                continue  # 0 by construction, or weighted 0 by the method's schedule at this step
             self.zero_run[g] = self.zero_run.get(g, 0) + 1 if s == 0.0 else 0
             if self.zero_run[g] >= self.zero_steps:
                 raise TrainingError(

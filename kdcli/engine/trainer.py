@@ -14,6 +14,7 @@ stop on SIGINT/SIGTERM. Under torchrun every rank runs this loop; rank 0 alone l
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -31,12 +32,14 @@ from torch import Tensor, nn
 from ..config import TASK_DEFAULTS, RunConfig
 from ..errors import ConfigError, KdcliError, TrainingError
 from ..models import TapModel, build_model
+from ..models.taps import TapInfo
 from ..viz.plots import update_results_png  # issue 8: results.png after each epoch
 from ..viz.stats import epoch_columns as mask_columns  # issue 8: mask/... columns of results.csv
 from ..viz.stats import observe as observe_internals
 from ..zoo import ModelSpec, resolve_ref
 from . import checkpoint as ckpt
 from . import distributed as ddp
+from .amp import resolve_amp
 from .augment import attach_models, augment_batch  # issue 4
 from .evaluate_model import evaluate_model
 from .guards import GracefulStop, Interrupted, LossGuard, ignore_sigint_in_worker
@@ -56,8 +59,8 @@ def seed_everything(seed: int) -> None:
 def autocast_ctx(device: torch.device, amp: str) -> Any:
     if amp == "none":
         return nullcontext()
-    if amp not in ("bf16", "fp16"):
-        raise ConfigError(f"--amp {amp}: expected none, bf16 or fp16")
+    if amp not in ("bf16", "fp16"):  # "auto" is resolved in build_run
+        raise ConfigError(f"--amp {amp}: expected none, bf16, fp16 or auto")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -129,6 +132,9 @@ class Run:
     step_module: nn.Module | None = None
     sampler: ddp.EpochSampler | None = None
     guard: LossGuard | None = None
+    command: str = "train"  # the kdcli command that started the run (resume hints; see started_by)
+    # (method, tap) groups whose term is exactly 0 for any input at this run's map sizes, with the reason
+    degenerate: dict[str, str] = field(default_factory=dict)
 
     @property
     def wrapped(self) -> nn.Module:
@@ -214,7 +220,55 @@ def compile_student(student: TapModel) -> list[str]:
     return done
 
 
-def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
+COMMANDS = ("train", "distill")
+
+
+def started_by(cfg: RunConfig) -> str:
+    """The kdcli command that starts a run like ``cfg``: this process's own command when its command
+    line is ``kdcli [--offline] train|distill ...`` (also ``python -m kdcli``, as torchrun's workers run);
+    otherwise ``distill`` when the run has something only ``kdcli distill`` takes (a teacher,
+    ``--augment hard``, ``--inherit``), else ``train`` (a model alone, teacher-free methods,
+    ``--objective mcmi``)."""
+    import sys
+
+    prog = Path(sys.argv[0]) if sys.argv else Path()
+    if prog.stem == "kdcli" or (prog.name == "__main__.py" and prog.parent.name == "kdcli"):
+        cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if cmd in COMMANDS:
+            return cmd
+    return "distill" if cfg.teacher or cfg.augment == "hard" or cfg.inherit else "train"
+
+
+def largest_maps(model: TapModel, info: dict[str, TapInfo]) -> dict[str, tuple[int, int]]:
+    """The largest (H, W) each spatial tap in ``info`` (strides of the model that computes it) can have
+    on this run's training inputs, which ``model`` (the student) preprocesses: detection resizes the
+    long side to at most ``max_size`` and pads to a multiple of 32, so no batch exceeds that square;
+    segmentation trains on ``size`` crops. Strided convolutions round up: ``ceil(side / stride)``."""
+    pp = model.spec.preprocess
+    if model.task == "detection":
+        side = math.ceil(int(pp.get("max_size", 1333)) / 32) * 32
+    else:
+        side = int(pp.get("size", 512))
+    return {name: (math.ceil(side / i.stride),) * 2 for name, i in info.items() if i.stride > 0}
+
+
+def degenerate_terms(method: nn.Module | None, maps: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """``method.tap`` -> why, for each term that is exactly 0 for any input at these map sizes (CWD's
+    spatial softmax over a 1x1 map is 1; CanKD's instance norm of a 1x1 map is 0), as each method's
+    :meth:`~kdcli.methods.base.Method.degenerate` says."""
+    out: dict[str, str] = {}
+    if method is None:
+        return out
+    for name, m in getattr(method, "methods", {"": method}).items():
+        check = getattr(m, "degenerate", None)
+        for tap in getattr(m, "taps", ()):
+            why = check(tap, maps[tap]) if check is not None and tap in maps else None
+            if why:
+                out[f"{name or m.name}.{tap}"] = why
+    return out
+
+
+def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str | None = None) -> Run:
     from ..data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
     from ..methods import build as build_method
 
@@ -223,6 +277,12 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
     device = dist.device
     if not dist.is_main:
         log = _quiet  # rank 0 alone reports
+    amp, warning = resolve_amp(cfg.amp, device)
+    if warning:
+        log(f"warning: {warning}")
+    if amp != cfg.amp:  # "auto": the run (and config.json, so a resume) uses the precision chosen here
+        log(f"--amp {cfg.amp}: {amp} on {device}")
+        cfg = dataclasses.replace(cfg, amp=amp)
     seed_everything(cfg.seed)  # the same initial weights in every rank
     if not cfg.model:
         raise ConfigError("--model/--student: name a model (see `kdcli zoo list`)")
@@ -302,7 +362,20 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print) -> Run:
                                              generator=torch.Generator().manual_seed(cfg.seed), **common)
     folder = Path(cfg.out or f"runs/{cfg.method + '-' if cfg.method else ''}{Path(cfg.model).name}")
     run = Run(cfg, task, folder, student, teacher, method, train_loader, val_loader, val_ds, device, log,
-              dist=dist, sampler=sampler)
+              dist=dist, sampler=sampler, command=command if command in COMMANDS else started_by(cfg))
+    if method is not None:
+        # terms that are 0 by construction at this input size: said once here, not counted by the zero guard
+        maps = largest_maps(student, teacher.tap_info if teacher is not None else student.tap_info)
+        run.degenerate = degenerate_terms(method, maps)
+        members = dict(getattr(method, "methods", {}))
+        for g, why in run.degenerate.items():
+            name, _, tap = g.partition(".")
+            h, w = maps[tap]
+            keep = [t for t in getattr(members.get(name), "taps", ()) if f"{name}.{t}" not in run.degenerate]
+            key = "taps" if len(members) == 1 else f"{name}.taps"
+            drop = f"leave it out with --set {key}={','.join(keep)}" if keep else "choose larger taps with --set"
+            log(f"warning: {LossGuard.describe(g)}: the map is {h}x{w} at this input size and {why}; the term "
+                f"teaches nothing and the zero-loss guard ignores it ({drop})")
     run.step_module = ddp.wrap(ddp.DistillStep(student, method), dist)
     return run
 
@@ -454,7 +527,7 @@ class _Training:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, cfg.epochs * self.steps_per_epoch))
         # fp16 needs loss scaling; bf16 has float32's range and does not
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=cfg.amp == "fp16")
-        self.guard = LossGuard(run.method, cfg.zero_loss_steps)
+        self.guard = LossGuard(run.method, cfg.zero_loss_steps, exempt=run.degenerate)
         run.guard = self.guard
         self.generators = ckpt.module_generators(run.method)
         self.st = LoopState()
@@ -559,6 +632,7 @@ def _record_training(run: Run, lr: float) -> None:
     cfg, dist = run.cfg, run.dist
     path = run.folder / "config.json"
     record = json.loads(path.read_text()) if path.exists() else {}
+    record["command"] = run.command  # `kdcli <command> --resume` continues the run (api.resume reads it)
     record["effective_batch"] = cfg.batch_size * dist.world * cfg.accumulate
     record["training"] = {
         "world_size": dist.world, "backend": dist.backend or "none", "batch_per_process": cfg.batch_size,
@@ -573,7 +647,9 @@ def _record_training(run: Run, lr: float) -> None:
 
 
 def _resume_hint(run: Run) -> str:
-    cmd = "distill" if run.cfg.method else "train"
+    """The command line that continues ``run``: the kdcli command that started it (``train`` even for
+    ``kdcli train --method pskd`` / ``--objective mcmi``), under torchrun when it runs there."""
+    cmd = run.command if run.command in COMMANDS else started_by(run.cfg)
     launch = f"torchrun --nproc_per_node {run.dist.world} -m kdcli" if run.dist.enabled else "kdcli"
     return f"{launch} {cmd} --resume {run.folder}"
 
@@ -602,7 +678,7 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
     else:
         taken = ddp.broadcast_object((folder / "results.csv").exists(), dist)  # rank 0's file system decides
         if taken:
-            raise ConfigError(f"--out {folder}: already holds a run; continue it with --resume {folder} "
+            raise ConfigError(f"--out {folder}: already holds a run; continue it with {_resume_hint(run)} "
                               "or choose another --out")
         if dist.is_main:
             folder.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,17 @@ class Method(nn.Module):
         self.epoch = epoch
         self.progress = (epoch + it / max(1, iters_per_epoch)) / max(1, epochs)
 
+    def schedule(self) -> float:
+        """The factor on the method's terms at the current step (DKD's warm-up); 1 when unscheduled.
+
+        The engine's zero-loss guard does not count a step where it is exactly 0."""
+        return 1.0
+
+    def degenerate(self, tap: str, hw: tuple[int, int]) -> str | None:
+        """Why the term of ``tap`` is exactly 0 for any input when the teacher's map is ``hw`` = (H, W)
+        (checked before training at the run's largest map sizes), or None. Default: never."""
+        return None
+
     def teacher_forward(self, batch: Any, need: set[str]) -> ModelOutput | None:
         """Self-distillation: produce the teacher output when the run has no teacher model."""
         return None

@@ -142,6 +142,11 @@ class CanKD(Method):
             if cs != ct:
                 self.connectors[tap] = build_adapter(cs, ct, bias=True, init="kaiming")
 
+    def degenerate(self, tap: str, hw: tuple[int, int]) -> str | None:
+        if hw[0] * hw[1] == 1:  # the student map is resized to the teacher's H×W before the norm
+            return "instance normalisation over one position gives 0 on both sides, for any input"
+        return None
+
     def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for tap in self.taps:

@@ -150,5 +150,10 @@ class CWD(Method):
             c = c_student if self.channel_norm == "student" else ft.shape[1]
             return self.weight * channel_wise_divergence(fs, ft, self.tau) / (n * c)
 
+    def degenerate(self, tap: str, hw: tuple[int, int]) -> str | None:
+        if hw[0] * hw[1] == 1:  # the student map is resized to the teacher's H×W before the softmax
+            return "a spatial softmax over one position is 1 on both sides, so the KL is 0 for any input"
+        return None
+
     def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
         return {f"{self.name}.{tap}": self.loss_tap(tap, s.taps[tap], t.taps[tap]) for tap in self.taps}

@@ -139,6 +139,17 @@ def names() -> list[str]:
     return sorted(_manifest())
 
 
+def weight_sources() -> dict[str, list[str]]:
+    """Every weight source the manifest names (``weights`` and ``backbone_weights``) → the entries
+    naming it, in name order."""
+    found: dict[str, list[str]] = {}
+    for name, spec in sorted(_manifest().items()):
+        for source in (spec.weights, spec.backbone_weights):
+            if source and source != "none" and name not in found.get(source, []):
+                found.setdefault(source, []).append(name)
+    return found
+
+
 def get_spec(name: str) -> ModelSpec:
     """The spec of a zoo entry with its class names resolved."""
     specs = _manifest()

@@ -1,0 +1,49 @@
+"""Which autocast precision a run uses: ``--amp none | bf16 | fp16 | auto``.
+
+bf16 autocast only pays on hardware with native bf16 kernels. On a CPU without AVX-512 BF16 or AMX,
+oneDNN has no bf16 convolution and PyTorch falls back to im2col + emulated bf16 GEMM: measured on
+this project's AVX2-only machine, a detector step is several times *slower* than float32 (on the
+AVX-512 BF16 machine of docs/results it was 2x faster). ``auto`` therefore asks the hardware:
+
+- CUDA: bf16 when the device supports it, else fp16 (with the GradScaler);
+- CPU: bf16 when oneDNN has native bf16 kernels here, else none (float32).
+
+An explicit ``bf16`` on a CPU without them, or ``fp16`` on any CPU, is honoured (the user asked for it)
+with a warning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+CHOICES = ("none", "bf16", "fp16", "auto")
+
+
+def cpu_has_native_bf16() -> bool:
+    """oneDNN bf16 kernels on this CPU (AVX-512 BF16 or AMX); False when PyTorch cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
+    """(precision to use, a one-line warning or None) for ``--amp amp`` on ``device``."""
+    if amp not in CHOICES:
+        raise ConfigError(f"--amp {amp}: expected {', '.join(CHOICES)}")
+    if device.type == "cuda":
+        if amp == "auto":
+            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+        return amp, None
+    native = cpu_has_native_bf16()
+    if amp == "auto":
+        return ("bf16" if native else "none"), None
+    if amp == "bf16" and not native:
+        return amp, ("--amp bf16: this CPU has no native bf16 kernels (AVX-512 BF16 / AMX), so autocast falls "
+                     "back to slow emulated ones, usually slower than float32; --amp auto or none avoids it")
+    if amp == "fp16":
+        return amp, ("--amp fp16 on a CPU runs emulated half-precision kernels, much slower than float32; "
+                     "use --amp auto or none")
+    return amp, None
