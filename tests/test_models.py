@@ -139,3 +139,25 @@ def test_detector_tap_names_do_not_depend_on_a_small_first_input() -> None:
     with torch.no_grad():
         out = model(batch, need=None, losses=False)
     assert [k for k in out.taps if k.startswith("p")] == ["p3", "p4", "p5", "p6", "p7"]
+
+
+@pytest.mark.parametrize("name", ["shapes-r18-fcos", "shapes-r18-retina"])
+def test_bf16_autocast_keeps_anchors_and_task_losses_in_float32_past_1024_px(name):
+    """bf16 holds integers exactly only up to 256: anchors built in the features' dtype past 1024 px got a
+    height of 0 (FCOS: infinite regression target, NaN centerness). They are built in float32 now."""
+    from kdcli.models import Batch
+
+    torch.manual_seed(0)
+    model = build_model(get_spec(name)).train()
+    h, w = 1056, 32  # a tall input, as COCO portrait images are at 800/1333
+    x = torch.randn(1, 3, h, w)
+    boxes = torch.tensor([[2.0, 1020.0, 30.0, 1050.0], [4.0, 1030.0, 20.0, 1044.0]])
+    targets = [{"boxes": boxes, "labels": torch.tensor([1, 2])}]
+    batch = Batch(x, [(h, w)], [(h, w)], targets)
+    ref = model(batch).extras["anchors"][0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    anchors = out.extras["anchors"][0]
+    assert anchors.dtype == torch.float32 and torch.equal(anchors, ref)
+    assert (anchors[:, 3] - anchors[:, 1]).min() > 0
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values()), out.losses

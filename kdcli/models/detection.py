@@ -165,7 +165,12 @@ class DetectionModel(TapModel):
         net = self.net
         head = net.head(feats)
         out.taps["cls_logits"] = head["cls_logits"]
-        anchors = net.anchor_generator(images, feats)
+        # Anchors, matching, box coding and the task losses in float32. Under autocast torchvision's
+        # AnchorGenerator takes the features' dtype: bf16 rounds coordinates past 256 px, and past 1024 px
+        # stride-8 anchors get a width or height of 0 or 16 (FCOS: a positive location on a zero-height
+        # anchor gives an infinite regression target and a NaN centerness loss); FCOS also decodes boxes in
+        # the head's dtype. The generator reads only the shape, dtype and device of the features.
+        anchors = net.anchor_generator(images, [torch.empty((), device=f.device).expand(f.shape) for f in feats])
         per_level = [f.shape[-2] * f.shape[-1] for f in feats]
         a = head["cls_logits"].shape[1] // sum(per_level)
         per_level = [n * a for n in per_level]
@@ -173,16 +178,18 @@ class DetectionModel(TapModel):
         # the student's own assignment and box decoding, for logit methods (BCKD, DKD/NKD at positives)
         out.extras.update(match=partial(match_locations, net, anchors, [n // a for n in per_level]),
                           decode=partial(decode_boxes, net, anchors))
-        if targets is not None:
-            if isinstance(net, FCOS):
-                out.losses.update(net.compute_loss(targets, head, anchors, [n // a for n in per_level]))
-            else:
-                out.losses.update(net.compute_loss(targets, head, anchors))
-        if predict:
-            split_head = {k: list(v.split(per_level, dim=1)) for k, v in head.items()}
-            split_anchors = [list(t.split(per_level)) for t in anchors]
-            dets = net.postprocess_detections(split_head, split_anchors, images.image_sizes)
-            out.extras["detections"] = net.transform.postprocess(dets, images.image_sizes, batch.original_sizes)
+        head32 = {k: v.float() for k, v in head.items()}
+        with torch.autocast(images.tensors.device.type, enabled=False):
+            if targets is not None:
+                if isinstance(net, FCOS):
+                    out.losses.update(net.compute_loss(targets, head32, anchors, [n // a for n in per_level]))
+                else:
+                    out.losses.update(net.compute_loss(targets, head32, anchors))
+            if predict:
+                split_head = {k: list(v.split(per_level, dim=1)) for k, v in head32.items()}
+                split_anchors = [list(t.split(per_level)) for t in anchors]
+                dets = net.postprocess_detections(split_head, split_anchors, images.image_sizes)
+                out.extras["detections"] = net.transform.postprocess(dets, images.image_sizes, batch.original_sizes)
 
     def _two_stage(
         self, out: ModelOutput, images: ImageList, levels: dict[str, Tensor], targets: Any, predict: bool,
