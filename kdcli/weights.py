@@ -345,7 +345,10 @@ def _fetch_hf(source: str, repo: str, rev: str | None, log: Callable[[str], None
         except RepositoryNotFoundError:
             raise ZooError(f"{source}: no such repository on the Hub (or it is private)") from None
         except (HfHubHTTPError, OSError) as err:
-            raise ZooError(f"{source}: download failed ({str(err).splitlines()[0]})") from None
+            from huggingface_hub import get_token  # the implicit token must never reach a message
+
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise ZooError(f"{source}: download failed ({hub._scrub(first, get_token())})") from None
         commit = path.parent.name  # snapshots/<commit>/<file>
         if fname == "config.json":
             if hub.is_kdcli_config(path):  # a pushed kdcli model: one code path with `kdcli pull`

@@ -269,3 +269,27 @@ def test_launch_flags_are_stripped_and_checked():
             launch_plan(None, "0,1")
     with pytest.raises(ConfigError, match="--devices a,b"):
         launch_plan(None, "a,b")
+
+
+def test_isolated_rng_seeds_the_sample_and_restores_the_caller_without_touching_cuda(monkeypatch):
+    import random
+
+    import numpy as np
+    import torch
+
+    from kdcli.engine.distributed import isolated_rng
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: calls.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(s))
+    torch.manual_seed(123)
+    calls.clear()
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    with isolated_rng(7):
+        a = (torch.rand(3), random.random(), np.random.rand())
+    with isolated_rng(7):
+        b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]  # the same sample seed, the same draws
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
+    assert calls == []  # the per-rank CUDA streams (dropout, method masks) are left alone

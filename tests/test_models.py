@@ -161,3 +161,24 @@ def test_bf16_autocast_keeps_anchors_and_task_losses_in_float32_past_1024_px(nam
     assert anchors.dtype == torch.float32 and torch.equal(anchors, ref)
     assert (anchors[:, 3] - anchors[:, 1]).min() > 0
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values()), out.losses
+
+
+def test_bf16_autocast_runs_the_two_stage_heads_in_float32_past_1024_px():
+    from dataclasses import replace
+
+    from kdcli.models import Batch
+
+    torch.manual_seed(0)
+    spec = replace(get_spec("shapes-r18-fcos"), architecture="fasterrcnn", extra_levels="pool")
+    model = build_model(spec).train()
+    h, w = 1056, 32
+    x = torch.randn(1, 3, h, w)
+    targets = [{"boxes": torch.tensor([[2.0, 1020.0, 30.0, 1050.0]]), "labels": torch.tensor([1])}]
+    seen: list[torch.dtype] = []
+    hook = model.net.rpn.anchor_generator.register_forward_hook(lambda m, i, o: seen.extend(a.dtype for a in o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(Batch(x, [(h, w)], [(h, w)], targets)).losses
+    hook.remove()
+    assert seen == [torch.float32]
+    assert {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"} <= set(losses)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses

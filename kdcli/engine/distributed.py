@@ -26,6 +26,7 @@ that skipped the batches before it.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import os
 import random
@@ -113,6 +114,12 @@ def destroy() -> None:
 
 # -- collectives (no-ops when not distributed) ------------------------------------------------------
 # Objects cross ranks as torch.save/torch.load(weights_only=True): plain values and tensors, no pickle.
+# Older torch releases lack the argument (and unpickle); pass it wherever the installed torch has it.
+_SAFE: dict[str, Any] = (
+    {"weights_only": True}
+    if tdist.is_available() and "weights_only" in inspect.signature(tdist.broadcast_object_list).parameters
+    else {}
+)
 def _comm_device(info: DistInfo) -> torch.device:
     return info.device if info.backend == "nccl" else torch.device("cpu")
 
@@ -129,7 +136,7 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     if not info.enabled:
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=0, weights_only=True)
+    tdist.broadcast_object_list(box, src=0, **_SAFE)
     return box[0]
 
 
@@ -138,7 +145,7 @@ def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
     out: list[Any] = [None] * info.world
-    tdist.all_gather_object(out, obj, weights_only=True)
+    tdist.all_gather_object(out, obj, **_SAFE)
     return out
 
 
@@ -229,7 +236,7 @@ def isolated_rng(seed: int) -> Iterator[None]:
     see different streams.
     """
     t, p, n = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would also reseed every CUDA generator
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
@@ -322,7 +329,7 @@ class EvalShard:
         parts: list[Any] = [(results, ids)]
         if self.info.enabled:
             parts = [None] * self.info.world if self.info.is_main else []
-            tdist.gather_object((results, ids), parts if self.info.is_main else None, dst=0, weights_only=True)
+            tdist.gather_object((results, ids), parts if self.info.is_main else None, dst=0, **_SAFE)
             if not self.info.is_main:
                 return [], []
         all_ids = sorted({i for _, part in parts for i in part}, key=lambda i: self.position.get(i, i))

@@ -196,10 +196,15 @@ class DetectionModel(TapModel):
         batch: Batch,
     ) -> None:
         net = self.net
-        # torchvision's RPN and RoI heads compute losses in train mode and detections in eval mode
-        proposals, rpn_losses = net.rpn(images, levels, targets if self.training else None)
-        dets, roi_losses = net.roi_heads(levels, proposals, images.image_sizes,
-                                         targets if self.training else None)
+        # RPN and RoI heads in float32 with autocast off: their anchors take the features' dtype and their
+        # box coders decode in the deltas' dtype, and bf16 rounds coordinates past 256 px (zero-height
+        # anchors past 1024 px), as in _one_stage. Backbone and FPN keep the autocast precision.
+        levels = {k: v.float() for k, v in levels.items()}
+        with torch.autocast(images.tensors.device.type, enabled=False):
+            # torchvision's RPN and RoI heads compute losses in train mode and detections in eval mode
+            proposals, rpn_losses = net.rpn(images, levels, targets if self.training else None)
+            dets, roi_losses = net.roi_heads(levels, proposals, images.image_sizes,
+                                             targets if self.training else None)
         if targets is not None and self.training:
             out.losses.update(rpn_losses)
             out.losses.update(roi_losses)
