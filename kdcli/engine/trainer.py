@@ -34,8 +34,10 @@ from ..errors import ConfigError, KdcliError, TrainingError
 from ..models import TapModel, build_model
 from ..models.taps import TapInfo
 from ..viz.plots import update_results_png  # issue 8: results.png after each epoch
+from ..viz.stats import checkpoint_state as mask_stats_state
 from ..viz.stats import epoch_columns as mask_columns  # issue 8: mask/... columns of results.csv
 from ..viz.stats import observe as observe_internals
+from ..viz.stats import restore_state as restore_mask_stats
 from ..zoo import ModelSpec, resolve_ref
 from . import checkpoint as ckpt
 from . import distributed as ddp
@@ -559,7 +561,7 @@ class _Training:
             "epoch": st.epoch, "pos": st.pos, "step": st.step, "best": st.best, "sums": dict(st.sums), "n": st.n,
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "rng": rngs, "guard": self.guard.state_dict(), "method_extra": extra,
+            "rng": rngs, "guard": self.guard.state_dict(), "method_extra": extra, "mask_stats": mask_stats_state(run),
             "world": run.dist.world, "batch_size": run.cfg.batch_size, "accumulate": run.cfg.accumulate,
         })
 
@@ -591,6 +593,7 @@ class _Training:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state.get("guard", {}))
+        restore_mask_stats(run, state.get("mask_stats"))
         st = LoopState(int(state["epoch"]), int(state.get("pos", 0)), int(state.get("step", 0)),
                        float(state["best"]), dict(state.get("sums", {})), int(state.get("n", 0)))
         same_layout = (int(state.get("world", 1)), int(state.get("batch_size", cfg.batch_size)),

@@ -112,18 +112,40 @@ class MaskStats:
                 self.sums[k] = self.sums.get(k, 0.0) + v
                 self.counts[k] = self.counts.get(k, 0) + 1
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "enabled": self.enabled, "sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls, self.enabled = int(state["calls"]), bool(state["enabled"])
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+
     def pop(self) -> dict[str, float]:
         out = {f"mask/{k}": round(v / self.counts[k], 6) for k, v in self.sums.items() if self.counts.get(k)}
         self.sums, self.counts = {}, {}
         return out
 
 
-def observe(run: Any, s_out: Any, t_out: Any, targets: Any) -> None:
-    """Engine hook (``train_step``): sample the mask statistics every :data:`EVERY` micro-steps."""
+def _record(run: Any) -> MaskStats:
     rec = run.meta.get("mask_stats")
     if rec is None:
         rec = run.meta["mask_stats"] = MaskStats(run.method, run.device)
-    rec.observe(s_out, t_out, targets)
+    return rec
+
+
+def observe(run: Any, s_out: Any, t_out: Any, targets: Any) -> None:
+    """Engine hook (``train_step``): sample the mask statistics every :data:`EVERY` micro-steps."""
+    _record(run).observe(s_out, t_out, targets)
+
+
+def checkpoint_state(run: Any) -> dict[str, Any]:
+    """Engine hook (checkpoint): the sampling position and the epoch's running sums, so that a resumed run
+    samples the same steps and writes the same ``mask/...`` columns as an uninterrupted one."""
+    return _record(run).state_dict()
+
+
+def restore_state(run: Any, state: dict[str, Any] | None) -> None:
+    if state:  # checkpoints written before mask statistics were saved have none
+        _record(run).load_state_dict(state)
 
 
 def epoch_columns(run: Any) -> dict[str, float]:
