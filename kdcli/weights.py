@@ -177,7 +177,6 @@ def _record_pin(repo: str, rev: str | None, log: Callable[[str], None]) -> None:
                       and parse_hf(src[len("hf-hub:"):])[0] == repo and zoo_unpinned(src) for name in names})
     if not entries:
         return
-    import json
 
     pins = user_pins()
     if pins.get(repo) == rev:
@@ -185,10 +184,9 @@ def _record_pin(repo: str, rev: str | None, log: Callable[[str], None]) -> None:
     old = pins.get(repo)
     pins[repo] = str(rev)
     path = pins_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(pins, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    from .engine.checkpoint import save_json  # the project's atomic writer (fsync, then rename)
+
+    save_json(path, dict(sorted(pins.items())))
     was = f" (was {old})" if old else ""
     log(f"hf-hub:{repo}: commit {rev} recorded in {path} for {', '.join(entries)}{was}")
 
