@@ -242,7 +242,7 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
         floor_mem = step_memory(opts, None, dev, (student, teacher)) if opts.memory else math.nan
         log(f"[{dev.type}] floor step memory {floor_mem:.0f} MB; timing {len(names)} methods")
         for name in names:
-            row: dict[str, Any] = {"device": dev.type, "method": name}
+            row: dict[str, Any] = {"device": dev.type, "method": name, "amp": opts.amp}
             try:
                 method = build(name, student.tap_info, teacher.tap_info, student.task).to(dev)
                 row.update(interleaved(floor, Stepper(student, teacher, method, batch, opts.amp, opts.clock),
@@ -263,7 +263,7 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     return res
 
 
-COLUMNS = ["device", "method", "floor_s", "method_s", "ratio", "q25", "q75", "floor_mem_mb", "method_mem_mb",
+COLUMNS = ["device", "method", "amp", "floor_s", "method_s", "ratio", "q25", "q75", "floor_mem_mb", "method_mem_mb",
            "mem_ratio", "status"]
 
 
@@ -277,20 +277,21 @@ def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
         lines += ["```", opts.command, "```", ""]
     lines += [f"- versions: kdcli {v['kdcli']}, torch {v['torch']}, torchvision {v['torchvision']}",
               f"- machine: {machine()}",
-              f"- {opts.teacher} → {opts.student}, batch {opts.batch} at {opts.size} px, amp {opts.amp}, "
-              f"{opts.steps} interleaved pairs, clock {opts.clock}, threads {opts.threads or 'default'}",
+              f"- {opts.teacher} → {opts.student}, batch {opts.batch} at {opts.size} px, "
+              f"amp {opts.amp} (per device: the table), {opts.steps} interleaved pairs, clock {opts.clock}, "
+              f"threads {opts.threads or 'default'}",
               "- floor = teacher inference + plain student step; ratio = median(method) / median(floor); "
               "memory = tensor memory of the steps above what was held before them (CPU: torch.profiler "
               "memory events; CUDA: max allocated)", "",
-              "| device | method | floor s | method s | time × floor | pair ratios q25–q75 | memory × floor |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "| device | method | amp | floor s | method s | time × floor | pair ratios q25–q75 | memory × floor |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['device']} | {r['method']} | | | {r.get('status')} | | |")
+            lines.append(f"| {r['device']} | {r['method']} | {r.get('amp', '')} | | | {r.get('status')} | | |")
             continue
         mem = f"{r['mem_ratio']:.2f}" if not math.isnan(r.get("mem_ratio", math.nan)) else ""
-        lines.append(f"| {r['device']} | {r['method']} | {r['floor_s']:.3f} | {r['method_s']:.3f} | "
-                     f"{r['ratio']:.2f} | {r['q25']:.2f}–{r['q75']:.2f} | {mem} |")
+        lines.append(f"| {r['device']} | {r['method']} | {r.get('amp', '')} | {r['floor_s']:.3f} | "
+                     f"{r['method_s']:.3f} | {r['ratio']:.2f} | {r['q25']:.2f}–{r['q75']:.2f} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
