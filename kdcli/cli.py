@@ -94,6 +94,18 @@ def _run_training(options: dict[str, Any], config: Path | None, resume: Path | N
 
 
 _O = typer.Option
+# scale and reliability options shared by `train` and `distill` (one definition, one help text)
+_SCALE = {
+    "accumulate": _O(None, help="micro-batches per optimizer step (gradient accumulation)"),
+    "channels_last": _O(None, "--channels-last/--no-channels-last", help="NHWC memory format"),
+    "compile": _O(None, "--compile/--no-compile", help="torch.compile the student's backbone/neck/head"),
+    "sync_bn": _O(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (CUDA)"),
+    "scale_lr": _O(None, "--scale-lr/--no-scale-lr", help="linear rule: lr x processes x accumulate"),
+    "ckpt_every_steps": _O(None, help="resumable checkpoint every N optimizer steps (0: epoch ends)"),
+    "zero_loss_steps": _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
+    "nproc": _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
+    "devices": _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
+}
 
 
 @app.command()
@@ -116,15 +128,10 @@ def train(
     student_weights: str = _O(None, help="initial weights: zoo | backbone (ImageNet backbone only) | FILE; "
                                          "default: from scratch"),
     set_: list[str] = _O(None, "--set", help="method option key=value (method.key=value when combined)"),
-    accumulate: int = _O(None, help="micro-batches per optimizer step (gradient accumulation)"),
-    channels_last: bool = _O(None, "--channels-last/--no-channels-last", help="NHWC memory format"),
-    compile_: bool = _O(None, "--compile/--no-compile", help="torch.compile the student's backbone/neck/head"),
-    sync_bn: bool = _O(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (CUDA)"),
-    scale_lr: bool = _O(None, "--scale-lr/--no-scale-lr", help="linear rule: lr x processes x accumulate"),
-    ckpt_every_steps: int = _O(None, help="resumable checkpoint every N optimizer steps (0: epoch ends)"),
-    zero_loss_steps: int = _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
-    nproc: int = _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
-    devices: str = _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
+    accumulate: int = _SCALE["accumulate"], channels_last: bool = _SCALE["channels_last"],
+    compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
+    ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
+    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"],
 ) -> None:
     """Train one model (used to make teachers), optionally with a self-KD method or the MCMI objective."""
     from .config import parse_sets
@@ -173,15 +180,10 @@ def distill(
     max_val_images: int = _O(None), bn_recal: int = _O(None), out: Path = _O(None),
     config: Path = _O(None), resume: Path = _O(None),
     augment: str = _O(None, "--augment", help="none | hard (HARD's learned augmentations; --set hard.k=v)"),
-    accumulate: int = _O(None, help="micro-batches per optimizer step (gradient accumulation)"),
-    channels_last: bool = _O(None, "--channels-last/--no-channels-last", help="NHWC memory format"),
-    compile_: bool = _O(None, "--compile/--no-compile", help="torch.compile the student's backbone/neck/head"),
-    sync_bn: bool = _O(None, "--sync-bn/--no-sync-bn", help="SyncBatchNorm across processes (CUDA)"),
-    scale_lr: bool = _O(None, "--scale-lr/--no-scale-lr", help="linear rule: lr x processes x accumulate"),
-    ckpt_every_steps: int = _O(None, help="resumable checkpoint every N optimizer steps (0: epoch ends)"),
-    zero_loss_steps: int = _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
-    nproc: int = _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
-    devices: str = _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
+    accumulate: int = _SCALE["accumulate"], channels_last: bool = _SCALE["channels_last"],
+    compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
+    ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
+    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"],
 ) -> None:
     """Distil a teacher into a student with a method (self-KD methods need no --teacher)."""
     from .config import parse_sets
