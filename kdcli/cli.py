@@ -490,6 +490,7 @@ def bench_quality(
     max_val_images: int = _O(0), device: str = _O("auto"), workers: int = _O(2),
     student_weights: str = _O(None, help="zoo | backbone | FILE (default: from scratch)"),
     isolate: bool = _O(True, "--isolate/--in-process", help="one child process per run (its own peak memory)"),
+    jobs: int = _O(1, help="runs at once, each with cores/jobs threads (CPU: 2 often beats 1)"),
     reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
 ) -> None:
     """Every applicable method on one student at an equal budget over seeds; tables, plot, ranking."""
@@ -507,8 +508,8 @@ def bench_quality(
     opts = QualityOptions(chosen, data=data, methods=methods, budget=budget, seeds=seeds, out=out,
                           batch_size=batch_size, lr=lr, optimizer=optimizer, amp=amp, image_size=image_size,
                           max_train_images=max_train_images, max_val_images=max_val_images, device=device,
-                          workers=workers, student_weights=student_weights, isolate=isolate, reference=reference,
-                          command=_command_line())
+                          workers=workers, student_weights=student_weights, isolate=isolate, jobs=jobs,
+                          reference=reference, command=_command_line())
     res = run_suite(opts, log=_echo)
     console = Console()
     for pair in chosen:
@@ -537,14 +538,16 @@ def bench_speed(
     clock: str = _O("wall", help="wall | cpu (process CPU time: steadier on a shared machine, with --threads 1)"),
     threads: int = _O(0, help="torch.set_num_threads (0: default)"),
     memory: bool = _O(True, "--memory/--no-memory", help="also the step memory of each method vs the floor"),
+    set_: list[str] = _O(None, "--set", help="method option method.key=value (key=value with one method)"),
     out: Path = _O(None, help="folder for speed.md and speed.csv"),
 ) -> None:
     """Per method: one training step vs the floor (teacher inference + plain student step), and memory."""
     from .bench.speed import SpeedOptions, markdown, run_speed
+    from .config import parse_sets
 
     opts = SpeedOptions(teacher=teacher, student=student, size=size, batch=batch, steps=steps, amp=amp,
-                        methods=methods, device=device, clock=clock, threads=threads, memory=memory, out=out,
-                        command=_command_line())
+                        methods=methods, device=device, clock=clock, threads=threads, memory=memory,
+                        sets=parse_sets(set_), out=out, command=_command_line())
     res = run_speed(opts, log=_echo)
     typer.echo(markdown(opts, res.rows))
     if res.files:

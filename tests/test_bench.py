@@ -132,6 +132,26 @@ def test_quality_suite_tiny(tiny_shapes: Path, tmp_path: Path):
     assert ("Kendall τ-b = undefined" if tied else "Kendall τ-b = 1.00 over 3 common methods") in md
 
 
+def test_quality_suite_two_jobs_in_child_processes(tiny_shapes: Path, tmp_path: Path, monkeypatch):
+    """--jobs 2: runs go to child processes two at a time, each told to use its share of the cores, and the
+    tables keep the plan's order; --jobs needs --isolate."""
+    (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
+    monkeypatch.setattr(q.os, "cpu_count", lambda: 4)
+    env = q.child_env(2)
+    assert env is not None and env["OMP_NUM_THREADS"] == "2" and q.child_env(1) is None
+    pair = q.Pair("lraspp", "shapes-mbv3-lraspp", "shapes-mbv3-lraspp", teacher_epochs=1)
+    opts = q.QualityOptions([pair], data=f"semantic:{tiny_shapes / 'cityscapes'}", methods="kd", budget="1",
+                            seeds=2, out=tmp_path / "suite", batch_size=4, image_size=64, max_val_images=4,
+                            device="cpu", amp="none", workers=0, isolate=True, jobs=2)
+    res = q.run_suite(opts, log=lambda s: None)
+    assert [(r["method"], r["seed"], r["status"]) for r in res.runs] == [
+        ("baseline", 0, "ok"), ("kd", 0, "ok"), ("baseline", 1, "ok"), ("kd", 1, "ok")]
+    assert all(r["mem_kind"] == "peak RSS (child process)" and r["peak_mem_mb"] > 100 for r in res.runs)
+    assert "2 runs at a time" in (tmp_path / "suite" / "quality.md").read_text()
+    with pytest.raises(ConfigError, match="--jobs 2"):
+        q.run_suite(q.QualityOptions([pair], isolate=False, jobs=2, out=tmp_path / "x"), log=lambda s: None)
+
+
 def test_tensor_peak_known_value():
     import torch
 

@@ -504,3 +504,40 @@ def test_samkd_progressive_distill_runs_through_every_grid(tiny_shapes, tmp_path
     assert sorted(set(seen)) == [(0.0, 1), (1 / 3, 2), (2 / 3, 4)]
     header = (run.folder / "results.csv").read_text().splitlines()[0]
     assert "loss/samkd.p3" in header and "loss/samkd.p4.sld" in header
+
+
+def test_samkd_generator_precision_amp_runs_generators_in_the_autocast_dtype() -> None:
+    """``generator_precision=amp`` (default): under bf16 autocast the generators' convolutions see bf16 inputs while
+    the reconstruction error stays float32; ``float32`` keeps them in float32; without autocast both are float32
+    and identical. The two precisions agree to bf16 accuracy."""
+    s = {**fpn_infos(8), "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+    t = {**fpn_infos(8), "cls_logits": TapInfo("cls_logits", 3, 0, "logits")}
+    torch.manual_seed(0)
+    fs = {k: torch.randn(2, 8, h, h) for k, h in (("p3", 8), ("p4", 4))}
+    ft = {k: torch.randn(2, 8, h, h) for k, h in (("p3", 8), ("p4", 4))}
+    zs, zt = torch.randn(2, 80, 3), torch.randn(2, 80, 3)
+    seen: dict[str, set] = {}
+    results: dict[tuple[str, bool], dict[str, Tensor]] = {}
+    for precision in ("amp", "float32"):
+        torch.manual_seed(1)
+        m = SAMKD(s, t, "detection", **SAMKD.resolve_hparams("detection", {"generator_precision": precision}))
+        assert m.generator_precision == precision
+        dtypes: set = set()
+        hooks = [conv.register_forward_hook(lambda mod, inp, res, d=dtypes: d.add((inp[0].dtype, res.dtype)))
+                 for blk in m.blocks.values() for conv in (blk.gen_spatial[0], blk.gen_channel[2])]
+        for amp in (True, False):
+            dtypes.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                losses = m(out(**fs, cls_logits=zs), out(**ft, cls_logits=zt))
+            seen[f"{precision}-{amp}"] = set(dtypes)
+            results[(precision, amp)] = {k: v.detach() for k, v in losses.items()}
+            assert all(v.dtype == torch.float32 for v in losses.values())
+        for h in hooks:
+            h.remove()
+    assert seen["amp-True"] == {(torch.bfloat16, torch.bfloat16)}
+    assert seen["float32-True"] == seen["amp-False"] == seen["float32-False"] == {(torch.float32, torch.float32)}
+    for k, v in results[("float32", False)].items():
+        assert torch.equal(results[("amp", False)][k], v)  # no autocast: the option changes nothing
+        assert results[("amp", True)][k].item() == pytest.approx(v.item(), rel=3e-2)  # bf16 rounding only
+    with pytest.raises(ConfigError):
+        methods.build("samkd", s, t, "detection", {"generator_precision": "fp8"})

@@ -41,6 +41,7 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class QualityOptions:
     workers: int = 2
     student_weights: str | None = None
     isolate: bool = True
+    jobs: int = 1  # runs at once (each a child process with cpu_count // jobs threads)
     reference: Path | None = None
     command: str = ""
 
@@ -297,7 +299,16 @@ def _child_main(job_path: str) -> int:
     return 0
 
 
-def run_one(cfg: RunConfig, isolate: bool, log: Any) -> dict[str, Any]:
+def child_env(jobs: int) -> dict[str, str] | None:
+    """Environment of a child run when ``jobs`` runs share the machine: the cores split between them
+    (OMP_NUM_THREADS, read by torch at start-up); None (inherit) for one job at a time."""
+    if jobs <= 1:
+        return None
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1) -> dict[str, Any]:
     """Train one run (``cfg.out``) and measure it; a finished run with the same config is reused."""
     from .. import api
     from ._proc import RssSampler, run_child, tail
@@ -317,7 +328,7 @@ def run_one(cfg: RunConfig, isolate: bool, log: Any) -> dict[str, Any]:
         job.write_text(json.dumps({"config": cfg.to_dict(), "result": str(child_out)}))
         child_out.unlink(missing_ok=True)
         code, rss = run_child([sys.executable, "-m", "kdcli.bench.quality", "--child", str(job)],
-                              folder.with_name(folder.name + ".log"))
+                              folder.with_name(folder.name + ".log"), env=child_env(jobs))
         if code != 0 or not child_out.is_file():
             rec.update(status=f"failed: {tail(folder.with_name(folder.name + '.log')) or f'exit code {code}'}")
         else:
@@ -359,6 +370,8 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
 
     if opts.seeds < 1:
         raise ConfigError(f"--seeds {opts.seeds}: expected at least 1")
+    if opts.jobs < 1 or (opts.jobs > 1 and not opts.isolate):
+        raise ConfigError(f"--jobs {opts.jobs}: expected at least 1, and runs in child processes (--isolate)")
     parse_budget(opts.budget)
     t_start = time.time()
     load0 = _loadavg()
@@ -378,23 +391,34 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
         budget = plan_budget(opts.budget, train_size(pair, task, opts), opts.batch_size)
         plans[pair.name] = (task, names, budget)
         log(f"[{pair.name}] {len(names) - 1} methods + baseline x {opts.seeds} seed(s), budget {budget.text}")
+        work: list[tuple[int, str, RunConfig]] = []
         for seed in range(opts.seeds):
             for name in names:
                 folder = out / "runs" / pair.name / name / f"seed{seed}"
                 folder.parent.mkdir(parents=True, exist_ok=True)
-                cfg = RunConfig(model=pair.student, teacher=teachers[pair.name][0] if needs_teacher(name) else None,
-                                method=None if name == BASELINE else name, out=str(folder), seed=seed,
-                                epochs=budget.epochs, max_train_images=budget.max_train_images or opts.max_train_images,
-                                eval_every=0, skip_teacher_check=True, student_weights=opts.student_weights,
-                                **recipe(task, opts))
-                t0 = time.time()
-                rec = run_one(cfg, opts.isolate, log)
-                main = METRICS[task][0]
-                score = rec.get("metrics", {}).get(main)
-                log(f"[{pair.name}] seed {seed} {name}: "
-                    + (f"{main} {score:.4f}" if score is not None else rec["status"])
-                    + f" ({time.time() - t0:.0f}s)")
-                res.runs.append(_run_row(pair, task, name, seed, budget, rec))
+                work.append((seed, name, RunConfig(
+                    model=pair.student, teacher=teachers[pair.name][0] if needs_teacher(name) else None,
+                    method=None if name == BASELINE else name, out=str(folder), seed=seed, epochs=budget.epochs,
+                    max_train_images=budget.max_train_images or opts.max_train_images, eval_every=0,
+                    skip_teacher_check=True, student_weights=opts.student_weights, **recipe(task, opts))))
+
+        def one(item: tuple[int, str, RunConfig], pair: Pair = pair, task: str = task) -> dict[str, Any]:
+            seed, name, cfg = item
+            t0 = time.time()
+            rec = run_one(cfg, opts.isolate, log, opts.jobs)
+            main = METRICS[task][0]
+            score = rec.get("metrics", {}).get(main)
+            log(f"[{pair.name}] seed {seed} {name}: " + (f"{main} {score:.4f}" if score is not None else rec["status"])
+                + f" ({time.time() - t0:.0f}s)")
+            return rec
+
+        if opts.jobs > 1:  # child processes: the threads only wait for them
+            with ThreadPoolExecutor(opts.jobs) as pool:
+                recs = list(pool.map(one, work))
+        else:
+            recs = [one(item) for item in work]
+        res.runs.extend(_run_row(pair, task, name, seed, budget, rec)
+                        for (seed, name, _), rec in zip(work, recs, strict=True))
     res.wall_s = round(time.time() - t_start, 1)
     res.rows = aggregate(res.runs, {p: t[1] for p, t in teachers.items()}, plans)
     agreement = compare_rankings(res.rows, read_rows(opts.reference)) if opts.reference else {}
@@ -590,7 +614,9 @@ def markdown(opts: QualityOptions, res: SuiteResult, teachers: dict[str, tuple[s
         f"{opts.optimizer} lr {opts.lr:g}, amp {opts.amp}, image size {opts.image_size or 'the model default'}",
         f"- wall time: {res.wall_s / 60:.1f} min for this invocation (teachers from cache or trained); the runs "
         f"themselves took {sum(r['run_s'] for r in res.runs if not math.isnan(r['run_s'])) / 60:.1f} min in all "
-        "(runs reused from an earlier invocation count with their original time)",
+        "(runs reused from an earlier invocation count with their original time)"
+        + (f"; {opts.jobs} runs at a time, so each run's times include sharing the machine with the others"
+           if opts.jobs > 1 else ""),
         "- every method: same student, same recipe, same budget and seeds; validation once after the last epoch; "
         "gain = mean over seeds of (method − baseline of the same seed) ± std (± only with 2+ seeds); "
         "*beats baseline*: the paired gain "

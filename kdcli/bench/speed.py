@@ -50,6 +50,7 @@ class SpeedOptions:
     threads: int = 0
     memory: bool = True
     memory_steps: int = 2
+    sets: dict[str, str] = field(default_factory=dict)  # method options: method.key=value (key=value: one method)
     out: Path | None = None
     command: str = ""
 
@@ -214,6 +215,26 @@ def devices(name: str) -> list[Any]:
     raise ConfigError(f"--device {name}: expected all, cpu or cuda")
 
 
+def method_overrides(names: list[str], sets: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``--set samkd.generator_precision=float32`` → {"samkd": {...}}; an unprefixed key needs one method."""
+    per: dict[str, dict[str, str]] = {n: {} for n in names}
+    for key, value in sets.items():
+        head, dot, rest = key.partition(".")
+        if dot and head in per:
+            per[head][rest] = value
+        elif len(names) == 1 and not (dot and head in _known_methods()):
+            per[names[0]][key] = value
+        else:
+            raise ConfigError(f"--set {key}: name a timed method as method.key=value (timed: {', '.join(names)})")
+    return per
+
+
+def _known_methods() -> list[str]:
+    from ..methods import available
+
+    return list(available())
+
+
 def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     """Time (and measure the memory of) every method's step against the floor on each device."""
     import torch
@@ -237,6 +258,7 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
             log(f"warning: {warning}")
         student, teacher = build_models(opts, dev)
         names = speed_methods(student.task, opts.methods)
+        per = method_overrides(names, opts.sets)
         batch = make_batch(student, opts.batch, opts.size, dev)
         floor = Stepper(student, teacher, None, batch, opts.amp, opts.clock)
         floor_mem = step_memory(opts, None, dev, (student, teacher)) if opts.memory else math.nan
@@ -244,7 +266,7 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
         for name in names:
             row: dict[str, Any] = {"device": dev.type, "method": name, "amp": opts.amp}
             try:
-                method = build(name, student.tap_info, teacher.tap_info, student.task).to(dev)
+                method = build(name, student.tap_info, teacher.tap_info, student.task, per[name]).to(dev)
                 row.update(interleaved(floor, Stepper(student, teacher, method, batch, opts.amp, opts.clock),
                                        opts.steps))
                 if opts.memory:

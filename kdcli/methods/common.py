@@ -84,6 +84,12 @@ def float32_region(x: Tensor) -> Iterator[None]:
         yield
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype in force on ``x``'s device (bf16/fp16), or None when autocast is off."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32: fp16/bf16 become float32; float32 and float64 are kept.
 
@@ -109,6 +115,7 @@ def instance_norm(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 __all__ = [
     "ADAPTER_INITS",
+    "autocast_dtype",
     "build_adapter",
     "float32_region",
     "instance_norm",

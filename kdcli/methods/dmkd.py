@@ -194,16 +194,23 @@ class DualReconstruction(nn.Module):
         """R = w_s G_s(S̃ ⊙ B^S) + w_c G_c(S̃ ⊙ B^C); masks broadcast to S̃ (N, C, H, W)."""
         return self.reconstruct(s_al, keep_s.unsqueeze(0), keep_c.unsqueeze(0))[0]
 
-    def reconstruct(self, s_al: Tensor, keep_s: Tensor, keep_c: Tensor) -> Tensor:
+    def reconstruct(self, s_al: Tensor, keep_s: Tensor, keep_c: Tensor, amp: torch.dtype | None = None) -> Tensor:
         """R_g for G mask pairs at once: ``keep_s``, ``keep_c`` (G, N, ·, ·, ·) broadcast to (G, N, C, H, W);
-        returns (G, N, C, H, W), the same as G calls of :meth:`forward`."""
+        returns (G, N, C, H, W), the same as G calls of :meth:`forward`.
+
+        ``amp`` (bf16/fp16): the masked inputs and the generators' convolutions run in that dtype under
+        autocast (the training's mixed precision) and R is returned in ``s_al``'s dtype; None: all in ``s_al``'s
+        dtype."""
         n, c, h, w = s_al.shape
-        xs, xc = s_al * keep_s, s_al * keep_c
+        x = s_al if amp is None else s_al.to(amp)
+        xs, xc = x * keep_s.to(x.dtype), x * keep_c.to(x.dtype)
         if xs.shape != xc.shape:  # one side given for a single grid: shared by all
             xs, xc = torch.broadcast_tensors(xs, xc)
         xs, xc = xs.reshape(-1, c, h, w), xc.reshape(-1, c, h, w)  # (G·N, C, H, W)
         ws = self.weights()
-        r = ws[0] * self.gen_spatial(xs) + ws[1] * self.gen_channel(xc)
+        with torch.autocast(s_al.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            gs, gc = self.gen_spatial(xs), self.gen_channel(xc)
+        r = ws[0] * gs.to(s_al.dtype) + ws[1] * gc.to(s_al.dtype)
         return r.view(-1, n, c, h, w)
 
 

@@ -86,7 +86,7 @@ from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
 from . import register
 from .base import Method
-from .common import check_pair, float32_region, match_spatial, upcast
+from .common import autocast_dtype, check_pair, float32_region, match_spatial, upcast
 from .dmkd import (
     DualReconstruction,
     check_choices,
@@ -105,6 +105,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "grid_weight": ("mean", "sum"),
     "pyramid_mode": ("joint", "progressive"),
     "sld_region": ("top", "soft"),
+    "generator_precision": ("amp", "float32"),
 }
 
 
@@ -190,6 +191,7 @@ class SAMKD(Method):
             "sld_region": "top",  # [ASSUMPTION]
             "sld_tau": 1.0,  # t masked §5.2 [ASSUMPTION]
             "sld_logits": "cls_logits",  # dense classification logits [ASSUMPTION]
+            "generator_precision": "amp",  # kdcli: generators in the training's autocast dtype (speed)
         },
         "segmentation": {
             "taps": "seg_feat",  # [ASSUMPTION] kdcli extension
@@ -210,6 +212,7 @@ class SAMKD(Method):
             "sld_region": "top",  # [ASSUMPTION]
             "sld_tau": 1.0,  # [ASSUMPTION]
             "sld_logits": "seg_logits",  # [ASSUMPTION]
+            "generator_precision": "amp",  # kdcli (speed)
         },
     }
 
@@ -233,6 +236,8 @@ class SAMKD(Method):
         self.sld_region = str(hp["sld_region"])
         self.sld_tau = float(hp["sld_tau"])
         self.sld_logits = str(hp["sld_logits"])
+        self.generator_precision = str(hp["generator_precision"])
+        self._amp: torch.dtype | None = None  # the autocast dtype of the current forward (None: float32)
         if not 0.0 <= self.sld_keep <= 1.0:
             raise ConfigError(f"--set sld_keep={self.sld_keep}: method 'samkd' needs a fraction in [0, 1]")
         needs: tuple[str, ...] = self.taps
@@ -336,6 +341,7 @@ class SAMKD(Method):
     ) -> Tensor:
         """L_SFD of one tap; ``masks``: one (B^S_g, B^C_g) per active grid, overriding the computed masks."""
         check_pair(self.name, tap, fs, ft)
+        self._amp = autocast_dtype(fs)
         with float32_region(fs):
             fs, ft = upcast(fs), upcast(ft.detach())
             return self._sfd(tap, self.aligned(tap, fs, ft), ft, masks)
@@ -355,7 +361,8 @@ class SAMKD(Method):
         if self.loss_weight == "attention":
             a_s, a_c = teacher_attention(ft, self.temperature)
             weight = a_s.view(ft.shape[0], 1, *ft.shape[2:]) * a_c.view(*ft.shape[:2], 1, 1)
-        per_grid = grid_reconstruction_losses(block.reconstruct(s_al, keep_s, keep_c), ft, weight)  # (G,)
+        amp = self._amp if self.generator_precision == "amp" and s_al.dtype == torch.float32 else None
+        per_grid = grid_reconstruction_losses(block.reconstruct(s_al, keep_s, keep_c, amp), ft, weight)  # (G,)
         beta = torch.tensor([b for _, b in grids], dtype=per_grid.dtype, device=per_grid.device)
         with torch.no_grad():
             kept_s = keep_s.flatten(1).float().mean(1)
@@ -421,6 +428,7 @@ class SAMKD(Method):
     def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
         self._stats = {}
         out: dict[str, Tensor] = {}
+        self._amp = autocast_dtype(next(iter(s.taps.values())))
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
             check_pair(self.name, tap, fs, ft)
