@@ -136,7 +136,7 @@ def test_quality_suite_two_jobs_in_child_processes(tiny_shapes: Path, tmp_path: 
     """--jobs 2: runs go to child processes two at a time, each told to use its share of the cores, and the
     tables keep the plan's order; --jobs needs --isolate."""
     (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
-    monkeypatch.setattr(q.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(q.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     env = q.child_env(2)
     assert env is not None and env["OMP_NUM_THREADS"] == "2" and q.child_env(1) is None
     pair = q.Pair("lraspp", "shapes-mbv3-lraspp", "shapes-mbv3-lraspp", teacher_epochs=1)
@@ -150,6 +150,28 @@ def test_quality_suite_two_jobs_in_child_processes(tiny_shapes: Path, tmp_path: 
     assert "2 runs at a time" in (tmp_path / "suite" / "quality.md").read_text()
     with pytest.raises(ConfigError, match="--jobs 2"):
         q.run_suite(q.QualityOptions([pair], isolate=False, jobs=2, out=tmp_path / "x"), log=lambda s: None)
+
+
+def test_run_child_is_killed_when_stop_is_set(tmp_path: Path):
+    import threading
+    import time
+
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    t0 = time.monotonic()
+    rc, _ = run_child([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "c.log", stop=stop)
+    assert rc != 0 and time.monotonic() - t0 < 10
+
+
+def test_speed_set_overrides_go_to_the_named_method():
+    from kdcli.bench.speed import method_overrides
+
+    assert method_overrides(["samkd", "dmkd"], {"samkd.grids": "1"}) == {"samkd": {"grids": "1"}, "dmkd": {}}
+    assert method_overrides(["samkd"], {"grids": "1"}) == {"samkd": {"grids": "1"}}
+    with pytest.raises(ConfigError, match="--set grids"):
+        method_overrides(["samkd", "dmkd"], {"grids": "1"})
+    with pytest.raises(ConfigError, match="--set cwd.tau"):
+        method_overrides(["samkd"], {"cwd.tau": "2"})  # a method that is not timed
 
 
 def test_tensor_peak_known_value():
@@ -169,7 +191,10 @@ def test_tensor_peak_known_value():
 
 def test_speed_tiny(tmp_path: Path):
     opts = SpeedOptions(teacher="shapes-mbv3-lraspp", student="shapes-mbv3-lraspp", size=64, batch=2, steps=2,
-                        methods="kd", device="cpu", memory=True, out=tmp_path, amp="none")
+                        methods="kd", device="cpu", memory=True, out=tmp_path, amp="none", sets={"kd.tau": "0"})
+    (bad,) = run_speed(opts, log=lambda s: None).rows  # --set reaches the method: a bad value fails its build
+    assert bad["status"].startswith("failed: ConfigError") and "tau" in bad["status"]
+    opts.sets = {"tau": "2"}
     res = run_speed(opts, log=lambda s: None)
     (row,) = res.rows
     # timings on a shared machine are noise at this size: only that both were measured

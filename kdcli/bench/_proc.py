@@ -56,9 +56,10 @@ def peak_rss_mb() -> float:
 
 
 def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-              timeout: float | None = None) -> tuple[int, float]:
+              timeout: float | None = None, stop: threading.Event | None = None) -> tuple[int, float]:
     """Run ``argv`` with stdout+stderr into ``log_path``; returns (exit code, ``ru_maxrss`` of the child in MB,
-    an upper bound of its peak: see the module docstring)."""
+    an upper bound of its peak: see the module docstring). ``stop`` set (from another thread, which a Ctrl-C
+    does not reach) kills the child like a timeout."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -68,7 +69,7 @@ def run_child(argv: list[str], log_path: Path, env: dict[str, str] | None = None
                 pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                if deadline is not None and time.monotonic() > deadline:
+                if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
                     proc.kill()
                     pid, status, usage = os.wait4(proc.pid, 0)
                     break

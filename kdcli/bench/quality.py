@@ -40,6 +40,7 @@ import platform
 import shutil
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -304,11 +305,12 @@ def child_env(jobs: int) -> dict[str, str] | None:
     (OMP_NUM_THREADS, read by torch at start-up); None (inherit) for one job at a time."""
     if jobs <= 1:
         return None
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1) -> dict[str, Any]:
+def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1, stop: threading.Event | None = None,
+            ) -> dict[str, Any]:
     """Train one run (``cfg.out``) and measure it; a finished run with the same config is reused."""
     from .. import api
     from ._proc import RssSampler, run_child, tail
@@ -328,7 +330,7 @@ def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1) -> dict[str,
         job.write_text(json.dumps({"config": cfg.to_dict(), "result": str(child_out)}))
         child_out.unlink(missing_ok=True)
         code, rss = run_child([sys.executable, "-m", "kdcli.bench.quality", "--child", str(job)],
-                              folder.with_name(folder.name + ".log"), env=child_env(jobs))
+                              folder.with_name(folder.name + ".log"), env=child_env(jobs), stop=stop)
         if code != 0 or not child_out.is_file():
             rec.update(status=f"failed: {tail(folder.with_name(folder.name + '.log')) or f'exit code {code}'}")
         else:
@@ -378,6 +380,7 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     res = SuiteResult()
+    stop = threading.Event()  # set on Ctrl-C with --jobs > 1: the worker threads kill their children
     teachers: dict[str, tuple[str, dict[str, Any]]] = {}
     plans: dict[str, tuple[str, list[str], Budget]] = {}
     for pair in opts.pairs:  # validate everything before the first (long) run
@@ -405,7 +408,12 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
         def one(item: tuple[int, str, RunConfig], pair: Pair = pair, task: str = task) -> dict[str, Any]:
             seed, name, cfg = item
             t0 = time.time()
-            rec = run_one(cfg, opts.isolate, log, opts.jobs)
+            if stop.is_set():
+                return {"config": cfg.to_dict(), "status": "failed: not run (the suite was stopped)"}
+            try:
+                rec = run_one(cfg, opts.isolate, log, opts.jobs, stop)
+            except Exception as err:  # noqa: BLE001 - a broken run is reported; the others go on
+                rec = {"config": cfg.to_dict(), "status": f"failed: {type(err).__name__}: {err}"}
             main = METRICS[task][0]
             score = rec.get("metrics", {}).get(main)
             log(f"[{pair.name}] seed {seed} {name}: " + (f"{main} {score:.4f}" if score is not None else rec["status"])
@@ -413,8 +421,14 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
             return rec
 
         if opts.jobs > 1:  # child processes: the threads only wait for them
-            with ThreadPoolExecutor(opts.jobs) as pool:
-                recs = list(pool.map(one, work))
+            pool = ThreadPoolExecutor(opts.jobs)
+            try:
+                recs = [f.result() for f in [pool.submit(one, item) for item in work]]
+            except BaseException:  # Ctrl-C reaches this thread only: stop the queue and kill the running children
+                stop.set()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             recs = [one(item) for item in work]
         res.runs.extend(_run_row(pair, task, name, seed, budget, rec)

@@ -164,7 +164,7 @@ def build_models(opts: SpeedOptions, device: Any) -> tuple[Any, Any]:
 
 # -- memory ------------------------------------------------------------------------------------------
 def step_memory(opts: SpeedOptions, method_name: str | None, device: Any,
-                models: tuple[Any, Any] | None = None) -> float:
+                models: tuple[Any, Any] | None = None, overrides: dict[str, str] | None = None) -> float:
     """Peak MB of ``opts.memory_steps`` training steps above the memory held before them.
 
     One unmeasured step first (lazy state, kernel caches), then its gradients are dropped so that the measured
@@ -178,7 +178,7 @@ def step_memory(opts: SpeedOptions, method_name: str | None, device: Any,
     student, teacher = models or build_models(opts, device)
     method = None
     if method_name:
-        method = build(method_name, student.tap_info, teacher.tap_info, student.task).to(device)
+        method = build(method_name, student.tap_info, teacher.tap_info, student.task, overrides).to(device)
     batch = make_batch(student, opts.batch, opts.size, device)
     step = Stepper(student, teacher, method, batch, opts.amp)
     step()
@@ -270,7 +270,7 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
                 row.update(interleaved(floor, Stepper(student, teacher, method, batch, opts.amp, opts.clock),
                                        opts.steps))
                 if opts.memory:
-                    mem = step_memory(opts, name, dev, (student, teacher))
+                    mem = step_memory(opts, name, dev, (student, teacher), per[name])
                     row.update(floor_mem_mb=floor_mem, method_mem_mb=mem,
                                mem_ratio=mem / floor_mem if floor_mem > 0 else math.nan)
                 row["status"] = "ok"

@@ -65,7 +65,15 @@ offers one):
 Randomness is injectable: :attr:`SAMKD.generator` (CPU; None = global RNG) for ``mask_mode=random``; any
 masks can be passed to :meth:`SAMKD.sfd_tap` (a list of (B^S_g, B^C_g) per grid) and region weights to
 :meth:`SAMKD.sld_tap`. :attr:`SAMKD.last_stats` holds per tap and grid the kept fractions, the fusion
-weights and the SLD selected fraction. Everything runs in float32 with autocast disabled.
+weights and the SLD selected fraction. Everything runs in float32 with autocast disabled, except (S10) the
+generators' convolutions.
+
+- S10 (kdcli, not a modelling assumption) ``generator_precision = amp | float32``: with ``amp`` (default) the
+  masked inputs and the two generators run in the training's autocast dtype (bf16/fp16), as every other
+  convolution of the student does, and the reconstruction error, its reduction, the masks and SLD stay in
+  float32; without autocast both settings are the same float32 computation. The three grids triple DMKD's
+  generator work, and in float32 they kept a bf16 training step 1.3× the floor; ``float32`` restores the
+  all-float32 loss.
 
 Computation (same maths, fewer operations; checked against a per-image, per-cell, per-grid reference in
 the tests): the masks of every grid come from one ranking of all cells (:class:`Pyramid` numbers the cells
@@ -237,7 +245,6 @@ class SAMKD(Method):
         self.sld_tau = float(hp["sld_tau"])
         self.sld_logits = str(hp["sld_logits"])
         self.generator_precision = str(hp["generator_precision"])
-        self._amp: torch.dtype | None = None  # the autocast dtype of the current forward (None: float32)
         if not 0.0 <= self.sld_keep <= 1.0:
             raise ConfigError(f"--set sld_keep={self.sld_keep}: method 'samkd' needs a fraction in [0, 1]")
         needs: tuple[str, ...] = self.taps
@@ -341,12 +348,13 @@ class SAMKD(Method):
     ) -> Tensor:
         """L_SFD of one tap; ``masks``: one (B^S_g, B^C_g) per active grid, overriding the computed masks."""
         check_pair(self.name, tap, fs, ft)
-        self._amp = autocast_dtype(fs)
+        amp = autocast_dtype(fs)
         with float32_region(fs):
             fs, ft = upcast(fs), upcast(ft.detach())
-            return self._sfd(tap, self.aligned(tap, fs, ft), ft, masks)
+            return self._sfd(tap, self.aligned(tap, fs, ft), ft, masks, amp)
 
-    def _sfd(self, tap: str, s_al: Tensor, ft: Tensor, masks: list[tuple[Tensor, Tensor]] | None) -> Tensor:
+    def _sfd(self, tap: str, s_al: Tensor, ft: Tensor, masks: list[tuple[Tensor, Tensor]] | None,
+             amp: torch.dtype | None = None) -> Tensor:
         """Σ_g β_g α Σ (R_g − T)² / N on float32 (or float64) S̃ and T, every active grid in one reconstruction."""
         block: DualReconstruction = self.blocks[tap]  # type: ignore[assignment]
         grids = self.active_grids()
@@ -361,7 +369,8 @@ class SAMKD(Method):
         if self.loss_weight == "attention":
             a_s, a_c = teacher_attention(ft, self.temperature)
             weight = a_s.view(ft.shape[0], 1, *ft.shape[2:]) * a_c.view(*ft.shape[:2], 1, 1)
-        amp = self._amp if self.generator_precision == "amp" and s_al.dtype == torch.float32 else None
+        # generator_precision=amp (S10): the generators in the autocast dtype the forward was called under
+        amp = amp if self.generator_precision == "amp" and s_al.dtype == torch.float32 else None
         per_grid = grid_reconstruction_losses(block.reconstruct(s_al, keep_s, keep_c, amp), ft, weight)  # (G,)
         beta = torch.tensor([b for _, b in grids], dtype=per_grid.dtype, device=per_grid.device)
         with torch.no_grad():
@@ -428,14 +437,14 @@ class SAMKD(Method):
     def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
         self._stats = {}
         out: dict[str, Tensor] = {}
-        self._amp = autocast_dtype(next(iter(s.taps.values())))
+        amp = autocast_dtype(next(iter(s.taps.values())))
         for tap in self.taps:
             fs, ft = s.taps[tap], t.taps[tap]
             check_pair(self.name, tap, fs, ft)
             with float32_region(fs):
                 fs32, ft32 = upcast(fs), upcast(ft.detach())
                 s_al = self.aligned(tap, fs32, ft32)  # once per tap: SFD and the SLD regions share it
-                out[f"{self.name}.{tap}"] = self._sfd(tap, s_al, ft32, None)
+                out[f"{self.name}.{tap}"] = self._sfd(tap, s_al, ft32, None, amp)
                 if not self.sld_weight:
                     continue
                 weights = self.region_weights(s_al.detach(), ft32)
