@@ -72,8 +72,8 @@ generators' convolutions.
   masked inputs and the two generators run in the training's autocast dtype (bf16/fp16), as every other
   convolution of the student does, and the reconstruction error, its reduction, the masks and SLD stay in
   float32; without autocast both settings are the same float32 computation. The three grids triple DMKD's
-  generator work, and in float32 they kept a bf16 training step 1.3× the floor; ``float32`` restores the
-  all-float32 loss.
+  generator work: with float32 generators a bf16 step took 1.31× the floor, with bf16 ones 1.19–1.23×
+  (docs/results/step_time.md). ``float32`` restores the all-float32 loss.
 
 Computation (same maths, fewer operations; checked against a per-image, per-cell, per-grid reference in
 the tests): the masks of every grid come from one ranking of all cells (:class:`Pyramid` numbers the cells
