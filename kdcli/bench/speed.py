@@ -217,22 +217,13 @@ def devices(name: str) -> list[Any]:
 
 def method_overrides(names: list[str], sets: dict[str, str]) -> dict[str, dict[str, str]]:
     """``--set samkd.generator_precision=float32`` → {"samkd": {...}}; an unprefixed key needs one method."""
-    per: dict[str, dict[str, str]] = {n: {} for n in names}
-    for key, value in sets.items():
-        head, dot, rest = key.partition(".")
-        if dot and head in per:
-            per[head][rest] = value
-        elif len(names) == 1 and not (dot and head in _known_methods()):
-            per[names[0]][key] = value
-        else:
-            raise ConfigError(f"--set {key}: name a timed method as method.key=value (timed: {', '.join(names)})")
-    return per
+    from ..methods import available, split_overrides
 
-
-def _known_methods() -> list[str]:
-    from ..methods import available
-
-    return list(available())
+    for key in sets:
+        head, dot, _ = key.partition(".")
+        if dot and head in available() and head not in names:
+            raise ConfigError(f"--set {key}: method '{head}' is not timed here (timed: {', '.join(names)})")
+    return split_overrides(names, sets)
 
 
 def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
