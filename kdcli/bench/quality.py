@@ -7,6 +7,8 @@ methods (PS-KD, USKD) without the teacher; MCMI, a teacher-training objective, i
 is left out — all with the same recipe, the same budget and the same seeds. Each run is a normal run folder
 (``OUT/runs/<pair>/<method>/seed<k>``); a finished run is reused when the suite is run again with the same
 options, so an interrupted suite continues where it stopped.
+``--jobs N`` runs N of them at once, each a child process with its share of the cores (run times then
+include the sharing).
 
 Budget: ``--budget 2e`` (epochs) or ``--budget 300`` (optimizer steps; a budget under one epoch trains one
 epoch on the first ``steps × batch`` training images). Validation runs once, after the last epoch: the
@@ -101,7 +103,7 @@ class QualityOptions:
     workers: int = 2
     student_weights: str | None = None
     isolate: bool = True
-    jobs: int = 1  # runs at once (each a child process with cpu_count // jobs threads)
+    jobs: int = 1  # runs at once, each a child process with (usable cores // jobs) threads
     reference: Path | None = None
     command: str = ""
 
