@@ -152,6 +152,40 @@ def test_quality_suite_two_jobs_in_child_processes(tiny_shapes: Path, tmp_path: 
         q.run_suite(q.QualityOptions([pair], isolate=False, jobs=2, out=tmp_path / "x"), log=lambda s: None)
 
 
+def test_jobs_overlap_and_a_broken_run_is_reported(tmp_path: Path, monkeypatch):
+    """The scheduling alone (no training): with --jobs 2 two runs are in flight at once, a run that raises is
+    recorded as failed while the others finish, and the rows keep the plan's order."""
+    import threading
+    import time
+
+    spans: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def fake_run_one(cfg, isolate, log, jobs=1, stop=None):
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        with lock:
+            spans.append((t0, time.monotonic()))
+        if cfg.method == "pkd" and cfg.seed == 0:
+            raise OSError("disk full")
+        return {"config": cfg.to_dict(), "status": "ok", "metrics": {"mIoU": 0.5, "pixel_acc": 0.9},
+                "run_s": 0.3, "train_s": 0.2, "peak_mem_mb": 1.0, "loss_ratio": 0.0}
+
+    monkeypatch.setattr(q, "run_one", fake_run_one)
+    monkeypatch.setattr(q, "prepare_teacher", lambda pair, task, opts, log: ("teacher-dir", {"mIoU": 0.6}))
+    monkeypatch.setattr(q, "train_size", lambda pair, task, opts: 16)
+    pair = q.Pair("lraspp", "shapes-mbv3-lraspp", "shapes-mbv3-lraspp")
+    opts = q.QualityOptions([pair], methods="kd,pkd", budget="1", seeds=2, out=tmp_path / "suite", jobs=2)
+    res = q.run_suite(opts, log=lambda s: None)
+    assert [(r["method"], r["seed"]) for r in res.runs] == [
+        ("baseline", 0), ("kd", 0), ("pkd", 0), ("baseline", 1), ("kd", 1), ("pkd", 1)]
+    assert [r["status"] for r in res.runs].count("ok") == 5
+    assert res.runs[2]["status"] == "failed: OSError: disk full"
+    spans.sort()
+    assert len(spans) == 6 and any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # overlapped
+    assert max(sum(s < t < e for s, e in spans) for t in (s + 0.15 for s, _ in spans)) <= 2  # never more than 2
+
+
 def test_run_child_is_killed_when_stop_is_set(tmp_path: Path):
     import threading
     import time
