@@ -29,14 +29,20 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
     config implies (:func:`kdcli.engine.trainer.started_by`)."""
     import torch
 
+    from .engine import distributed as ddp
     from .engine.trainer import build_run, fit
 
     if explicit is not None:
         cfg = _with_task_defaults(cfg, explicit)
     cfg = apply_objective_and_augment(cfg)  # issue 4: --objective mcmi, --augment hard
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    run = build_run(cfg, log=log, command=command)
-    metrics = fit(run, resume=resume, stop_after=stop_after)
+    ok = False
+    try:
+        run = build_run(cfg, log=log, command=command)
+        metrics = fit(run, resume=resume, stop_after=stop_after)
+        ok = True
+    finally:
+        ddp.finish(run.dist if ok else ddp.DistInfo(), ok)
     return run.folder, metrics
 
 

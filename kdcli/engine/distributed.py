@@ -90,6 +90,7 @@ def init(device: str = "auto") -> DistInfo:
     Backend: nccl for CUDA devices, gloo for CPU. A single process without torchrun gets
     ``DistInfo()`` with ``enabled == False`` (no DDP wrapping, no collectives).
     """
+    global _OWNED
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
     if not tdist.is_available() or (world <= 1 and not tdist.is_initialized()):
@@ -104,12 +105,26 @@ def init(device: str = "auto") -> DistInfo:
         if backend == "nccl" and not tdist.is_nccl_available():
             backend = "gloo"
         tdist.init_process_group(backend=backend, device_id=dev if backend == "nccl" else None)
+        _OWNED = True
     return DistInfo(tdist.get_rank(), tdist.get_world_size(), local_rank, str(tdist.get_backend()), dev)
 
 
-def destroy() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+_OWNED = False  # init() created the process group (a caller's own group is left to the caller)
+
+
+def finish(info: DistInfo, ok: bool) -> None:
+    """Leave the process group :func:`init` created: after a barrier when the run ended normally.
+
+    A process that exits with its gloo group alive can abort in the group's destructor
+    ("terminate called without an active exception") while a peer still talks to it; the barrier
+    makes the ranks leave together. After an error no barrier: the peers may never reach it."""
+    global _OWNED
+    if not (_OWNED and tdist.is_available() and tdist.is_initialized()):
+        return
+    if ok:
+        barrier(info)
+    tdist.destroy_process_group()
+    _OWNED = False
 
 
 # -- collectives (no-ops when not distributed) ------------------------------------------------------
