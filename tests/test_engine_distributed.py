@@ -293,3 +293,23 @@ def test_isolated_rng_seeds_the_sample_and_restores_the_caller_without_touching_
     assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
     assert (np.random.get_state()[1] == before[2]).all()
     assert calls == []  # the per-rank CUDA streams (dropout, method masks) are left alone
+
+
+def test_finish_leaves_a_group_it_did_not_create(tmp_path: Path, monkeypatch):
+    import torch.distributed as tdist
+
+    from kdcli.engine import distributed as ddp
+
+    monkeypatch.setattr(ddp, "_OWNED", False)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        info = ddp.init("cpu")  # joins the caller's group
+        assert info.enabled and info.world == 1
+        ddp.finish(info, ok=True)
+        assert tdist.is_initialized()  # the caller's: left alone
+        monkeypatch.setattr(ddp, "_OWNED", True)  # as after init() created it
+        ddp.finish(info, ok=True)
+        assert not tdist.is_initialized() and ddp._OWNED is False
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -60,6 +60,10 @@ def conv1x1(x: Tensor, conv: torch.nn.Conv2d) -> Tensor:
     return torch.einsum("oc,nchw->nohw", w, x) + conv.bias.view(1, -1, 1, 1)
 
 
+def align_by_hand(x: Tensor, align: torch.nn.Module) -> Tensor:
+    return x if isinstance(align, torch.nn.Identity) else conv1x1(x, align)
+
+
 def dice_by_hand(x: Tensor) -> float:
     """MasKD's pairwise Dice with explicit loops over images and ordered pairs."""
     n, m, _ = x.shape
@@ -74,7 +78,7 @@ def dice_by_hand(x: Tensor) -> float:
 def acam_by_hand(m: ACAM, tap: str, fs: Tensor, ft: Tensor) -> tuple[float, float]:
     """(masked key, div key) from the equations of spec §3.2, written out with the full N×M×C×P tensor."""
     b = m.blocks[tap]
-    s_al = conv1x1(fs, b.align)
+    s_al = align_by_hand(fs, b.align)
     if s_al.shape[-2:] != ft.shape[-2:]:
         s_al = F.interpolate(s_al, size=ft.shape[-2:], mode="bilinear", align_corners=False)
     s_in = s_al if m.kv_input == "aligned" else fs
@@ -153,7 +157,7 @@ def test_zero_selection_units_give_half_masks_and_closed_form(task: str) -> None
                 b = m.blocks[tap]
                 m_s, m_c = b.masks(torch.randn_like(ft_) * 100)
                 assert bool((m_s == 0.5).all()) and bool((m_c == 0.5).all())
-                mse = ((ft_ - conv1x1(fs_, b.align)) ** 2).mean().item()
+                mse = ((ft_ - align_by_hand(fs_, b.align)) ** 2).mean().item()
                 # §2.7: masks 0.5 ⇒ L^c = L^s = ½·mean(Δ²) (mask squared); mask_power=1 ⇒ mean(Δ²) each
                 each = 0.5 * mse if power == 2 else mse
                 assert losses[f"acam.{tap}"].item() == pytest.approx(alpha * 2 * each, rel=rel)
@@ -168,13 +172,13 @@ def test_zero_selection_units_give_half_masks_and_closed_form(task: str) -> None
 
 def test_identical_features_zero_masked_loss_and_query_modes_coincide() -> None:
     # spec §2.7: with F^T = f_align(F^S) (and W_q = W_k) teacher- and student-query modes coincide
-    mt = seg(6, 6, query_source="teacher")
+    mt = seg(6, 6, query_source="teacher", align="always")
     randomise(mt, 5)
     with torch.no_grad():
         mt.blocks["seg_logits"].align.weight.copy_(torch.eye(6, dtype=torch.float64).view(6, 6, 1, 1))
         mt.blocks["seg_logits"].align.bias.zero_()
         mt.blocks["seg_logits"].k.load_state_dict(mt.blocks["seg_logits"].q.state_dict())
-    ms = seg(6, 6, query_source="student")
+    ms = seg(6, 6, query_source="student", align="always")
     ms.load_state_dict(mt.state_dict())
     f = torch.randn(2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
     lt = mt(out(seg_logits=f), out(seg_logits=f.detach().clone()))
@@ -367,10 +371,30 @@ def test_build_detection_and_segmentation() -> None:
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_segmentation_compares_logits_without_align_when_classes_match() -> None:
+    # A2: MasKD's segmentation loss compares the logits as they are; a random 1×1 conv in between lets the
+    # student's logits drift to a channel mix of the teacher's (the measured collapse)
+    m = seg(5, 5)
+    assert isinstance(m.blocks["seg_logits"].align, torch.nn.Identity)
+    assert not any("align" in name for name, _ in m.named_parameters())
+    assert isinstance(seg(4, 5).blocks["seg_logits"].align, torch.nn.Conv2d)  # other class counts: adapted
+    assert isinstance(seg(5, 5, align="always").blocks["seg_logits"].align, torch.nn.Conv2d)
+    det = make("detection", infos(p3=6), infos(p3=6), taps="p3")
+    assert isinstance(det.blocks["p3"].align, torch.nn.Conv2d)  # detection: f_align even for equal channels
+    assert isinstance(make("detection", infos(p3=6), infos(p3=6), taps="p3", align="auto").blocks["p3"].align,
+                      torch.nn.Identity)
+    # the masked term is zero exactly where the student's own logits equal the teacher's
+    randomise(m, 13)
+    ft = torch.randn(2, 5, 4, 6, dtype=torch.float64)
+    assert m(out(seg_logits=ft.clone()), out(seg_logits=ft))["acam.seg_logits"].item() == 0.0
+    mixed = torch.einsum("oc,nchw->nohw", torch.randn(5, 5, dtype=torch.float64), ft)
+    assert m(out(seg_logits=mixed), out(seg_logits=ft))["acam.seg_logits"].item() > 0.1
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{"query_source": "both"}, {"mask_grad": "none"}, {"div_on": "x"}, {"mask_power": "3"}, {"num_masks": "0"},
-     {"kv_input": "raw"}],
+     {"kv_input": "raw"}, {"align": "never"}],
 )
 def test_bad_options_raise_config_error(overrides: dict) -> None:
     with pytest.raises(ConfigError):

@@ -31,7 +31,12 @@ Assumptions (every one [INF] or [ANC] in the spec; the switch is named where the
 - A1 taps: all FPN neck outputs, one independent module set per level (feature-methods §2.1,
   masked §3.3) — ``taps`` (default ``fpn``; e.g. ``fpn:4``). Segmentation: the main logits (§2.1 [NOTES],
   masked §3.4) — ``taps=seg_logits``.
-- A2 ``f_align`` is always applied, even for equal channels, PyTorch default init (feature §2.2.1).
+- A2 ``f_align`` (PyTorch default init) is applied even for equal channels on FPN features, as MasKD's
+  detection code (feature §2.2.1) — ``align = always | auto``. Segmentation preset ``auto``: logits of equal
+  class counts are compared as they are (S̃ = S), as MasKD's segmentation loss does (hunto/MasKD
+  segmentation/losses/maskd.py has no align conv) [ANC]. A randomly initialised 1×1 conv on logits lets the
+  student match W·S + b to the teacher with S a channel mix of the teacher's logits: measured on shapes, one
+  seed in three of each segmentation pair collapsed with ``always`` (docs/methods/acam.md).
 - A3 K/V come from the aligned student S̃, not the raw student the notes write (masked §3.2 step 2) —
   ``kv_input = aligned | raw`` (raw needs C_S = C_T).
 - A4 W_q, W_k, W_v: 1×1 convs with bias, PyTorch default init (feature §2.2.2). Note that the key bias
@@ -95,6 +100,7 @@ from .base import Method
 from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
 
 CHOICES: dict[str, tuple[Any, ...]] = {
+    "align": ("always", "auto"),
     "query_source": ("teacher", "student"),
     "kv_input": ("aligned", "raw"),
     "mask_input": ("fused", "teacher"),
@@ -194,9 +200,15 @@ class ACAMBlock(nn.Module):
         num_masks: int,
         channel_units: str = "scalar",
         init_std: float = 0.01,
+        align: str = "always",
     ) -> None:
         super().__init__()
-        self.align = build_adapter(student_channels, channels, bias=True, init="default")
+        # "auto": no f_align when the channels already match (S̃ = S), as MasKD's segmentation code on logits
+        self.align: nn.Module = (
+            build_adapter(student_channels, channels, bias=True, init="default")
+            if align == "always" or student_channels != channels
+            else nn.Identity()
+        )
         self.q = nn.Conv2d(channels, c_q, kernel_size=1)
         self.k = nn.Conv2d(channels, c_q, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -242,6 +254,7 @@ class ACAM(Method):
             "taps": "fpn",  # FPN neck [S1]; all levels [INF, as MasKD]
             "num_masks": 6,  # [S1]
             "c_q": 0,  # 0 = C // 2 (128 for FPN) [C2]
+            "align": "always",  # f_align even for 256 → 256, as MasKD's detection code [INF/ANC]
             "alpha": 1.0,  # [S1]
             "lambda_div": 1.0,  # [S1]
             "query_source": "teacher",  # [C2]; student = Table 9 ablation
@@ -259,6 +272,7 @@ class ACAM(Method):
             "taps": "seg_logits",  # "predicted segmentation maps" [S1] + MasKD seg [ANC]
             "num_masks": 19,  # one per class [S1]
             "c_q": 0,  # 0 = C // 2 = 9 for 19 classes [INF]
+            "align": "auto",  # logits compared as they are, as MasKD's segmentation code [ANC]; A2
             "alpha": 1.0,
             "lambda_div": 1.0,
             "query_source": "teacher",
@@ -310,7 +324,7 @@ class ACAM(Method):
                 )
             c_q = int(hp["c_q"]) or max(ct // 2, 1)
             self.blocks[tap] = ACAMBlock(
-                cs, ct, c_q, self.num_masks, str(hp["channel_units"]), float(hp["mask_init_std"])
+                cs, ct, c_q, self.num_masks, str(hp["channel_units"]), float(hp["mask_init_std"]), str(hp["align"])
             )
         self._stats: dict[str, Tensor] = {}
 
