@@ -126,6 +126,14 @@ def test_dice_equal_disjoint_and_hand_values() -> None:
     assert dice_diversity(batch).item() == pytest.approx((0.5 + 0.0) / 2, rel=1e-11)
     rand = torch.rand(3, 5, 9, generator=g, dtype=torch.float64)
     assert dice_diversity(rand).item() == pytest.approx(dice_by_hand(rand), rel=1e-11)
+    # identical masks are a stationary point: Dice's gradient vanishes there and grows with the masks'
+    # differences, so masks initialised together (units ~ N(0, 0.01²)) separate slowly
+    same = equal.clone().requires_grad_()
+    dice_diversity(same).backward()
+    assert same.grad.abs().max().item() < 1e-12
+    near = (equal + 1e-3 * torch.randn(equal.shape, generator=g, dtype=torch.float64)).requires_grad_()
+    dice_diversity(near).backward()
+    assert near.grad.abs().max().item() > 1e-6
 
 
 # --------------------------------------------------------------------------------- closed forms
