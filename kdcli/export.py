@@ -210,7 +210,7 @@ class _DetectionInference(_Inference):
     """images (N, 3, H, W) in [0, 1] → boxes (N, A, 4), scores (N, A, K); no NMS (see the module doc)."""
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.model(self.batch(images), need={"cls_logits"}, losses=False)
+        out = self.model(self.batch(images), need={"cls_logits", "head"}, losses=False)
         head = out.extras["head"]
         anchors = out.extras["anchors"][0]  # one image size in the batch → one anchor set
         net = self.model.net
@@ -233,7 +233,7 @@ def detection_params(model: TapModel, size: int) -> dict[str, Any]:
     with torch.no_grad():
         x = torch.zeros(1, 3, size, size)
         out = model(Batch(x, [(size, size)], [(size, size)], None, model.mean, model.std),
-                    need={"cls_logits"}, losses=False)
+                    need={"cls_logits", "head"}, losses=False)
     return {
         "anchors_per_level": [int(n) for n in out.extras["num_anchors_per_level"]],
         "score_thresh": float(net.score_thresh),

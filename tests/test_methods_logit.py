@@ -378,7 +378,7 @@ def head_case(request):
     batch = _det_batch(student)
     with torch.no_grad():
         s_raw, matched = torchvision_assignment(student, batch)
-        t_raw = teacher(batch, need={"cls_logits"}, losses=False)
+        t_raw = teacher(batch, need={"cls_logits", "head"}, losses=False)
     g = torch.Generator().manual_seed(1)
     # untrained heads start from the same prior: spread the teacher so that every term is far from 0
     zt = t_raw.taps["cls_logits"].double() + 2 * torch.randn(t_raw.taps["cls_logits"].shape, generator=g,

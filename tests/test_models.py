@@ -182,3 +182,28 @@ def test_bf16_autocast_runs_the_two_stage_heads_in_float32_past_1024_px():
     assert seen == [torch.float32]
     assert {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"} <= set(losses)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values()), losses
+
+
+@pytest.mark.parametrize("variant", ["shapes-r18-retina", "shapes-r18-fcos", "mmdet-fcos"])
+def test_teacher_runs_only_the_classification_branch_for_cls_logits(variant: str):
+    # a logit method's teacher (KD, SAMKD's SLD) gets the same class logits without the box branch
+    import dataclasses
+
+    spec = get_spec("shapes-r18-fcos" if variant == "mmdet-fcos" else variant)
+    if variant == "mmdet-fcos":  # kdcli/models/mm.py's ScaledFCOSHead (imported mmdet layouts)
+        spec = dataclasses.replace(spec, style="mmdet", fcos_centerness="cls", fcos_regression="exp")
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    batch = _det_batch(model)
+    calls: list[str] = []
+    with torch.no_grad():
+        _ = model.tap_info  # the naming dry run, before counting
+        hook = model.net.head.regression_head.conv.register_forward_hook(lambda *a: calls.append("reg"))
+        full = model(batch, need={"cls_logits", "head"}, losses=False)
+        assert calls == ["reg"] * len(full.extras["num_anchors_per_level"]) and "head" in full.extras
+        calls.clear()
+        only = model(batch, need={"p3", "cls_logits"}, losses=False)
+    hook.remove()
+    assert calls == []  # the second call never ran the box branch
+    assert "head" not in only.extras and "anchors" not in only.extras and "p3" in only.taps
+    torch.testing.assert_close(only.taps["cls_logits"], full.taps["cls_logits"], rtol=0, atol=0)

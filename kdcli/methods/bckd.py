@@ -81,6 +81,8 @@ class BCKD(Method):
         if self.taps != ("cls_logits",):
             raise ConfigError("--set taps: bckd distils the 'cls_logits' of a RetinaNet/FCOS head only")
         self.box_weight = float(hp["box_weight"])
+        if self.box_weight > 0:
+            self.needs = (*self.taps, "head")  # the teacher's box regression (extras["head"]), not only its logits
         self.beta = float(hp["beta"])
         if self.beta <= 0:
             raise ConfigError(f"--set beta: the modulating exponent must be > 0 (got {self.beta})")

@@ -240,7 +240,9 @@ class HardAugment(nn.Module):
             t_clean = teacher(batch, need=need, losses=False)
         t_aug = teacher(aug_batch, need=need, losses=False)
         with frozen_bn_stats(student):
-            s_aug = student(aug_batch, need=set(getattr(method, "needs", ())) or None, losses=False)
+            # "head": the student's own assignment and box decoding (extras), which logit methods read
+            needs = set(getattr(method, "needs", ()))
+            s_aug = student(aug_batch, need=needs | {"head"} if needs else None, losses=False)
         losses = method(s_aug, t_aug, aug.targets)
         gap = sum((v.float() for v in losses.values()), values.new_zeros(()))
         stab_value = stability(self.task, t_aug.taps, t_clean.taps, aug.theta, aug.region)

@@ -42,7 +42,8 @@ class TapModel(nn.Module):
     """A torchvision/timm model (``self.net``, plain key names) that returns named taps.
 
     ``forward(batch, need=None, losses=True, predict=False)``: ``need`` limits the taps to compute
-    (a frozen teacher used by a feature method stops after the neck); losses are computed when
+    (a frozen teacher used by a feature method stops after the neck; a one-stage detector asked for
+    ``cls_logits`` without ``head`` runs only its classification branch); losses are computed when
     the batch has targets; ``predict`` adds post-processed predictions in original image size.
     """
 

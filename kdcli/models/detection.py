@@ -152,6 +152,12 @@ class DetectionModel(TapModel):
         if not head_needed:
             return out
         feats = list(levels.values())
+        if self.one_stage and need is not None and "head" not in need and targets is None and not predict:
+            # a teacher read for its dense class logits only (logit KD, SAMKD's SLD): the classification
+            # branch alone — no box branch, anchors or assignment; a method that reads the teacher's box
+            # outputs (extras["head"]) asks for "head"
+            out.taps["cls_logits"] = self.net.head.classification_head(feats)
+            return out
         images = ImageList(x, batch.image_sizes)
         if self.one_stage:
             self._one_stage(out, images, feats, targets, predict, batch)
