@@ -79,7 +79,8 @@ METRICS = {"detection": ("mAP", "AP50"), "segmentation": ("mIoU", "pixel_acc")}
 CAVEAT = (
     "Short equal-budget proxies can mis-rank methods. Measured on the shapes FCOS pair against its 8-epoch "
     "budget: a 1-epoch proxy ranked with Kendall tau 0.05 (no information), a 2-epoch proxy with tau 0.45 "
-    "(4 of the top 5 kept; docs/results/quality.md). Methods with learnable adapters, generators or masks "
+    "(4 of the top 5 kept); on the LR-ASPP pair a 1-epoch proxy with tau 0.10 (docs/results/quality.md). "
+    "Methods with learnable adapters, generators or masks "
     "(FGD's global block, MGD's generator, ACAM's and MasKD's masks) start slowly and gain more from longer "
     "schedules than logit methods do, and differences within one or two standard deviations are noise. "
     "Use the proxy to shortlist; confirm the top few at the full budget before choosing."
