@@ -203,14 +203,21 @@ class DualReconstruction(nn.Module):
         dtype."""
         n, c, h, w = s_al.shape
         x = s_al if amp is None else s_al.to(amp)
+        # channels-last convolutions (forward and backward) are faster on oneDNN and cuDNN; masks laid out
+        # channels-last too (SAMKD's are) give channels-last products, so the reshape below is a view
+        layout = torch.channels_last if h * w > 1 else torch.contiguous_format
+        x = x.contiguous(memory_format=layout)
         xs, xc = x * keep_s.to(x.dtype), x * keep_c.to(x.dtype)
         if xs.shape != xc.shape:  # one side given for a single grid: shared by all
             xs, xc = torch.broadcast_tensors(xs, xc)
-        xs, xc = xs.reshape(-1, c, h, w), xc.reshape(-1, c, h, w)  # (G·N, C, H, W)
+        xs = xs.reshape(-1, c, h, w).contiguous(memory_format=layout)  # (G·N, C, H, W)
+        xc = xc.reshape(-1, c, h, w).contiguous(memory_format=layout)
         ws = self.weights()
         with torch.autocast(s_al.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             gs, gc = self.gen_spatial(xs), self.gen_channel(xc)
-        r = ws[0] * gs.to(s_al.dtype) + ws[1] * gc.to(s_al.dtype)
+        # back to s_al's dtype and plain layout in one copy: the loss's element-wise ops on mixed layouts are slow
+        dense = torch.contiguous_format
+        r = ws[0] * gs.to(s_al.dtype, memory_format=dense) + ws[1] * gc.to(s_al.dtype, memory_format=dense)
         return r.view(-1, n, c, h, w)
 
 

@@ -117,6 +117,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
 }
 
 
+PYRAMID_CACHE = 64  # cached Pyramids (map size × grids); the oldest is dropped beyond this
+
+
 def cell_index(h: int, w: int, g: int, device: torch.device | None = None) -> tuple[Tensor, int]:
     """Cell id (H·W,) of every position for a g×g grid clamped to the map, and the number of cells."""
     gh, gw = min(g, h), min(g, w)
@@ -137,7 +140,7 @@ class Pyramid:
     ``group`` (G·P,) holds, grid after grid, the cell id of every position offset by the cell count of
     the grids before it, so that one ranking call with ``group`` ranks every cell of every grid at
     once, and one matmul with the (P, Σ cells) ``indicator`` gives every cell mean. Built once per
-    (H, W, grids, device) and cached by the method (a few kB per map size).
+    (H, W, grids, device) and cached by the method (a few kB per map size at the shapes size).
     """
 
     def __init__(self, h: int, w: int, grids: tuple[int, ...], device: torch.device) -> None:
@@ -152,10 +155,14 @@ class Pyramid:
         self.group = torch.cat(ids)  # (G·P,) global cell id of (grid, position)
         self.indicator = F.one_hot(self.group, offset).view(len(grids), h * w, offset).sum(0)  # (P, Σ cells)
         self.size = self.indicator.sum(0).clamp_min(1)  # positions per cell
+        self._float: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     def cell_means(self, x: Tensor) -> Tensor:
         """Mean of x (N, C, P) over every cell of every grid → (N, C, Σ cells) (== :func:`cell_mean` per grid)."""
-        return (x @ self.indicator.to(x.dtype)) / self.size.to(x.dtype)
+        if x.dtype not in self._float:  # the indicator in x's dtype, converted once, not at every call
+            self._float[x.dtype] = (self.indicator.to(x.dtype), self.size.to(x.dtype))
+        indicator, size = self._float[x.dtype]
+        return (x @ indicator) / size
 
 
 def binary_kl(zs: Tensor, zt: Tensor, tau: float) -> Tensor:
@@ -300,6 +307,8 @@ class SAMKD(Method):
     def pyramid(self, h: int, w: int, grids: tuple[int, ...], device: torch.device) -> Pyramid:
         key = (h, w, grids, str(device))
         if key not in self._pyramids:
+            if len(self._pyramids) >= PYRAMID_CACHE:  # detection batches come in many padded sizes
+                self._pyramids.pop(next(iter(self._pyramids)))
             self._pyramids[key] = Pyramid(h, w, grids, device)
         return self._pyramids[key]
 
@@ -312,13 +321,12 @@ class SAMKD(Method):
     def pyramid_masks(self, ft: Tensor, grids: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """Keep-masks of every grid in ``grids``: B^S (G, N, 1, H, W) and B^C (G, N, C, H, W).
 
-        Ranked: one ranking of the positions of every cell of every grid, one of the channels of every cell
-        (each cell's local channel attention is a row), then one gather that spreads each cell's channel mask
-        over its positions — the same masks as ranking each grid separately (ties by index in both).
+        Ranked: :meth:`level_masks` of this one map (every grid ranked in one call). Random: MGD Bernoulli
+        masks from :attr:`generator`, channel masks drawn per cell.
         """
         n, c, h, w = ft.shape
-        pyr = self.pyramid(h, w, tuple(grids), ft.device)
         if self.mask_mode == "random":
+            pyr = self.pyramid(h, w, tuple(grids), ft.device)
             # per grid, in the order B^S then B^C, so that a seeded generator gives reproducible masks
             pairs = []
             for g, cells in zip(grids, pyr.counts, strict=True):
@@ -327,18 +335,57 @@ class SAMKD(Method):
                 per_cell = random_keep_mask((n, c, cells), self.ratio_channel, self.generator, ft)
                 pairs.append((keep_s, per_cell[..., cell].view(n, c, h, w)))
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return self.level_masks([ft], tuple(grids))[0]
+
+    def level_masks(self, fts: list[Tensor], grids: tuple[int, ...]) -> list[tuple[Tensor, Tensor]]:
+        """Ranked :meth:`pyramid_masks` of several maps of one batch (the FPN levels), all ranked together.
+
+        One ranking of the positions of every cell of every grid of every map, one of the channels of every
+        such cell (each cell's local channel attention is a row), then per map one gather that spreads each
+        cell's channel mask over its positions. A cell never spans two maps or two grids and the sorts are
+        stable, so the masks are those of ranking each map and grid separately (ties by index in both).
+        The maps share N and C (FPN levels do; :meth:`tap_masks` groups taps by C).
+        """
         big = len(grids)
+        n, c = fts[0].shape[:2]
         with torch.no_grad():
-            a = ft.abs().flatten(2)  # (N, C, P)
-            score = a.mean(1).repeat(1, big)  # (N, G·P): the spatial score once per grid
-            keep_s = ranked_keep_mask(score, self.ratio_spatial, self.mask_select, pyr.group)
-            keep_s = keep_s.view(n, big, h, w).transpose(0, 1).unsqueeze(2)  # (G, N, 1, H, W)
-            local = pyr.cell_means(a).transpose(1, 2)  # (N, Σ cells, C): local channel attention per cell
-            keep_rows = ranked_keep_mask(local.reshape(-1, c), self.ratio_channel, self.mask_select)
-            keep_c = keep_rows.view(n, pyr.total, c)[:, pyr.group]  # (N, G·P, C)
-            # (G, N, C, H, W), made contiguous once: the masking product (and its backward) is faster
-            keep_c = keep_c.view(n, big, h, w, c).permute(1, 0, 4, 2, 3).contiguous()
-        return keep_s, keep_c
+            pyrs = [self.pyramid(ft.shape[2], ft.shape[3], grids, ft.device) for ft in fts]
+            absf = [ft.abs().flatten(2) for ft in fts]  # (N, C, P) per map
+            score = torch.cat([a.mean(1).repeat(1, big) for a in absf], 1)  # (N, Σ G·P): the spatial score per grid
+            offsets, groups, total = [], [], 0
+            for pyr in pyrs:
+                offsets.append(total)
+                groups.append(pyr.group + total)
+                total += pyr.total
+            keep_s_all = ranked_keep_mask(score, self.ratio_spatial, self.mask_select, torch.cat(groups))
+            local = torch.cat([pyr.cell_means(a) for pyr, a in zip(pyrs, absf, strict=True)], 2)  # (N, C, Σ cells)
+            keep_rows = ranked_keep_mask(local.transpose(1, 2).reshape(-1, c), self.ratio_channel, self.mask_select)
+            keep_rows = keep_rows.view(n, total, c)
+            out, start = [], 0
+            for ft, pyr, off in zip(fts, pyrs, offsets, strict=True):
+                h, w = ft.shape[2:]
+                keep_s = keep_s_all[:, start:start + big * h * w].reshape(n, big, h, w).transpose(0, 1).unsqueeze(2)
+                start += big * h * w
+                keep_c = keep_rows[:, off:off + pyr.total][:, pyr.group]  # (N, G·P, C)
+                # (G, N, C, H, W) laid out channels-last (G, N, H, W, C) in one copy: the masked inputs then come
+                # out channels-last for the generators (DualReconstruction.reconstruct) without another copy
+                keep_c = keep_c.view(n, big, h, w, c).transpose(0, 1).contiguous().permute(0, 1, 4, 2, 3)
+                out.append((keep_s, keep_c))
+        return out
+
+    def tap_masks(self, fts: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """(B^S, B^C) of the active grids for every tap: ranked masks of taps with one channel count in one
+        :meth:`level_masks` call; random masks tap by tap (the generator's draw order of :meth:`pyramid_masks`)."""
+        grids = tuple(g for g, _ in self.active_grids())
+        if self.mask_mode == "random":
+            return {tap: self.pyramid_masks(ft, grids) for tap, ft in fts.items()}
+        by_shape: dict[tuple[Any, ...], list[str]] = {}
+        for tap, ft in fts.items():
+            by_shape.setdefault((ft.shape[:2], ft.dtype, ft.device), []).append(tap)
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for taps in by_shape.values():
+            out.update(zip(taps, self.level_masks([fts[t] for t in taps], grids), strict=True))
+        return out
 
     def aligned(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
         return match_spatial(self.blocks[tap].align(fs), ft)
@@ -354,13 +401,16 @@ class SAMKD(Method):
             return self._sfd(tap, self.aligned(tap, fs, ft), ft, masks, amp)
 
     def _sfd(self, tap: str, s_al: Tensor, ft: Tensor, masks: list[tuple[Tensor, Tensor]] | None,
-             amp: torch.dtype | None = None) -> Tensor:
-        """Σ_g β_g α Σ (R_g − T)² / N on float32 (or float64) S̃ and T, every active grid in one reconstruction."""
+             amp: torch.dtype | None = None, stacked: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Σ_g β_g α Σ (R_g − T)² / N on float32 (or float64) S̃ and T, every active grid in one reconstruction.
+        ``masks``: one (B^S_g, B^C_g) per grid given by the caller; ``stacked``: (B^S, B^C) of :meth:`tap_masks`."""
         block: DualReconstruction = self.blocks[tap]  # type: ignore[assignment]
         grids = self.active_grids()
         if masks is not None and len(masks) != len(grids):
             raise MethodError(f"method 'samkd': {len(masks)} mask pairs given for {len(grids)} active grids")
-        if masks is None:
+        if stacked is not None:
+            keep_s, keep_c = stacked
+        elif masks is None:
             keep_s, keep_c = self.pyramid_masks(ft, tuple(g for g, _ in grids))
         else:
             keep_s = torch.stack(torch.broadcast_tensors(*(upcast(m[0]) for m in masks)))
@@ -374,8 +424,8 @@ class SAMKD(Method):
         per_grid = grid_reconstruction_losses(block.reconstruct(s_al, keep_s, keep_c, amp), ft, weight)  # (G,)
         beta = torch.tensor([b for _, b in grids], dtype=per_grid.dtype, device=per_grid.device)
         with torch.no_grad():
-            kept_s = keep_s.flatten(1).float().mean(1)
-            kept_c = keep_c.flatten(1).float().mean(1)
+            kept_s = keep_s.float().mean((1, 2, 3, 4))
+            kept_c = keep_c.float().mean((1, 2, 3, 4))
             for i, (g, _) in enumerate(grids):
                 self._stats[f"{tap}.g{g}.spatial_keep"] = kept_s[i]
                 self._stats[f"{tap}.g{g}.channel_keep"] = kept_c[i]
@@ -386,36 +436,68 @@ class SAMKD(Method):
     # -- SLD ----------------------------------------------------------------------------------
     def region_weights(self, s_al: Tensor, ft: Tensor) -> Tensor:
         """ω (N, 1, H, W): per-image location weights of SLD, summing to 1 (no gradient)."""
-        with torch.no_grad():
-            n, _, h, w = ft.shape
-            d = (ft - s_al).pow(2).mean(1).flatten(1)  # (N, P)
-            pyr = self.pyramid(h, w, (max(self.grids),), ft.device)
-            score = pyr.cell_means(d.unsqueeze(1)).squeeze(1)  # (N, R)
-            if self.sld_region == "top":
-                # ranked_keep_mask zeros the top ⌈κ·R⌉ regions; SLD keeps exactly those
-                region = 1.0 - ranked_keep_mask(score, self.sld_keep, "top")
-            else:
-                region = score
-            u = region[:, pyr.group]  # (N, P)
-            mass = u.sum(1, keepdim=True)
-            u = torch.where(mass > 0, u / mass.clamp_min(1e-30), torch.full_like(u, 1.0 / u.shape[1]))
-        return u.view(n, 1, h, w)
+        return self.level_region_weights([(s_al, ft)])[0]
 
-    def level_logits(self, logits: Tensor, tap: str, s: ModelOutput) -> Tensor:
-        """The slice of ``cls_logits`` (N, L, K) that belongs to FPN level ``tap``, as (N, H, W, A, K)."""
-        sizes = [tuple(s.taps[lv].shape[-2:]) for lv in self.head_levels if lv in s.taps]
+    def level_region_weights(self, pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """:meth:`region_weights` of several (S̃, T) maps with one ranking: each map's regions form a group,
+        so each keeps its own top ⌈κ·R⌉ (the same weights as one call per map)."""
+        with torch.no_grad():
+            pyrs, scores = [], []
+            for s_al, ft in pairs:
+                pyr = self.pyramid(ft.shape[2], ft.shape[3], (max(self.grids),), ft.device)
+                d = (ft - s_al).pow(2).mean(1).flatten(1)  # (N, P)
+                scores.append(pyr.cell_means(d.unsqueeze(1)).squeeze(1))  # (N, R)
+                pyrs.append(pyr)
+            if self.sld_region == "top":
+                score = torch.cat(scores, 1)
+                level = torch.cat([torch.full((pyr.total,), i, device=score.device) for i, pyr in enumerate(pyrs)])
+                # ranked_keep_mask zeros the top ⌈κ·R⌉ regions of each map; SLD keeps exactly those
+                regions = (1.0 - ranked_keep_mask(score, self.sld_keep, "top", level)).split(
+                    [pyr.total for pyr in pyrs], 1)
+            else:
+                regions = scores
+            out = []
+            for region, pyr, (_, ft) in zip(regions, pyrs, pairs, strict=True):
+                u = region[:, pyr.group]  # (N, P)
+                mass = u.sum(1, keepdim=True)
+                u = torch.where(mass > 0, u / mass.clamp_min(1e-30), torch.full_like(u, 1.0 / u.shape[1]))
+                out.append(u.view(ft.shape[0], 1, *ft.shape[2:]))
+        return out
+
+    def head_layout(self, logits: Tensor, s: ModelOutput) -> tuple[list[str], list[tuple[int, int]], int]:
+        """The FPN levels of ``cls_logits`` (N, L, K) in head order, their H×W, and the anchors per position."""
         names = [lv for lv in self.head_levels if lv in s.taps]
+        sizes = [(int(s.taps[lv].shape[-2]), int(s.taps[lv].shape[-1])) for lv in names]
         total = sum(h * w for h, w in sizes)
         if total == 0 or logits.shape[1] % total:
             raise MethodError(
                 f"method 'samkd': cls_logits has {logits.shape[1]} locations, not a multiple of the FPN "
                 f"levels' {total} positions; use --set sld_weight=0"
             )
-        a = logits.shape[1] // total
+        return names, sizes, logits.shape[1] // total
+
+    def level_logits(self, logits: Tensor, tap: str, s: ModelOutput) -> Tensor:
+        """The slice of ``cls_logits`` (N, L, K) that belongs to FPN level ``tap``, as (N, H, W, A, K)."""
+        names, sizes, a = self.head_layout(logits, s)
         i = names.index(tap)
         start = sum(h * w for h, w in sizes[:i]) * a
         h, w = sizes[i]
         return logits[:, start:start + h * w * a].reshape(logits.shape[0], h, w, a, logits.shape[2])
+
+    def sld_levels(self, zs: Tensor, zt: Tensor, weights: dict[str, Tensor], s: ModelOutput) -> dict[str, Tensor]:
+        """:meth:`sld_tap` of every level in ``weights`` from the whole ``cls_logits`` (N, L, K) at once: one binary
+        KL, summed over classes and anchors, then each level's ω-weighted sum (the same as one call per
+        :meth:`level_logits` slice)."""
+        names, sizes, a = self.head_layout(zs, s)
+        n, positions = zs.shape[0], [h * w for h, w in sizes]
+        with float32_region(zs):
+            zs, zt = upcast(zs), upcast(zt.detach())
+            kl = binary_kl(zs, zt, self.sld_tau).sum(2).view(n, sum(positions), a).sum(2)  # (N, Σ H·W)
+            omega = torch.cat([upcast(weights[lv].detach()).flatten(1) if lv in weights else kl.new_zeros(n, p)
+                               for lv, p in zip(names, positions, strict=True)], 1)
+            per_level = (omega * kl).split(positions, 1)
+            return {lv: self.sld_weight * part.sum(1).mean()
+                    for lv, part in zip(names, per_level, strict=True) if lv in weights}
 
     def sld_tap(self, tap: str, zs: Tensor, zt: Tensor, weights: Tensor) -> Tensor:
         """γ · mean_n Σ_p ω · kl. Detection: zs, zt (N, H, W, A, K) sigmoid logits; segmentation: (N, K, h, w).
@@ -435,19 +517,27 @@ class SAMKD(Method):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
+        """L_SFD and L_SLD of every tap. The taps are processed together where the maths allows it (one mask
+        ranking for all levels, one binary KL over the whole ``cls_logits``): the same losses as tap by tap."""
         self._stats = {}
-        out: dict[str, Tensor] = {}
-        amp = autocast_dtype(next(iter(s.taps.values())))
         for tap in self.taps:
-            fs, ft = s.taps[tap], t.taps[tap]
-            check_pair(self.name, tap, fs, ft)
-            with float32_region(fs):
-                fs32, ft32 = upcast(fs), upcast(ft.detach())
-                s_al = self.aligned(tap, fs32, ft32)  # once per tap: SFD and the SLD regions share it
-                out[f"{self.name}.{tap}"] = self._sfd(tap, s_al, ft32, None, amp)
-                if not self.sld_weight:
-                    continue
-                weights = self.region_weights(s_al.detach(), ft32)
+            check_pair(self.name, tap, s.taps[tap], t.taps[tap])
+        first = s.taps[self.taps[0]]
+        amp = autocast_dtype(first)
+        sfd: dict[str, Tensor] = {}
+        sld: dict[str, Tensor] = {}
+        with float32_region(first):
+            pairs = {}
+            for tap in self.taps:
+                fs32, ft32 = upcast(s.taps[tap]), upcast(t.taps[tap].detach())
+                pairs[tap] = (self.aligned(tap, fs32, ft32), ft32)  # S̃ once per tap: SFD and SLD share it
+            masks = self.tap_masks({tap: ft for tap, (_, ft) in pairs.items()})
+            for tap, (s_al, ft32) in pairs.items():
+                sfd[tap] = self._sfd(tap, s_al, ft32, None, amp, masks[tap])
+            if self.sld_weight:
+                weights = dict(zip(self.taps, self.level_region_weights(
+                    [(s_al.detach(), ft) for s_al, ft in pairs.values()]), strict=True))
+        if self.sld_weight:
             zs, zt = s.taps[self.sld_logits], t.taps[self.sld_logits]
             if self.sld_logits == "cls_logits":
                 if zs.shape != zt.shape:
@@ -455,9 +545,16 @@ class SAMKD(Method):
                         f"method 'samkd': SLD needs student and teacher cls_logits of one shape (same anchors "
                         f"and classes); got {tuple(zs.shape)} and {tuple(zt.shape)}"
                     )
-                zs, zt = self.level_logits(zs, tap, s), self.level_logits(zt, tap, s)
-            out[f"{self.name}.{tap}.sld"] = self.sld_tap(tap, zs, zt, weights)
-            self._stats[f"{tap}.sld_selected"] = (weights > 0).float().mean()
+                sld = self.sld_levels(zs, zt, weights, s)
+            else:
+                sld = {tap: self.sld_tap(tap, zs, zt, weights[tap]) for tap in self.taps}
+            for tap in self.taps:
+                self._stats[f"{tap}.sld_selected"] = (weights[tap] > 0).float().mean()
+        out: dict[str, Tensor] = {}
+        for tap in self.taps:  # keys in the order tap, tap.sld, next tap, ...
+            out[f"{self.name}.{tap}"] = sfd[tap]
+            if tap in sld:
+                out[f"{self.name}.{tap}.sld"] = sld[tap]
         return out
 
     def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
