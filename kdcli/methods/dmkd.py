@@ -215,9 +215,7 @@ class DualReconstruction(nn.Module):
         ws = self.weights()
         with torch.autocast(s_al.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             gs, gc = self.gen_spatial(xs), self.gen_channel(xc)
-        # back to s_al's dtype and plain layout in one copy: the loss's element-wise ops on mixed layouts are slow
-        dense = torch.contiguous_format
-        r = ws[0] * gs.to(s_al.dtype, memory_format=dense) + ws[1] * gc.to(s_al.dtype, memory_format=dense)
+        r = ws[0] * gs.to(s_al.dtype) + ws[1] * gc.to(s_al.dtype)
         return r.view(-1, n, c, h, w)
 
 
