@@ -337,14 +337,16 @@ class SAMKD(Method):
             return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         return self.level_masks([ft], tuple(grids))[0]
 
-    def level_masks(self, fts: list[Tensor], grids: tuple[int, ...]) -> list[tuple[Tensor, Tensor]]:
+    def level_masks(self, fts: list[Tensor], grids: tuple[int, ...],
+                    dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
         """Ranked :meth:`pyramid_masks` of several maps of one batch (the FPN levels), all ranked together.
 
         One ranking of the positions of every cell of every grid of every map, one of the channels of every
         such cell (each cell's local channel attention is a row), then per map one gather that spreads each
         cell's channel mask over its positions. A cell never spans two maps or two grids and the sorts are
         stable, so the masks are those of ranking each map and grid separately (ties by index in both).
-        The maps share N and C (FPN levels do; :meth:`tap_masks` groups taps by C).
+        The maps share N and C (FPN levels do; :meth:`tap_masks` groups taps by C). ``dtype``: the masks' dtype
+        (default the maps'; 0 and 1 are exact in any), e.g. the generators' autocast dtype, which saves a cast.
         """
         big = len(grids)
         n, c = fts[0].shape[:2]
@@ -358,9 +360,10 @@ class SAMKD(Method):
                 groups.append(pyr.group + total)
                 total += pyr.total
             keep_s_all = ranked_keep_mask(score, self.ratio_spatial, self.mask_select, torch.cat(groups))
+            keep_s_all = keep_s_all.to(dtype or keep_s_all.dtype)
             local = torch.cat([pyr.cell_means(a) for pyr, a in zip(pyrs, absf, strict=True)], 2)  # (N, C, Σ cells)
             keep_rows = ranked_keep_mask(local.transpose(1, 2).reshape(-1, c), self.ratio_channel, self.mask_select)
-            keep_rows = keep_rows.view(n, total, c)
+            keep_rows = keep_rows.view(n, total, c).to(dtype or keep_rows.dtype)
             out, start = [], 0
             for ft, pyr, off in zip(fts, pyrs, offsets, strict=True):
                 h, w = ft.shape[2:]
@@ -373,7 +376,7 @@ class SAMKD(Method):
                 out.append((keep_s, keep_c))
         return out
 
-    def tap_masks(self, fts: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    def tap_masks(self, fts: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """(B^S, B^C) of the active grids for every tap: ranked masks of taps with one channel count in one
         :meth:`level_masks` call; random masks tap by tap (the generator's draw order of :meth:`pyramid_masks`)."""
         grids = tuple(g for g, _ in self.active_grids())
@@ -384,7 +387,7 @@ class SAMKD(Method):
             by_shape.setdefault((ft.shape[:2], ft.dtype, ft.device), []).append(tap)
         out: dict[str, tuple[Tensor, Tensor]] = {}
         for taps in by_shape.values():
-            out.update(zip(taps, self.level_masks([fts[t] for t in taps], grids), strict=True))
+            out.update(zip(taps, self.level_masks([fts[t] for t in taps], grids, dtype), strict=True))
         return out
 
     def aligned(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
@@ -424,8 +427,8 @@ class SAMKD(Method):
         per_grid = grid_reconstruction_losses(block.reconstruct(s_al, keep_s, keep_c, amp), ft, weight)  # (G,)
         beta = torch.tensor([b for _, b in grids], dtype=per_grid.dtype, device=per_grid.device)
         with torch.no_grad():
-            kept_s = keep_s.float().mean((1, 2, 3, 4))
-            kept_c = keep_c.float().mean((1, 2, 3, 4))
+            kept_s = keep_s.mean((1, 2, 3, 4), dtype=torch.float32)
+            kept_c = keep_c.mean((1, 2, 3, 4), dtype=torch.float32)
             for i, (g, _) in enumerate(grids):
                 self._stats[f"{tap}.g{g}.spatial_keep"] = kept_s[i]
                 self._stats[f"{tap}.g{g}.channel_keep"] = kept_c[i]
@@ -531,7 +534,9 @@ class SAMKD(Method):
             for tap in self.taps:
                 fs32, ft32 = upcast(s.taps[tap]), upcast(t.taps[tap].detach())
                 pairs[tap] = (self.aligned(tap, fs32, ft32), ft32)  # S̃ once per tap: SFD and SLD share it
-            masks = self.tap_masks({tap: ft for tap, (_, ft) in pairs.items()})
+            # ranked masks made directly in the generators' dtype (S10), so reconstruct need not cast them
+            mask_dtype = amp if self.generator_precision == "amp" else None
+            masks = self.tap_masks({tap: ft for tap, (_, ft) in pairs.items()}, mask_dtype)
             for tap, (s_al, ft32) in pairs.items():
                 sfd[tap] = self._sfd(tap, s_al, ft32, None, amp, masks[tap])
             if self.sld_weight:
