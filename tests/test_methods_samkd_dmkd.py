@@ -16,7 +16,7 @@ from torch import Tensor
 
 import kdcli.methods as methods
 from kdcli.errors import ConfigError
-from kdcli.methods.dmkd import DMKD, num_masked, ranked_keep_mask
+from kdcli.methods.dmkd import DMKD, DualReconstruction, grid_reconstruction_losses, num_masked, ranked_keep_mask
 from kdcli.methods.samkd import SAMKD, binary_kl, cell_index
 from kdcli.models.taps import ModelOutput, TapInfo
 
@@ -523,8 +523,9 @@ def test_samkd_generator_precision_amp_runs_generators_in_the_autocast_dtype() -
         m = SAMKD(s, t, "detection", **SAMKD.resolve_hparams("detection", {"generator_precision": precision}))
         assert m.generator_precision == precision
         dtypes: set = set()
+        # the first convolutions run as modules; the second ones run fused (one F.conv2d) in the same autocast region
         hooks = [conv.register_forward_hook(lambda mod, inp, res, d=dtypes: d.add((inp[0].dtype, res.dtype)))
-                 for blk in m.blocks.values() for conv in (blk.gen_spatial[0], blk.gen_channel[2])]
+                 for blk in m.blocks.values() for conv in (blk.gen_spatial[0], blk.gen_channel[0])]
         for amp in (True, False):
             dtypes.clear()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -541,3 +542,48 @@ def test_samkd_generator_precision_amp_runs_generators_in_the_autocast_dtype() -
         assert results[("amp", True)][k].item() == pytest.approx(v.item(), rel=3e-2)  # bf16 rounding only
     with pytest.raises(ConfigError):
         methods.build("samkd", s, t, "detection", {"generator_precision": "fp8"})
+
+
+# --------------------------------------------------------------------------------- the fused computations
+def test_reconstruction_error_and_masked_inputs_have_exact_gradients() -> None:
+    """The two hand-written backward passes (masked inputs, squared error) against finite differences, including
+    a weight and a teacher that require gradients, one mask pair shared by three grids and a mask with batch 1."""
+    g = torch.Generator().manual_seed(21)
+    r = torch.randn(3, 2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ft = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: grid_reconstruction_losses(a, b, c), (r, ft, w))
+    assert torch.autograd.gradcheck(lambda a, b: grid_reconstruction_losses(a, b), (r, ft))
+    want = ((r - ft) ** 2 * w).flatten(1).sum(1) / 2
+    torch.testing.assert_close(grid_reconstruction_losses(r, ft, w), want, rtol=1e-13, atol=0)
+
+    blk = DualReconstruction(4, 4).double()
+    keep_s = (torch.rand(1, 1, 1, 3, 5, generator=g) > 0.5).double()  # one spatial mask for every grid and image
+    keep_c = (torch.rand(3, 2, 4, 3, 5, generator=g) > 0.5).double()
+    s_al = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: blk.reconstruct(x, keep_s, keep_c), (s_al,))
+    # and the values are those of separate generator calls, grid by grid
+    got = blk.reconstruct(s_al, keep_s, keep_c)
+    ws = blk.weights()
+    for i in range(3):
+        want_i = ws[0] * blk.gen_spatial(s_al * keep_s[0]) + ws[1] * blk.gen_channel(s_al * keep_c[i])
+        torch.testing.assert_close(got[i], want_i, rtol=1e-12, atol=1e-14)
+
+
+def test_samkd_levels_ranked_together_equal_level_by_level() -> None:
+    """level_masks / level_region_weights / sld_levels (all FPN levels at once) give what one call per level gives,
+    ties included (integer-valued features tie often)."""
+    m = det_samkd(sld_keep=0.3)
+    g = torch.Generator().manual_seed(22)
+    fts = [torch.randint(0, 3, (2, 4, h, w), generator=g).double() for h, w in ((6, 5), (3, 3), (1, 2))]
+    joint = m.level_masks(fts, (1, 2, 4))
+    for ft, (ks, kc) in zip(fts, joint, strict=True):
+        ks1, kc1 = m.level_masks([ft], (1, 2, 4))[0]
+        assert torch.equal(ks, ks1) and torch.equal(kc, kc1)
+        for i, grid in enumerate((1, 2, 4)):
+            rs, rc = ref_masks(ft, grid, m.ratio_spatial, m.ratio_channel, "top")
+            assert torch.equal(ks[i], rs) and torch.equal(kc[i], rc)
+    pairs = [(torch.randint(0, 3, ft.shape, generator=g).double(), ft) for ft in fts]
+    for (s_al, ft), w in zip(pairs, m.level_region_weights(pairs), strict=True):
+        assert torch.equal(w, m.level_region_weights([(s_al, ft)])[0])
+        assert w.sum((1, 2, 3)).sub(1).abs().max() < 1e-12
