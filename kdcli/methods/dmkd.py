@@ -199,7 +199,7 @@ class _MaskedInputs(torch.autograd.Function):
         grids = max(keep_s.shape[0], keep_c.shape[0])  # one side may be given for a single grid: shared by all
         keep_s = keep_s.to(dtype).expand(grids, *keep_s.shape[1:])
         keep_c = keep_c.to(dtype).expand(grids, *keep_c.shape[1:])
-        x = s_al.to(dtype).contiguous(memory_format=layout)
+        x = s_al.to(dtype, memory_format=layout)
         ctx.save_for_backward(keep_s, keep_c)
         ctx.dtype = s_al.dtype
         return x * keep_s, x * keep_c
@@ -272,7 +272,7 @@ class DualReconstruction(nn.Module):
         weight = torch.cat([ws[0] * conv2_s.weight, ws[1] * conv2_c.weight], 1)
         bias = ws[0] * conv2_s.bias + ws[1] * conv2_c.bias
         with torch.autocast(s_al.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            hidden = torch.cat([F.relu(conv1_s(xs)), F.relu(conv1_c(xc))], 1)
+            hidden = torch.cat([conv1_s(xs), conv1_c(xc)], 1).relu_()
             r = F.conv2d(hidden, weight, bias, padding=conv2_s.padding)
         return r.view(-1, n, c, h, w)
 
