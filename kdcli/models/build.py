@@ -10,6 +10,7 @@ from ..errors import ZooError
 from ..weights import cached_file, load_strict, read_state_dict
 from ..zoo import ModelSpec
 from .base import TapModel
+from .narrow_conv import guard_strided_convs
 
 
 def build_model(spec: ModelSpec, weights: Path | str | None = None) -> TapModel:
@@ -25,6 +26,7 @@ def build_model(spec: ModelSpec, weights: Path | str | None = None) -> TapModel:
         model = SegmentationModel(spec, build_segmenter(spec))
     else:
         raise ZooError(f"{spec.name}: unknown task '{spec.task}'")
+    guard_strided_convs(model.net)  # CPU bf16 strided convolutions on 1–2 px wide maps are wrong (narrow_conv.py)
     if weights == "zoo":
         load_zoo_weights(model, spec)
     elif weights == "backbone":
