@@ -51,6 +51,7 @@ def test_a_run_records_the_precision_auto_chose(tiny_shapes: Path, tmp_path: Pat
     from kdcli.config import RunConfig
 
     monkeypatch.setattr(amp_mod, "cpu_has_native_bf16", lambda: False)
+    torch.set_flush_denormal(False)
     logs: list[str] = []
     cfg = RunConfig(model="shapes-mbv3-lraspp", data=f"semantic:{tiny_shapes / 'cityscapes'}", amp="auto",
                     out=str(tmp_path / "run"), epochs=1, batch_size=2, image_size=64, workers=0,
@@ -58,3 +59,17 @@ def test_a_run_records_the_precision_auto_chose(tiny_shapes: Path, tmp_path: Pat
     folder, _ = api.train(cfg, log=logs.append)
     assert json.loads((folder / "config.json").read_text())["config"]["amp"] == "none"
     assert "--amp auto: none on cpu" in logs
+    # and the CPU run flushed subnormals to zero (engine/amp.py flush_denormals): 1e-39 now reads as 0
+    assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
+def test_flush_denormals_on_cpu_only():
+    try:
+        torch.set_flush_denormal(False)
+        tiny = torch.tensor([1e-39, 1e-30])  # made with subnormals kept (conversion would flush it too)
+        assert not amp_mod.flush_denormals(torch.device("meta"))
+        assert (tiny * 1.0)[0].item() > 0  # left alone off the CPU
+        assert amp_mod.flush_denormals(CPU)
+        assert (tiny * 1.0).tolist() == [0.0, pytest.approx(1e-30)]  # subnormal flushed, normal kept
+    finally:
+        torch.set_flush_denormal(True)

@@ -230,7 +230,7 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     """Time (and measure the memory of) every method's step against the floor on each device."""
     import torch
 
-    from ..engine.amp import resolve_amp
+    from ..engine.amp import flush_denormals, resolve_amp
     from ..methods import build
 
     if opts.steps < 1 or opts.batch < 1 or opts.size < 32:
@@ -244,6 +244,7 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     for dev in devices(all_opts.device):
         # auto: bf16 only where the hardware has native bf16 kernels (engine/amp.py); this bench has no fp16
         amp, warning = resolve_amp(all_opts.amp, dev)
+        flush_denormals(dev)  # as the trainer does (engine/amp.py)
         opts = replace(all_opts, amp=amp if amp == "bf16" else "none")
         if warning:
             log(f"warning: {warning}")

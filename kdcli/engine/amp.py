@@ -47,3 +47,15 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[str, str | None]:
         return amp, ("--amp fp16 on a CPU runs emulated half-precision kernels, much slower than float32; "
                      "use --amp auto or none")
     return amp, None
+
+
+def flush_denormals(device: torch.device) -> bool:
+    """On a CPU, flush subnormal floats to zero (``torch.set_flush_denormal``; process-wide); returns whether set.
+
+    Subnormals (|x| < 1.2e-38, float32 and bf16 alike) carry no useful signal in training, but each arithmetic
+    operation on one can take a hundred cycles. Softmax exponentials of wide-ranged logits produce them: ACAM's
+    attention on real features did, and with them its backward pass took 48 ms per step instead of 15 ms
+    (bench pair, bf16, one thread, Intel CPU with AMX; the step went from 1.14× to 1.09× the floor). CUDA
+    already flushes them in its fast paths; nothing is changed there.
+    """
+    return device.type == "cpu" and bool(torch.set_flush_denormal(True))

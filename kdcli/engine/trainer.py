@@ -41,7 +41,7 @@ from ..viz.stats import restore_state as restore_mask_stats
 from ..zoo import ModelSpec, resolve_ref
 from . import checkpoint as ckpt
 from . import distributed as ddp
-from .amp import resolve_amp
+from .amp import flush_denormals, resolve_amp
 from .augment import attach_models, augment_batch  # issue 4
 from .evaluate_model import evaluate_model
 from .guards import GracefulStop, Interrupted, LossGuard, ignore_sigint_in_worker
@@ -282,6 +282,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     amp, warning = resolve_amp(cfg.amp, device)
     if warning:
         log(f"warning: {warning}")
+    flush_denormals(device)  # subnormals slow CPU arithmetic many times over (engine/amp.py)
     if amp != cfg.amp:  # "auto": the run (and config.json, so a resume) uses the precision chosen here
         log(f"--amp {cfg.amp}: {amp} on {device}")
         cfg = dataclasses.replace(cfg, amp=amp)
