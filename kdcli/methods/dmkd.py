@@ -220,8 +220,12 @@ class DualReconstruction(nn.Module):
 
     :meth:`reconstruct` runs several mask pairs (SAMKD's pyramid grids) through each generator in one call,
     stacked along the batch: the same maths as one call per pair, without the per-call overhead that
-    dominates the small FPN levels. (A grouped convolution for the two generators was measured slower on
-    CPU at P3 sizes and is not used.)
+    dominates the small FPN levels. The generators run channels-last; their second convolutions and the
+    fusion w_s·G_s + w_c·G_c are one convolution (kernels scaled by w and stacked along the input channels,
+    exact since the convolution is linear); the masked inputs (:class:`_MaskedInputs`) and the squared
+    error (:class:`_GridSquaredError`) are single autograd nodes with hand-written backward passes (both
+    gradient-checked in the tests). A grouped convolution for the two first convolutions was measured
+    slower on CPU at P3 sizes and is not used.
     """
 
     def __init__(self, student_channels: int, channels: int, align: str = "auto", fusion: str = "softmax") -> None:

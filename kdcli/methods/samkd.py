@@ -73,13 +73,17 @@ generators' convolutions.
   convolution of the student does, and the reconstruction error, its reduction, the masks and SLD stay in
   float32; without autocast both settings are the same float32 computation. The three grids triple DMKD's
   generator work: with float32 generators a bf16 step took 1.31× the floor, with bf16 ones 1.19–1.23×
-  (docs/results/step_time.md). ``float32`` restores the all-float32 loss.
+  (docs/results/step_time.md; 1.13–1.16× after the computation changes below). ``float32`` restores the
+  all-float32 loss.
 
 Computation (same maths, fewer operations; checked against a per-image, per-cell, per-grid reference in
-the tests): the masks of every grid come from one ranking of all cells (:class:`Pyramid` numbers the cells
-of all grids consecutively), the G masked inputs of a tap go through each generator in one call (stacked
-along the batch, :meth:`DualReconstruction.reconstruct`), S̃ is computed once per tap for SFD and SLD, and
-the binary KL uses two log-sigmoids (:func:`binary_kl`).
+the tests, loss and gradients): the masks of every grid *and every FPN level* come from one spatial and one
+channel ranking (:class:`Pyramid` numbers the cells of all grids consecutively, :meth:`level_masks` offsets
+them per level; a cell never spans two levels); the G masked inputs of a tap go through the generators in
+one call (stacked along the batch, channels-last, :meth:`DualReconstruction.reconstruct`, whose second
+convolutions and fusion are one convolution); S̃ is computed once per tap for SFD and SLD; SLD's region
+weights are ranked for all levels at once and its binary KL (two log-sigmoids, :func:`binary_kl`) runs once
+over the whole ``cls_logits`` (:meth:`sld_levels`).
 """
 
 from __future__ import annotations
