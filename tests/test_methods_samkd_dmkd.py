@@ -587,3 +587,15 @@ def test_samkd_levels_ranked_together_equal_level_by_level() -> None:
     for (s_al, ft), w in zip(pairs, m.level_region_weights(pairs), strict=True):
         assert torch.equal(w, m.level_region_weights([(s_al, ft)])[0])
         assert w.sum((1, 2, 3)).sub(1).abs().max() < 1e-12
+
+
+def test_samkd_pyramid_cache_is_bounded() -> None:
+    """Detection batches come in many padded sizes: the cell layouts kept per map size stay bounded."""
+    from kdcli.methods.samkd import PYRAMID_CACHE
+
+    m = det_samkd()
+    for h in range(1, PYRAMID_CACHE + 10):
+        m.pyramid(h, 3, (1, 2, 4), torch.device("cpu"))
+    assert len(m._pyramids) == PYRAMID_CACHE
+    assert (1, 3, (1, 2, 4), "cpu") not in m._pyramids  # the oldest went first
+    assert (PYRAMID_CACHE + 9, 3, (1, 2, 4), "cpu") in m._pyramids
