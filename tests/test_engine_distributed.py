@@ -63,6 +63,7 @@ dm = evaluate_model(det, loader, ds, run.device, out_dir=out / f"det{r}", shard=
 if r == 0:
     save_file({k: v.contiguous() for k, v in det.net.state_dict().items()}, str(out / "det.safetensors"))
 (out / f"eval{r}.json").write_text(json.dumps({"seg": seg, "det": dm}))
+ddp.finish(run.dist, True)  # leave the gloo group together (as api.train does): an exit with it alive can abort
 """
 
 
