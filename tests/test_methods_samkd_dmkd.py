@@ -584,9 +584,19 @@ def test_samkd_levels_ranked_together_equal_level_by_level() -> None:
             rs, rc = ref_masks(ft, grid, m.ratio_spatial, m.ratio_channel, "top")
             assert torch.equal(ks[i], rs) and torch.equal(kc[i], rc)
     pairs = [(torch.randint(0, 3, ft.shape, generator=g).double(), ft) for ft in fts]
-    for (s_al, ft), w in zip(pairs, m.level_region_weights(pairs), strict=True):
+    weights = m.level_region_weights(pairs)
+    for (s_al, ft), w in zip(pairs, weights, strict=True):
         assert torch.equal(w, m.level_region_weights([(s_al, ft)])[0])
         assert w.sum((1, 2, 3)).sub(1).abs().max() < 1e-12
+    # SLD over the whole cls_logits equals sld_tap on each level's slice (p3 and p4 are the head's levels here)
+    s_out = out(p3=torch.zeros(2, 3, 6, 5), p4=torch.zeros(2, 3, 3, 3))
+    zs = torch.randn(2, (30 + 9) * 2, 2, generator=g, dtype=torch.float64)
+    zt = torch.randn(2, (30 + 9) * 2, 2, generator=g, dtype=torch.float64) * 3
+    omega = {"p3": weights[0], "p4": weights[1]}
+    joint = m.sld_levels(zs, zt, omega, s_out)
+    for lv in ("p3", "p4"):
+        one = m.sld_tap(lv, m.level_logits(zs, lv, s_out), m.level_logits(zt, lv, s_out), omega[lv])
+        assert joint[lv].item() == pytest.approx(one.item(), rel=1e-12)
 
 
 def test_samkd_pyramid_cache_is_bounded() -> None:
