@@ -55,10 +55,40 @@ def test_rank_agreement_and_verdicts():
     assert math.isnan(q.kendall_tau(a, {"a": 0.0, "b": 0.0, "c": 0.0})[0])
     assert q.kendall_tau(a, {"a": 1.0, "b": 0.0, "c": 0.0})[0] == pytest.approx(2 / math.sqrt(3 * 2))
     assert math.isnan(q.kendall_tau({"a": 1.0}, {"a": 1.0})[0])
-    assert q.verdict("kd", [0.02, 0.03, 0.025]) == "yes"
-    assert q.verdict("kd", [0.02, -0.03, 0.01]) == "no (within noise)"
-    assert q.verdict("kd", [-0.02, -0.03, -0.025]) == "no (worse)"
-    assert q.verdict("kd", [-0.01]) == "no (1 seed)"
+
+
+def _runs(pair: str, scores: dict[str, list[float]]) -> list[dict]:
+    return [{"pair": pair, "method": m, "seed": s, "status": "ok", "mAP": v, "AP50": v, "run_s": 1.0,
+             "train_s": 1.0, "peak_mem_mb": 1.0, "mem_kind": "rss", "loss_ratio": 1.0, "teacher": "t",
+             "student": "s"} for m, vs in scores.items() for s, v in enumerate(vs)]
+
+
+def test_verdicts_are_paired_t_tests_with_holm_over_the_suite():
+    """A gain is "yes" only when its one-sided paired t-test survives Holm's correction over every test of the
+    suite; pairing by seed matters (a seed-shared offset cancels) and contrasts join the family."""
+    budget = q.plan_budget("1e", 8, 8)
+    plans = {"p": ("detection", ["baseline", "kd", "fgd", "acam", "maskd"], budget)}
+    base = [0.10, 0.30, 0.20, 0.40, 0.25]  # large seed-to-seed spread, shared by every method of a seed
+    runs = _runs("p", {"baseline": base,
+                       "kd": [b + g for b, g in zip(base, [0.011, 0.010, 0.012, 0.009, 0.010], strict=True)],
+                       "fgd": [b + g for b, g in zip(base, [0.02, -0.03, 0.01, 0.01, 0.0], strict=True)],
+                       "acam": [b - 0.02 for b in base],
+                       "maskd": [b + 0.01 for b in base[:1]] + base[1:]})
+    rows = q.aggregate(runs, {}, plans)
+    versus = q.contrasts(runs, plans)
+    q.correct(rows, versus)
+    by = {r["method"]: r for r in rows}
+    assert by["kd"]["df"] == 4 and by["kd"]["p"] < 1e-4  # unpaired, a 0.01 gain over a 0.12 spread shows nothing
+    assert by["kd"]["verdict"] == "yes" and by["kd"]["p_holm"] <= 0.05
+    assert by["fgd"]["verdict"] == "no" and by["acam"]["verdict"] == "no, lower"
+    assert by["acam"]["p"] == 1.0 and by["baseline"]["verdict"] == "—"
+    # maskd gains in one seed only: t = 1, p ≈ 0.187 before correction, not shown after it
+    assert by["maskd"]["p"] == pytest.approx(0.18695, abs=1e-4) and by["maskd"]["verdict"] == "no"
+    names = {(c["method"], c["versus"]) for c in versus}
+    assert names == {("acam", "maskd"), ("acam", "fgd")}  # freekd not in the suite: no contrast
+    # 4 method tests + 2 contrasts: Holm multiplies the smallest p by 6
+    tests = [r for r in [*rows, *versus] if r["method"] != "baseline"]
+    assert len(tests) == 6 and min(r["p_holm"] for r in tests) == pytest.approx(6 * by["kd"]["p"])
 
 
 def test_child_peak_memory_and_rss_sampler(tmp_path: Path):

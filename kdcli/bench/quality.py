@@ -51,6 +51,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from .stats import ALPHA, holm, paired_test, verdict
 
 BASELINE = "baseline"
 
@@ -123,6 +124,7 @@ class Budget:
 class SuiteResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # quality.csv
     runs: list[dict[str, Any]] = field(default_factory=list)  # runs.csv
+    contrasts: list[dict[str, Any]] = field(default_factory=list)  # contrasts.csv
     files: list[Path] = field(default_factory=list)
     wall_s: float = 0.0
 
@@ -440,6 +442,8 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
                         for (seed, name, _), rec in zip(work, recs, strict=True))
     res.wall_s = round(time.time() - t_start, 1)
     res.rows = aggregate(res.runs, {p: t[1] for p, t in teachers.items()}, plans)
+    res.contrasts = contrasts(res.runs, plans)
+    correct(res.rows, res.contrasts)
     agreement = compare_rankings(res.rows, read_rows(opts.reference)) if opts.reference else {}
     res.files = write_outputs(out, opts, res, teachers, plans, agreement, (load0, _loadavg()))
     return res
@@ -465,7 +469,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate(runs: list[dict[str, Any]], teacher_metrics: dict[str, dict[str, Any]],
               plans: dict[str, tuple[str, list[str], Budget]]) -> list[dict[str, Any]]:
-    """One row per pair and method: mean ± std over seeds, paired gain over the baseline, rank, verdict."""
+    """One row per pair and method: mean ± std over seeds, paired gain over the baseline with its one-sided
+    paired t-test, rank. The verdicts come from :func:`correct`, once every test of the suite is known."""
     rows: list[dict[str, Any]] = []
     for pair_name, (task, names, budget) in plans.items():
         a, b = METRICS[task]
@@ -481,12 +486,13 @@ def aggregate(runs: list[dict[str, Any]], teacher_metrics: dict[str, dict[str, A
             mb, sb = _mean_std([r[b] for r in ok])
             gains = [r[a] - base[r["seed"]] for r in ok if r["seed"] in base and not math.isnan(base[r["seed"]])]
             g, gs = _mean_std(gains) if name != BASELINE else (0.0, 0.0)
+            test = paired_test(gains)
             first = mine[0]
             prow.append({
                 "pair": pair_name, "task": task, "teacher": first["teacher"], "student": first["student"],
                 "method": name, "seeds": len(ok), "failed": len(mine) - len(ok), "metric": a,
                 "mean": ma, "std": sa, f"{b}_mean": mb, f"{b}_std": sb, "gain": g, "gain_std": gs,
-                "verdict": verdict(name, gains),
+                "t": test.t, "df": test.df, "p": test.p, "_test": test,
                 "run_s": _mean_std([r["run_s"] for r in ok])[0], "train_s": _mean_std([r["train_s"] for r in ok])[0],
                 "peak_mem_mb": _mean_std([r["peak_mem_mb"] for r in ok])[0],
                 "loss_ratio": _mean_std([r["loss_ratio"] for r in ok])[0],
@@ -500,21 +506,43 @@ def aggregate(runs: list[dict[str, Any]], teacher_metrics: dict[str, dict[str, A
     return rows
 
 
-def verdict(name: str, gains: list[float]) -> str:
-    """Does the method beat the baseline? Paired gains over seeds: yes/no beyond 2 standard errors."""
-    if name == BASELINE:
-        return "—"
-    if not gains:
-        return "n/a"
-    if len(gains) == 1:
-        return "yes (1 seed)" if gains[0] > 0 else "no (1 seed)" if gains[0] < 0 else "no (tie, 1 seed)"
-    m, s = statistics.fmean(gains), statistics.stdev(gains)
-    se = s / math.sqrt(len(gains))
-    if m > 2 * se:
-        return "yes"
-    if m < -2 * se:
-        return "no (worse)"
-    return "no (within noise)"
+# The seeds' claims that the suite tests head to head (paired by seed, same pair): ACAM-KD against the
+# methods its paper compares with, CanKD against CWD/MGD, SAMKD against MGD/FreeKD/DMKD.
+CONTRASTS: tuple[tuple[str, str], ...] = (
+    ("acam", "maskd"), ("acam", "fgd"), ("acam", "freekd"),
+    ("cankd", "cwd"), ("cankd", "mgd"),
+    ("samkd", "mgd"), ("samkd", "freekd"), ("samkd", "dmkd"),
+)
+
+
+def contrasts(runs: list[dict[str, Any]], plans: dict[str, tuple[str, list[str], Budget]]) -> list[dict[str, Any]]:
+    """Method-against-method paired tests (same pair, same seed) for the :data:`CONTRASTS` both present."""
+    out: list[dict[str, Any]] = []
+    for pair_name, (task, _names, _budget) in plans.items():
+        a = METRICS[task][0]
+        score = {(r["method"], r["seed"]): r[a] for r in runs if r["pair"] == pair_name and r["status"] == "ok"}
+        for x, y in CONTRASTS:
+            diffs = [score[(x, s)] - score[(y, s)] for (m, s) in score if m == x and (y, s) in score]
+            if not diffs:
+                continue
+            t = paired_test(diffs)
+            out.append({"pair": pair_name, "task": task, "method": x, "versus": y, "metric": a, "seeds": t.n,
+                        "diff": t.mean, "diff_std": t.sd, "t": t.t, "df": t.df, "p": t.p, "_test": t})
+    return out
+
+
+def correct(rows: list[dict[str, Any]], versus: list[dict[str, Any]]) -> None:
+    """Holm's correction over every test of the suite (each method against the baseline on each pair, and the
+    contrasts); fills ``p_holm`` and ``verdict`` in place."""
+    tests = [r for r in rows if r["method"] != BASELINE] + versus
+    adjusted = holm([r["p"] for r in tests])
+    for r, ph in zip(tests, adjusted, strict=True):
+        r["p_holm"] = ph
+        r["verdict"] = verdict(r.pop("_test"), ph)
+    for r in rows:
+        if r["method"] == BASELINE:
+            r.pop("_test", None)
+            r["p_holm"], r["verdict"] = math.nan, "—"
 
 
 # -- rankings --------------------------------------------------------------------------------------------
@@ -568,8 +596,12 @@ def compare_rankings(rows: list[dict[str, Any]], ref: list[dict[str, Any]]) -> d
 
 # -- outputs ---------------------------------------------------------------------------------------------------
 QUALITY_COLUMNS = ["pair", "task", "teacher", "student", "method", "rank", "seeds", "failed", "metric", "mean", "std",
-                   "gain", "gain_std", "verdict", "run_s", "train_s", "peak_mem_mb", "mem_kind", "loss_ratio", "epochs",
-                   "steps", "teacher_score"]
+                   "gain", "gain_std", "t", "df", "p", "p_holm", "verdict", "run_s", "train_s", "peak_mem_mb",
+                   "mem_kind", "loss_ratio", "epochs", "steps", "teacher_score"]
+
+
+CONTRAST_COLUMNS = ["pair", "task", "method", "versus", "metric", "seeds", "diff", "diff_std", "t", "df", "p",
+                    "p_holm", "verdict"]
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -638,8 +670,10 @@ def markdown(opts: QualityOptions, res: SuiteResult, teachers: dict[str, tuple[s
            if opts.jobs > 1 else ""),
         "- every method: same student, same recipe, same budget and seeds; validation once after the last epoch; "
         "gain = mean over seeds of (method − baseline of the same seed) ± std (± only with 2+ seeds); "
-        "*beats baseline*: the paired gain "
-        "beyond 2 standard errors (one seed: its sign only); *distill/task loss*: the distillation terms over the "
+        f"*beats baseline*: a one-sided paired t-test (same seed; n − 1 degrees of freedom) of gain > 0, \"yes\" "
+        f"when its p-value after Holm's correction over every test of this suite (each method on each pair and the "
+        f"method-against-method contrasts) is at most {ALPHA}; *p (Holm)*: that corrected p-value; one seed is "
+        "never a test; *distill/task loss*: the distillation terms over the "
         "task terms in the first epoch's mean losses (≫ 1: the method's official weight dominates the task here)",
         "",
     ]
@@ -651,8 +685,8 @@ def markdown(opts: QualityOptions, res: SuiteResult, teachers: dict[str, tuple[s
         lines += [f"## {pair.name}: {pair.teacher} → {pair.student} ({task})", "",
                   f"Teacher {a} {_fmt(float(t_metrics.get(a, math.nan)))} (`{t_ref}`). Budget: {budget.text} of "
                   f"batch {opts.batch_size}; {len(names) - 1} methods.", ""]
-        lines += [f"| rank | method | {a} | {b} | gain {a} | beats baseline | distill/task loss | run s | train s "
-                  "| peak MB |", "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+        lines += [f"| rank | method | {a} | {b} | gain {a} | p (Holm) | beats baseline | distill/task loss "
+                  "| run s | train s | peak MB |", "|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
         for r in rows:
             pm = r["seeds"] > 1  # a spread needs two seeds
             ms = (f"{_fmt(r['mean'])} ± {_fmt(r['std'])}" if pm else _fmt(r["mean"])) if r["seeds"] else "failed"
@@ -665,7 +699,8 @@ def markdown(opts: QualityOptions, res: SuiteResult, teachers: dict[str, tuple[s
             if r["failed"]:
                 name += f" ({r['failed']} failed)"
             ratio = "—" if r["method"] == BASELINE else _fmt(r["loss_ratio"], 2)
-            lines.append(f"| {r['rank']} | {name} | {ms} | {mb} | {gain} | {r['verdict']} | {ratio} "
+            lines.append(f"| {r['rank']} | {name} | {ms} | {mb} | {gain} | {_fmt(r.get('p_holm', math.nan), 3)} "
+                         f"| {r['verdict']} | {ratio} "
                          f"| {_fmt(r['run_s'], 1)} | {_fmt(r['train_s'], 1)} | {_fmt(r['peak_mem_mb'], 0)} |")
         losers = [r["method"] for r in rows if r["method"] != BASELINE and r["seeds"]
                   and not str(r["verdict"]).startswith("yes")]
@@ -680,6 +715,13 @@ def markdown(opts: QualityOptions, res: SuiteResult, teachers: dict[str, tuple[s
             lines += ["", f"Ranking agreement with the reference suite (`{opts.reference}`): Kendall τ-b = "
                           f"{tau_text} over {n} common methods (ties count as neither agreement nor "
                           "disagreement)."]
+        versus = [c for c in res.contrasts if c["pair"] == pair.name]
+        if versus:
+            lines += ["", f"Method against method (paired by seed, one-sided: the first beats the second in {a}):",
+                      "", "| method | versus | seeds | mean difference | t | p | p (Holm) | first beats second |",
+                      "|---|---|---:|---:|---:|---:|---:|---|"]
+            lines += [f"| {c['method']} | {c['versus']} | {c['seeds']} | {c['diff']:+.4f} | {_fmt(c['t'], 2)} "
+                      f"| {_fmt(c['p'], 3)} | {_fmt(c['p_holm'], 3)} | {c['verdict']} |" for c in versus]
         mem = rows[0]["mem_kind"] if rows else ""
         lines += ["", f"Memory: {mem}.", ""]
     for r in res.runs:
@@ -733,7 +775,8 @@ def write_outputs(out: Path, opts: QualityOptions, res: SuiteResult, teachers: d
                   plans: dict[str, tuple[str, list[str], Budget]], agreement: dict[str, tuple[float, int]],
                   load: tuple[float, float]) -> list[Path]:
     files = [write_csv(out / "quality.csv", res.rows, list(QUALITY_COLUMNS)),
-             write_csv(out / "runs.csv", res.runs)]
+             write_csv(out / "runs.csv", res.runs),
+             write_csv(out / "contrasts.csv", res.contrasts, list(CONTRAST_COLUMNS))]
     md = out / "quality.md"
     md.write_text(markdown(opts, res, teachers, plans, agreement, load))
     files.append(md)
