@@ -38,8 +38,8 @@ Official code: github.com/TinyTigerPan/BCKD (mmdet 2.28.2), ``NovelKDLoss`` / ``
   moves every location's 1 − GIoU by up to ~1e-7 relative). See :func:`giou_loss`.
 - GFL decodes integral distributions and measures boxes in stride units, kdcli in input pixels. With
   power-of-two strides the two frames differ by an exact binary scaling, so every GIoU is the same
-  floating-point number; only the 1e-6 clamp acts in px² here rather than stride² (it bites only for
-  boxes of area < 1e-6 px², degenerate either way).
+  floating-point number; only the 1e-6 clamp acts on px² here and on stride² there (union or hull
+  below 1e-6 px² here, below 1e-6·stride² there: sub-pixel, degenerate boxes only).
 - Defaults: loss weights 1.0 (BCD) and 4.0 (box), β = 1, no temperature (``NovelKDLoss`` takes a
   ``T`` it never uses). The config's LD/VLR terms have weight 0 and are not implemented.
 - ``D`` counts the local batch; the official code averages it over GPUs (``reduce_mean``).
