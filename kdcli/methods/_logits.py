@@ -1,6 +1,6 @@
 r"""Pieces shared by the logit methods (``kd``, ``dkd``, ``nkd``, ``uskd``, ``bckd``).
 
-Spec: shared/methods/logit-methods.md §1 (shared conventions). Three jobs:
+Method pages: docs/methods/kd.md (reductions), docs/methods/dkd.md, nkd.md, uskd.md, bckd.md. Three jobs:
 
 1. **Dense outputs → samples** (§1.3). Every loss here works on ``(M, K)`` rows (one class
    distribution per row, classes last) plus a per-row weight:
@@ -25,11 +25,14 @@ Spec: shared/methods/logit-methods.md §1 (shared conventions). Three jobs:
    ``exp(logsumexp_{j≠y} − logsumexp_all)`` (no cancellation when ``p_y → 1``); removing the target
    column equals DKD's "−1000 masking" and NKD's column removal.
 
-3. **Reductions** (§1.2, :func:`reduce_samples`): ``mean`` over the rows with weight 1 (mdistiller /
+3. **Reductions** (:func:`reduce_samples`): ``mean`` over the rows with weight 1 (mdistiller /
    cls_KD's "mean over the batch"; ÷ valid pixels; ÷ positives in S1), ``sum`` (mmrazor's DKD quirk),
-   ``avg_factor`` (÷ number of positive locations in the batch, ≥ 1: mmdet's ``avg_factor`` of
-   BCKD/CrossKD) and ``level`` (LD: per FPN level ÷ that level's positives, summed over levels; a
-   level without positives contributes 0).
+   ``avg_factor`` (mmdet's count and division, as in BCKD (mmdet 2.28.2) and CrossKD (mmdet 3.0):
+   the head counts ``Σ_images max(#positives of the image, 1)`` and ``weight_reduce_loss`` divides
+   the sum by that ``+ finfo(float32).eps``; see :func:`avg_factor_divisor`) and ``level`` (LD: per
+   FPN level ÷ that level's positives, summed over levels; a level without positives contributes 0).
+   LD's code base (HikariTJU/LD, mmdet 2.10.0) divides by ``avg_factor`` itself, without ε, so
+   ``level`` adds none.
 
 Every function expects float32 (or float64) inputs; callers upcast and run inside
 :func:`~kdcli.methods.common.float32_region`. In DDP runs ``avg_factor`` counts the local batch only
@@ -51,6 +54,8 @@ from .base import Method
 from .common import float32_region, resize_to, upcast
 
 CLASS_REDUCTIONS = ("sum", "mean")
+# mmdet's weight_reduce_loss (BCKD's 2.28.2, CrossKD's 3.0): loss.sum() / (avg_factor + eps), a guard against 0
+AVG_FACTOR_EPS = torch.finfo(torch.float32).eps
 SAMPLE_REDUCTIONS = ("mean", "sum", "avg_factor", "level")
 
 
@@ -71,7 +76,7 @@ class Samples:
     extra: Tensor | None = None  # (M, K') another map flattened the same way (USKD's weak logits)
     level: Tensor | None = None  # (M,) FPN level of each row (detection)
     pos_per_level: Tensor | None = None  # (levels,) positive locations per level in the batch
-    num_pos: Tensor | None = None  # scalar: positive locations in the batch (detection)
+    avg_factor: Tensor | None = None  # scalar: Σ_images max(#positive locations, 1) (detection)
 
 
 # ------------------------------------------------------------------------------------ segmentation
@@ -203,13 +208,13 @@ def location_samples(
     pos = matched >= 0
     pos_per_level = torch.zeros(n_levels, dtype=zs.dtype, device=zs.device)
     pos_per_level.index_add_(0, level, pos.to(zs.dtype).sum(0))
-    num_pos = pos.sum().to(zs.dtype)
+    avg_factor = pos.sum(1).clamp(min=1).sum().to(zs.dtype)
     level_rows = level.expand(n, length).reshape(-1)
     ex = upcast(extra).reshape(n * length, -1) if extra is not None else None
     if not positives:
         weight = (matched != -2) if drop_ignored else torch.ones_like(pos)
         return Samples(zs.reshape(-1, c), zt.reshape(-1, c) if zt is not None else None, None,
-                       weight.reshape(-1).to(zs.dtype), ex, level_rows, pos_per_level, num_pos)
+                       weight.reshape(-1).to(zs.dtype), ex, level_rows, pos_per_level, avg_factor)
     if c < 3:
         raise MethodError(f"method '{name}': tap '{tap}' has {c} outputs; a softmax over the classes at "
                           "positive locations needs at least 2 classes besides torchvision's background")
@@ -220,10 +225,19 @@ def location_samples(
     rows_t = zt.reshape(-1, c)[keep][:, 1:] if zt is not None else None
     ex = ex[keep] if ex is not None else None
     return Samples(rows_s, rows_t, labels.clamp(0, c - 2), rows_s.new_ones(rows_s.shape[0]), ex,
-                   level_rows[keep], pos_per_level, num_pos)
+                   level_rows[keep], pos_per_level, avg_factor)
 
 
 # ------------------------------------------------------------------------------------ reductions
+def avg_factor_divisor(pos: Tensor, dtype: torch.dtype) -> Tensor:
+    """What BCKD's and CrossKD's heads divide a summed loss by, from the ``(N, L)`` positive mask:
+    ``Σ_images max(#pos_i, 1) + finfo(float32).eps``. Two mmdet conventions, both kept: every image
+    counts at least 1 positive (BCKD ``LDHead.get_targets``; mmdet 3 ``SamplingResult.num_pos``), so
+    an image without positives still adds 1; and ``weight_reduce_loss`` adds ε to ``avg_factor``
+    (≈ 1.2e-7 / count relative, although the count is ≥ 1)."""
+    return pos.sum(1).clamp(min=1).sum().to(dtype) + AVG_FACTOR_EPS
+
+
 def reduce_classes(per_class: Tensor, how: str) -> Tensor:
     return per_class.sum(-1) if how == "sum" else per_class.mean(-1)
 
@@ -235,10 +249,10 @@ def reduce_samples(per_row: Tensor, smp: Samples, how: str, name: str = "") -> T
         return total
     if how == "mean":
         return total / smp.weight.sum().clamp(min=1)
-    if smp.num_pos is None or smp.level is None or smp.pos_per_level is None:
+    if smp.avg_factor is None or smp.level is None or smp.pos_per_level is None:
         raise ConfigError(f"--set sample_reduction={how}: '{name}' only has it for detection heads")
     if how == "avg_factor":
-        return total / smp.num_pos.clamp(min=1)
+        return total / (smp.avg_factor + AVG_FACTOR_EPS)
     # level: Σ_levels (Σ_{rows on level} ℓ) / max(#positives on level, 1)
     per_level = torch.zeros_like(smp.pos_per_level).index_add(0, smp.level, per_row * smp.weight)
     return (per_level / smp.pos_per_level.clamp(min=1)).sum()
@@ -383,6 +397,7 @@ class DecoupledKD(Method):
 
 
 __all__ = [
+    "AVG_FACTOR_EPS",
     "CLASS_REDUCTIONS",
     "DecoupledKD",
     "NONTARGET_FORMS",
@@ -390,6 +405,7 @@ __all__ = [
     "SAMPLE_REDUCTIONS",
     "Samples",
     "Split",
+    "avg_factor_divisor",
     "bernoulli_kl",
     "box_labels",
     "check_choice",

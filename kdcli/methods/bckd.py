@@ -1,37 +1,48 @@
 r"""BCKD — Binary Classification Distillation + IoU-based localisation distillation for sigmoid
 detection heads (Yang et al., "Bridging Cross-task Protocol Inconsistency for Distillation in
 Dense Object Detection", ICCV 2023, arXiv 2308.14286). kdcli's recommended logit method for
-RetinaNet/FCOS.
+RetinaNet/FCOS. Method page: docs/methods/bckd.md.
 
-Official code: TinyTigerPan/BCKD, ``NovelKDLoss`` / ``novel_kd_loss``
-(``mmdet/models/losses/kd_loss.py``) and ``LDHead.loss_single`` (``mmdet/models/dense_heads/
-ld_head.py``); config ``configs/bckd/bckd_r50_gflv1_r101_fpn_coco_1x.py`` (spec:
-shared/methods/logit-methods.md §2.8.3). For every location ``l`` and class ``c`` of the
+Official code: github.com/TinyTigerPan/BCKD (mmdet 2.28.2), ``NovelKDLoss`` / ``novel_kd_loss``
+(``mmdet/models/losses/kd_loss.py``), ``LDHead.loss_single`` and ``LDHead.loss``
+(``mmdet/models/dense_heads/ld_head.py``), ``GIoULoss`` (``mmdet/models/losses/iou_loss.py``),
+``weight_reduce_loss`` (``mmdet/models/losses/utils.py``); config
+``configs/bckd/bckd_r50_gflv1_r101_fpn_coco_1x.py``. For every location ``l`` and class ``c`` of the
 ``(N, L, C)`` cls logits, with ``p = σ(z_t)``, ``q = σ(z_s)``::
 
-    BCD   = w_cls · Σ_{l,c} v_l · BCE(z_s[l,c], p[l,c]) · |p[l,c] − q[l,c]|^β   / max(#pos, 1)
-    BoxKD = w_box · Σ_l  v_l · max_c |p[l,c] − q[l,c]| · (1 − GIoU(b_s[l], b_t[l]))   / max(#pos, 1)
+    BCD   = w_cls · Σ_{l,c} v_l · BCE(z_s[l,c], p[l,c]) · |p[l,c] − q[l,c]|^β   / D
+    BoxKD = w_box · Σ_l  v_l · max_c |p[l,c] − q[l,c]| · (1 − GIoU(b_s[l], b_t[l]))   / D
+    D     = Σ_images max(#pos_i, 1) + ε_32,   ε_32 = torch.finfo(torch.float32).eps ≈ 1.19e-7
 
 - ``v_l`` is the label weight: 1, or 0 at locations the student's matcher ignores (RetinaNet:
   IoU with every box in [0.4, 0.5)); FCOS ignores none. With ``skip_empty_levels=true`` (official
   behaviour) every location of an FPN level that has no positive in the batch gets ``v_l = 0``:
   the official head computes both terms inside a per-level "this level has positives" branch.
-- ``#pos``: positive locations of the student's assignment in the batch (RetinaNet: IoU ≥ 0.5 plus
-  each box's best anchors; FCOS: centre sampling within 1.5 strides and the level's scale range;
-  read from ``extras["match"]``, see :func:`kdcli.models.detection.match_locations`).
+- ``#pos_i``: positive locations of the student's assignment in image ``i`` (RetinaNet: IoU ≥ 0.5
+  plus each box's best anchors; FCOS: centre sampling within 1.5 strides and the level's scale
+  range; read from ``extras["match"]``, see :func:`kdcli.models.detection.match_locations`).
+- ``D`` is the official divisor, quirks kept (:func:`~kdcli.methods._logits.avg_factor_divisor`):
+  ``LDHead.get_targets`` counts ``Σ_i max(#pos_i, 1)`` (an image without positives adds 1), and
+  mmdet's ``weight_reduce_loss`` divides by ``avg_factor + ε_32`` (its guard against 0, redundant
+  here), which makes both terms ~1.2e-7/D relative smaller.
 - The modulating factor ``|p − q|^β`` is **not** detached (gradient flows through it, as in the
   official code and quality focal loss); the box weight ``max_c |p − q|`` **is** detached.
 - BCE against the teacher's probability is the cross-entropy form (not 0 for identical logits:
   the factor ``|p − q|`` is, so the whole BCD term is 0 there).
 - Boxes: ``b_s``, ``b_t`` are the student's and teacher's regression outputs decoded on the
   **student's** anchors/locations (``extras["decode"]``: RetinaNet anchor deltas, FCOS ltrb
-  distances), teacher boxes detached. GIoU is torchvision's ``generalized_box_iou_loss`` (ε = 1e-7
-  added to the denominators; mmdet's ``GIoULoss`` clamps them at 1e-6 instead — the two differ only
-  for degenerate boxes). GFL decodes integral distributions and measures boxes in stride units;
-  GIoU is scale-invariant, so decoding in pixels changes nothing.
+  distances), teacher boxes detached.
+- GIoU is mmdet's (``GIoULoss(eps=1e-6)`` → ``bbox_overlaps(mode="giou", is_aligned=True)``), quirk
+  kept: the union and the enclosing area are **clamped** below at 1e-6 (``max(·, 1e-6)``), not
+  shifted by an ε as in torchvision's ``generalized_box_iou_loss`` (+1e-7 on both denominators, which
+  moves every location's 1 − GIoU by up to ~1e-7 relative). See :func:`giou_loss`.
+- GFL decodes integral distributions and measures boxes in stride units, kdcli in input pixels. With
+  power-of-two strides the two frames differ by an exact binary scaling, so every GIoU is the same
+  floating-point number; only the 1e-6 clamp acts on px² here and on stride² there (union or hull
+  below 1e-6 px² here, below 1e-6·stride² there: sub-pixel, degenerate boxes only).
 - Defaults: loss weights 1.0 (BCD) and 4.0 (box), β = 1, no temperature (``NovelKDLoss`` takes a
   ``T`` it never uses). The config's LD/VLR terms have weight 0 and are not implemented.
-- ``#pos`` counts the local batch; the official code averages it over GPUs.
+- ``D`` counts the local batch; the official code averages it over GPUs (``reduce_mean``).
 
 Teacher and student must share the head geometry (anchors per location, FPN levels, classes):
 location ``l`` has to mean the same prior in both, otherwise a MethodError asks for a feature
@@ -45,12 +56,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
 from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from ._logits import level_index, matched_locations
+from ._logits import avg_factor_divisor, level_index, matched_locations
 from .base import Method
 from .common import float32_region, upcast
 
@@ -60,6 +70,21 @@ def binary_kd(zs: Tensor, zt: Tensor, beta: float) -> Tensor:
     p = torch.sigmoid(zt)
     gap = (p - torch.sigmoid(zs)).abs()
     return F.binary_cross_entropy_with_logits(zs, p, reduction="none") * (gap if beta == 1 else gap.pow(beta))
+
+
+def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
+    """``1 − GIoU`` of aligned ``(..., 4)`` x1y1x2y2 boxes, as mmdet's ``bbox_overlaps(mode="giou",
+    is_aligned=True, eps)`` evaluates it: union and enclosing area clamped below at ``eps`` (not
+    ε-shifted), ``GIoU = I/U − (E − U)/E`` in that order of operations."""
+    p_lt, p_rb, t_lt, t_rb = pred[..., :2], pred[..., 2:], target[..., :2], target[..., 2:]
+    area_p = (pred[..., 2] - pred[..., 0]) * (pred[..., 3] - pred[..., 1])
+    area_t = (target[..., 2] - target[..., 0]) * (target[..., 3] - target[..., 1])
+    inter_wh = (torch.minimum(p_rb, t_rb) - torch.maximum(p_lt, t_lt)).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = (area_p + area_t - inter).clamp(min=eps)
+    hull_wh = (torch.maximum(p_rb, t_rb) - torch.minimum(p_lt, t_lt)).clamp(min=0)
+    hull = (hull_wh[..., 0] * hull_wh[..., 1]).clamp(min=eps)
+    return 1 - (inter / union - (hull - union) / hull)
 
 
 @register
@@ -101,14 +126,14 @@ class BCKD(Method):
             )
         with float32_region(zs):
             zs, zt = upcast(zs), upcast(zt.detach())
-            v, num_pos = self._location_weights(s, targets, zs)
-            out = {f"{self.name}.cls_logits": self.weight * (binary_kd(zs, zt, self.beta).sum(-1) * v).sum() / num_pos}
+            v, divisor = self._location_weights(s, targets, zs)
+            out = {f"{self.name}.cls_logits": self.weight * (binary_kd(zs, zt, self.beta).sum(-1) * v).sum() / divisor}
             if self.box_weight > 0:
-                out[f"{self.name}.boxes"] = self.box_weight * self._box_loss(s, t, zs, zt, v) / num_pos
+                out[f"{self.name}.boxes"] = self.box_weight * self._box_loss(s, t, zs, zt, v) / divisor
         return out
 
     def _location_weights(self, s: ModelOutput, targets: Any, zs: Tensor) -> tuple[Tensor, Tensor]:
-        """``v`` (N, L) and ``max(#pos, 1)`` from the student's assignment."""
+        """``v`` (N, L) and the divisor ``D`` (module docstring) from the student's assignment."""
         matched = matched_locations(self.name, s, targets)
         if matched.shape != zs.shape[:2]:
             raise MethodError(f"method 'bckd': the student's assignment {tuple(matched.shape)} does not cover its "
@@ -120,7 +145,7 @@ class BCKD(Method):
             per_level = torch.zeros(n_levels, dtype=zs.dtype, device=zs.device).index_add_(
                 0, level, pos.to(zs.dtype).sum(0))
             v = v * (per_level > 0).to(zs.dtype)[level]
-        return v, pos.sum().to(zs.dtype).clamp(min=1)
+        return v, avg_factor_divisor(pos, zs.dtype)
 
     def _box_loss(self, s: ModelOutput, t: ModelOutput, zs: Tensor, zt: Tensor, v: Tensor) -> Tensor:
         decode = s.extras.get("decode")
@@ -136,5 +161,4 @@ class BCKD(Method):
         with torch.no_grad():
             boxes_t = decode(upcast(rt.detach()))
             w = (torch.sigmoid(zt) - torch.sigmoid(zs)).abs().amax(-1) * v
-        giou = generalized_box_iou_loss(boxes_s.reshape(-1, 4), boxes_t.reshape(-1, 4).to(boxes_s), reduction="none")
-        return (giou * w.reshape(-1)).sum()
+        return (giou_loss(boxes_s, boxes_t.to(boxes_s)) * w).sum()

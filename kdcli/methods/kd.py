@@ -2,8 +2,8 @@ r"""KD — temperature-scaled logit distillation (Hinton, Vinyals & Dean, "Disti
 in a Neural Network", NIPS 2014 Deep Learning Workshop, arXiv 1503.02531), applied per pixel
 (segmentation) and per anchor location (dense sigmoid detection heads).
 
-Spec: shared/methods/logit-methods.md §1.2–1.4 and §2.1. Samples, reductions and the student's
-assignment come from :mod:`kdcli.methods._logits`. Per sample ``i`` (a pixel or a location)::
+Method page: docs/methods/kd.md. Samples, reductions and the student's assignment come from
+:mod:`kdcli.methods._logits`. Per sample ``i`` (a pixel or a location)::
 
     softmax    ℓ_i = τ² · R_c[ p_t,c (log p_t,c − log p_s,c) ],          p = softmax(z/τ) over the classes
     bernoulli  ℓ_i = τ² · R_c[ p log(p/q) + (1−p) log((1−p)/(1−q)) ],   p = σ(z_t,c/τ), q = σ(z_s,c/τ)
@@ -12,9 +12,9 @@ assignment come from :mod:`kdcli.methods._logits`. Per sample ``i`` (a pixel or 
     L = w · S_i[ ℓ_i ]
 
 ``R_c`` is ``class_reduction`` (``sum`` | ``mean``) and ``S_i`` is ``sample_reduction``: ``mean`` over
-the samples that count, ``sum``, ``avg_factor`` (÷ positive locations in the batch; detection) or
-``level`` (per FPN level ÷ that level's positives, summed; detection). Which codebase does what
-(§1.2), and how to reproduce it:
+the samples that count, ``sum``, ``avg_factor`` (mmdet's: ÷ (Σ_images max(#positives, 1) + float32 eps);
+detection) or ``level`` (per FPN level ÷ that level's positives, summed, no ε as in LD's mmdet 2.10;
+detection). Which codebase does what, and how to reproduce it:
 
 ===========================================  ==========================================================
 official loss                                kdcli settings
@@ -23,8 +23,8 @@ mdistiller / cls_KD KD (per image)           ``class_reduction=sum sample_reduct
 TorchDistiller pixel-wise KD (``spatial``)   segmentation preset: softmax, sum, mean over N·h·w pixels
 LD main KD (``KnowledgeDistillationKLDiv``)  ``mode=positives class_reduction=mean sample_reduction=level
                                              weight=10 tau=8`` (RetinaNet; ``tau=2`` for FCOS)
-BCKD / CrossKD binary KD, without the        ``mode=bernoulli drop_ignored=true sample_reduction=avg_factor``
-``|σ_t − σ_s|^β`` modulation                 (the modulated loss with box KD is method ``bckd``)
+Bernoulli KD, BCKD's / CrossKD's reduction   ``mode=bernoulli drop_ignored=true sample_reduction=avg_factor``
+(both also multiply by ``|σ_t − σ_s|^β``)    (the modulated loss with box KD is method ``bckd``)
 ===========================================  ==========================================================
 
 Deviations and assumptions:
