@@ -118,19 +118,32 @@ def pull(ref: str) -> Path:
 
 
 def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
-                  log: Any = print) -> list[tuple[str, Path]]:
+                  log: Any = print, file: str | Path | None = None,
+                  mirror: str | None = None) -> list[tuple[str, Path]]:
     """``kdcli zoo fetch``: download the weights of zoo entries (or raw sources) into the standard
-    caches (:func:`kdcli.weights.fetch`); returns (name, local path) pairs."""
+    caches (:func:`kdcli.weights.fetch`); an OpenMMLab release (``convert`` entries) is verified and
+    converted into ``$KDCLI_HOME/zoo/<name>`` (:func:`kdcli.convert.fetch.fetch_converted`);
+    ``file``: that entry's checkpoint, downloaded by hand; ``mirror``: a base URL replacing the
+    scheme and host of release URLs. Returns (name, local path) pairs."""
     from .weights import fetch
     from .zoo import get_spec
     from .zoo import names as zoo_names
 
+    if file is not None and (all_ or len(names) != 1 or backbone or ":" in names[0]):
+        raise ConfigError("kdcli zoo fetch --file: name exactly one zoo entry (its checkpoint, downloaded by hand)")
     todo: dict[str, str] = {}  # source → first name asking for it
+    converted: list[str] = []
     for name in (zoo_names() if all_ else names):
         if ":" in name:
             todo.setdefault(name, name)
             continue
         spec = get_spec(name)
+        if spec.convert and not backbone:
+            converted.append(name)
+            continue
+        if file is not None:
+            raise ConfigError(f"kdcli zoo fetch {name} --file: only entries converted from an OpenMMLab release "
+                              "take a hand-downloaded checkpoint")
         source = spec.backbone_weights if backbone else spec.weights
         if not source or source == "none":
             if all_:
@@ -142,6 +155,11 @@ def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
     from .weights import UnpinnedRevision
 
     done: list[tuple[str, Path]] = []
+    if converted:
+        from .convert.fetch import fetch_converted
+
+        for name in converted:
+            done.append((name, fetch_converted(get_spec(name), file=file, mirror=mirror, log=log)))
     for source, name in todo.items():
         try:
             done.append((name, fetch(source, log=log)))

@@ -30,9 +30,16 @@ def _echo(msg: str) -> None:
 
 @app.callback()
 def _global(offline: bool = typer.Option(False, "--offline", help="no downloads at all (also KDCLI_OFFLINE=1); "
-                                          "sets HF_HUB_OFFLINE before huggingface_hub is imported")) -> None:
+                                          "sets HF_HUB_OFFLINE before huggingface_hub is imported"),
+            zoo: list[Path] = typer.Option(None, "--zoo", help="your own zoo entries: a TOML of the manifest's form "
+                                           "(also KDCLI_ZOO, several joined by the path separator)")) -> None:
     """Knowledge distillation for dense prediction on torchvision/timm models."""
     import os
+
+    if zoo:
+        from .zoo import ZOO_ENV
+
+        os.environ[ZOO_ENV] = os.pathsep.join([*filter(None, [os.environ.get(ZOO_ENV)]), *(str(p) for p in zoo)])
 
     if offline or os.environ.get("KDCLI_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         from .weights import set_offline
@@ -397,6 +404,9 @@ def zoo_fetch(
     all_: bool = _O(False, "--all", help="every zoo entry that has weights"),
     backbone: bool = _O(False, "--backbone", help="the entry's ImageNet backbone_weights instead of its weights"),
     offline: bool = _O(False, "--offline", help="refuse to download (report what is cached)"),
+    file: Path = _O(None, "--file", help="the entry's checkpoint, downloaded by hand (verified the same way)"),
+    mirror: str = _O(None, "--mirror", envvar="KDCLI_MIRROR",
+                     help="base URL replacing the scheme and host of OpenMMLab release URLs (env KDCLI_MIRROR)"),
 ) -> None:
     """Download weights into the standard caches (torch hub, Hugging Face). The only command that downloads."""
     from .weights import set_offline
@@ -407,7 +417,8 @@ def zoo_fetch(
 
     if not names and not all_:
         raise ConfigError("kdcli zoo fetch: name zoo entries or weight sources, or give --all")
-    for name, path in api.fetch_weights(list(names or []), all_=all_, backbone=backbone, log=_echo):
+    for name, path in api.fetch_weights(list(names or []), all_=all_, backbone=backbone, log=_echo, file=file,
+                                        mirror=mirror):
         typer.echo(f"{name}: {path}")
 
 

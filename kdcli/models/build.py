@@ -55,11 +55,20 @@ def load_backbone_weights(model: TapModel, spec: ModelSpec) -> None:
         raise ZooError(f"{spec.name}: the zoo names no ImageNet backbone weights for it (weights_kind "
                        f"{spec.weights_kind}, no backbone_weights); use student_weights = \"zoo\" or a file")
     path = cached_file(source, spec.name if spec.weights_kind == "backbone" else f"{spec.name} --backbone")
-    load_strict(backbone_body(model.net), strip_classifier(read_state_dict(path)), str(path))
+    body = backbone_body(model.net)
+    state = strip_classifier(read_state_dict(path))
+    if not any(k.startswith("features.") for k in body.state_dict()):
+        # a MobileNet body is its classifier's `features` alone (IntermediateLayerGetter keys 0.*, 1.*, ...)
+        state = {k.removeprefix("features."): v for k, v in state.items()}
+    load_strict(body, state, str(path))
 
 
 def backbone_body(net: nn.Module) -> nn.Module:
-    body = getattr(net.backbone, "body", net.backbone)
+    """The ImageNet-classifier part of a model's backbone: wrappers (FPN, mmseg and timm dilated
+    bodies) keep it in ``.body``, possibly nested."""
+    body = net.backbone
+    while isinstance(getattr(body, "body", None), nn.Module):
+        body = body.body
     return body
 
 
