@@ -70,11 +70,16 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
 
     from .data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
     from .engine.evaluate_model import evaluate_model, parse_slide
+    from .engine.teacher_check import check_teacher_kind
     from .engine.trainer import image_size_of, pick_device
     from .models import build_model
+    from .models.build import required_file
     from .zoo import resolve_ref
 
-    r = resolve_ref(ref)
+    r = resolve_ref(ref, role="eval")
+    if r.weights is None:  # a zoo entry: its full weights, checked before any data is read
+        check_teacher_kind(r.spec, ref, flag="kdcli eval")
+        required_file(r.spec, "zoo")
     dev = pick_device(device)
     window = parse_slide(slide) if slide else None
     if r.spec.task == "detection" and (window or write_labelids):
@@ -168,6 +173,56 @@ def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
                 raise
             log(f"skipped: {err}")  # --all fetches every pinned source; the message names the command
     return done
+
+
+def zoo_status(name: str) -> dict[str, Any]:
+    """What ``kdcli zoo list`` / ``show`` say of an entry beyond its spec: roles, the data set its
+    weights were trained on, the download (URL, size, hashes) and whether it is cached."""
+    from urllib.parse import urlparse
+
+    from .models.build import imagenet_source
+    from .weights import (
+        cached_file,
+        converted_folder,
+        entry_size,
+        expected_sha256,
+        recorded_sha256,
+        release_prefix,
+        release_url,
+        source_size,
+    )
+    from .zoo import raw_spec
+
+    s = raw_spec(name)
+    roles = (["teacher"] if s.weights_kind == "full" else []) + (["student"] if imagenet_source(s) else [])
+    if s.weights_kind == "none":
+        roles = ["train from scratch"]
+    classes = s.classes if isinstance(s.classes, str) else f"{len(s.classes)} classes"
+    dataset = {"coco": "COCO", "cityscapes": "Cityscapes", "voc": "COCO (VOC classes)"}.get(classes, classes)
+    out: dict[str, Any] = {"role": ", ".join(roles), "dataset": dataset if s.weights_kind == "full" else
+                           ("ImageNet (backbone)" if s.weights_kind == "backbone" else "—"),
+                           "download_size": entry_size(s) if s.weights_kind == "full" else source_size(s.weights),
+                           "cached": "—"}
+    if s.convert:
+        url = release_url(s)
+        fname = urlparse(url).path.rsplit("/", 1)[-1]
+        folder = converted_folder(name)
+        out.update(source_url=url, sha256_in_name=release_prefix(url) or "", sha256_published=s.sha256 or "",
+                   sha256_recorded=recorded_sha256().get(fname, ""), sha256_expected=expected_sha256(s),
+                   cached=f"yes ({folder})" if (folder / "config.json").is_file() else "no")
+    elif s.weights != "none":
+        try:
+            out["cached"] = f"yes ({cached_file(s.weights)})"
+        except KdcliError:
+            out["cached"] = "no"
+        if s.weights.startswith("torchvision:"):
+            from .weights import _torchvision_url
+
+            try:
+                out["source_url"] = _torchvision_url(s.weights.partition(":")[2])
+            except KdcliError:
+                pass
+    return out
 
 
 def _finished_epochs(folder: Path, log: Any = None) -> int:

@@ -368,33 +368,36 @@ def _fmt(d: dict | None) -> str:
 
 @zoo_app.command("list")
 def zoo_list(task: str = _O(None, help="detection | segmentation")) -> None:
-    """List zoo entries."""
+    """List zoo entries: role, the data their weights were trained on, metric, download size, cached."""
     from rich.console import Console
     from rich.table import Table
 
+    from . import api
     from .zoo import names, raw_spec
 
     table = Table()
-    for col in ("name", "task", "architecture", "backbone", "classes", "weights (kind)", "metric"):
+    for col in ("name", "task", "architecture", "role", "dataset", "kind", "metric", "download", "cached"):
         table.add_column(col)
     for n in names():
         s = raw_spec(n)
         if task and s.task != task:
             continue
-        classes = s.classes if isinstance(s.classes, str) else f"{len(s.classes)} names"
-        table.add_row(n, s.task, s.architecture, s.backbone, classes, s.weights_kind,
-                      ", ".join(f"{k} {v}" for k, v in s.metric.items()))
-    Console(width=160).print(table)
+        st = api.zoo_status(n)
+        table.add_row(n, s.task, s.architecture, st["role"], st["dataset"], s.weights_kind,
+                      ", ".join(f"{k} {v}" for k, v in s.metric.items()), st["download_size"] or "—",
+                      st["cached"].split(" ")[0])
+    Console(width=200).print(table)
 
 
 @zoo_app.command("show")
 def zoo_show(name: str) -> None:
-    """Show one zoo entry in full."""
+    """Show one zoo entry in full, with its source URL, hashes and cache state."""
     import json
 
+    from . import api
     from .zoo import raw_spec
 
-    typer.echo(json.dumps(raw_spec(name).to_dict(), indent=2))
+    typer.echo(json.dumps({**raw_spec(name).to_dict(), **api.zoo_status(name)}, indent=2))
 
 
 @zoo_app.command("fetch")

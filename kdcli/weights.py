@@ -239,7 +239,8 @@ class Progress:
         if self.total:
             eta = (self.total - self.done) / speed if speed > 0 else 0
             return (f"{self.label}: {human_size(self.done)} / {human_size(self.total)} "
-                    f"({100 * self.done / self.total:.0f}%), {human_size(speed)}/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+                    f"({100 * self.done / self.total:.0f}%), {human_size(speed)}/s, "
+                    f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         return f"{self.label}: {human_size(self.done)}, {human_size(speed)}/s"
 
     def update(self, n: int) -> None:

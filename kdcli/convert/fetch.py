@@ -72,7 +72,8 @@ def fetch_converted(spec: ModelSpec, file: str | Path | None = None, mirror: str
             what = f"--file {src}"
         else:
             if kdcli_offline():
-                raise ZooError(f"kdcli zoo fetch {spec.name}: offline mode (--offline / KDCLI_OFFLINE) forbids downloads")
+                raise ZooError(f"kdcli zoo fetch {spec.name}: offline mode (--offline / KDCLI_OFFLINE) "
+                               "forbids downloads")
             where = mirrored(url, mirror)
             log(f"{spec.name}: downloading {where}")
             digest, n = download_hashed(where, tmp_file, label=fname)

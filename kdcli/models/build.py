@@ -36,9 +36,39 @@ def build_model(spec: ModelSpec, weights: Path | str | None = None) -> TapModel:
     return model
 
 
+def imagenet_source(spec: ModelSpec) -> str:
+    """The entry's ImageNet backbone source ("" if none): its own weights for a ``backbone`` entry,
+    else its ``backbone_weights``."""
+    source = spec.weights if spec.weights_kind == "backbone" else spec.backbone_weights
+    return "" if not source or source == "none" else source
+
+
+def required_file(spec: ModelSpec, weights: Path | str | None) -> Path | None:
+    """The local file that ``build_model(spec, weights)`` will read, checked now: a missing one is
+    the one-line error of :func:`kdcli.weights.cached_file` (fetch command, download size), raised
+    before any data set or model is built."""
+    if weights is None:
+        return None
+    if weights == "zoo":
+        if spec.weights_kind == "none" or spec.weights == "none":
+            raise ZooError(f"{spec.name}: the zoo has no weights for it; "
+                           f"train it with `kdcli train --model {spec.name}`")
+        return cached_file(spec.weights, spec.name)
+    if weights == "backbone":
+        source = imagenet_source(spec)
+        if not source:
+            return None  # load_backbone_weights names what is missing
+        return cached_file(source, spec.name if spec.weights_kind == "backbone" else f"{spec.name} --backbone")
+    path = Path(weights)
+    if not path.is_file():
+        raise ZooError(f"weights {path}: no such file")
+    return path
+
+
 def load_zoo_weights(model: TapModel, spec: ModelSpec) -> None:
     if spec.weights_kind == "none" or spec.weights == "none":
-        raise ZooError(f"{spec.name}: the zoo has no weights for it; train it with `kdcli train --model {spec.name}`")
+        raise ZooError(f"{spec.name}: the zoo has no weights for it; "
+                           f"train it with `kdcli train --model {spec.name}`")
     path = cached_file(spec.weights, spec.name)
     state = read_state_dict(path)
     if spec.weights_kind == "full":
