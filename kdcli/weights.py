@@ -136,7 +136,7 @@ def source_size(source: str) -> str:
         mb = get_weight(source.partition(":")[2]).meta.get("_file_size")
     except (ValueError, KeyError, AttributeError, ImportError):
         return ""
-    return human_size(float(mb) * 1e6) if isinstance(mb, (int, float)) else ""
+    return human_size(float(mb) * 2**20) if isinstance(mb, (int, float)) else ""  # torchvision counts MiB
 
 
 # -- OpenMMLab releases, converted at fetch time (kdcli/convert/fetch.py) ----------------------------------

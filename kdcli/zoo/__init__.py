@@ -151,16 +151,23 @@ def _read_manifest(text: str, where: str, specs: dict[str, ModelSpec]) -> None:
 def _manifest() -> dict[str, ModelSpec]:
     """The shipped manifests, then the user's (``--zoo FILE`` / ``KDCLI_ZOO``): a user entry of the
     same name replaces the shipped one."""
-    return _load_manifests(tuple(str(p) for p in user_zoo_files()))
+    keys = []
+    for p in user_zoo_files():
+        try:
+            st = p.stat()
+            keys.append((str(p), st.st_mtime_ns, st.st_size))  # an edited file is read again
+        except OSError:
+            keys.append((str(p), -1, -1))
+    return _load_manifests(tuple(keys))
 
 
 @lru_cache(maxsize=8)
-def _load_manifests(user_files: tuple[str, ...]) -> dict[str, ModelSpec]:
+def _load_manifests(user_files: tuple[tuple[str, int, int], ...]) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     for res in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
         if res.name.endswith(".toml"):
             _read_manifest(res.read_text(), res.name, specs)
-    for f in user_files:
+    for f, _, _ in user_files:
         path = Path(f)
         try:
             text = path.read_text(encoding="utf-8")
