@@ -161,10 +161,10 @@ def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
 
     done: list[tuple[str, Path]] = []
     if converted:
-        from .convert.fetch import fetch_converted
+        from .convert import fetch as releases
 
         for name in converted:
-            done.append((name, fetch_converted(get_spec(name), file=file, mirror=mirror, log=log)))
+            done.append((name, releases.fetch_converted(get_spec(name), file=file, mirror=mirror, log=log)))
     for source, name in todo.items():
         try:
             done.append((name, fetch(source, log=log)))
