@@ -354,3 +354,40 @@ def test_headline_pair_fetch_then_distil(releases: Releases, tmp_path: Path, mon
     acam = [k for k in rows[0] if "acam" in k and rows[0][k] not in ("", None)]
     assert acam and all(float(rows[0][k]) == float(rows[0][k]) for k in acam), rows[0]  # logged and not NaN
     assert (tmp_path / "run" / "weights" / "best.safetensors").is_file()
+
+
+def test_mobilenet_v2_dilation_is_the_atrous_form_of_the_strided_network() -> None:
+    """Output stride 8 by dilation (mbv2-deeplabv3's backbone) computes exactly the stride-32
+    network's features on a 4x finer grid: sampling it every 4 pixels gives the original map."""
+    import torchvision
+
+    from kdcli.models.segmentation import _dilate_mobilenet_v2
+
+    torch.manual_seed(0)
+    strided = torchvision.models.mobilenet_v2().features.eval()
+    for m in strided.modules():  # BN statistics that keep activations near unit scale, not 1e-9
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+            m.running_mean.normal_(0, 0.1)
+            m.weight.data.uniform_(0.5, 1.5).mul_(0.02 ** 0.5 * 5)
+            m.bias.data.normal_(0, 0.1)
+    dilated = torchvision.models.mobilenet_v2().features.eval()
+    dilated.load_state_dict(strided.state_dict())
+    _dilate_mobilenet_v2(dilated, 8)
+    strided, dilated = strided.double(), dilated.double()  # exact up to float64 rounding
+    x = torch.randn(1, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = strided(x), dilated(x)
+    assert want.shape[-1] == 3 and got.shape[-1] == 12
+    scale = want.abs().max()
+    assert scale > 0.1, scale
+    torch.testing.assert_close(got[..., ::4, ::4], want, rtol=0, atol=1e-9 * float(scale))
+    # (dilating the formerly strided conv itself, as torchvision's MobileNetV3 does, fails this by 2e-4)
+    net = build_model_of("mbv2-deeplabv3")
+    assert net.tap_info["c5"].stride == 8 and net.tap_info["c5"].channels == 1280
+
+
+def build_model_of(name: str):
+    from kdcli.models import build_model
+
+    return build_model(get_spec(name))

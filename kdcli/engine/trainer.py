@@ -310,7 +310,8 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     tref = resolve_ref(cfg.teacher, role="teacher") if cfg.teacher else None
     if tref is not None and tref.weights is None:  # a zoo entry: backbone-only weights cannot make a teacher
         check_teacher_kind(tref.spec, cfg.teacher)
-        required_file(tref.spec, "zoo")
+        if tref.spec.weights_kind != "none":  # an untrained entry is refused where the teacher is built
+            required_file(tref.spec, "zoo")
     required_file(*student_start(cfg))
     # the data's label space follows the teacher's classes (else the student's); see kdcli.data.DataHints
     hints = data_hints(probe, tref.spec if tref is not None else None, cfg.image_size)

@@ -37,20 +37,21 @@ def _deeplab_head(in_ch: int, num_classes: int, width: int | None) -> nn.Module:
 
 def _dilate_mobilenet_v2(features: nn.Sequential, output_stride: int) -> None:
     """torchvision's MobileNetV2 has no ``dilated`` option (V3 has): past ``output_stride``, each
-    stride-2 depthwise conv becomes stride 1 and it and every later 3x3 conv dilate by the stride
-    they dropped (DeepLabV3's atrous backbone, as torchvision dilates MobileNetV3)."""
+    stride-2 conv becomes stride 1 and every later 3x3 conv dilates by the strides dropped so far.
+    This is the exact atrous form (as torchvision's ResNet ``replace_stride_with_dilation``): the
+    dilated features, sampled every ``32 / output_stride`` pixels, are the strided network's."""
     stride, dilation = 1, 1
     for block in features:
         for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
-            if conv.stride == (2, 2):
-                if stride >= output_stride:
-                    dilation *= 2
-                    conv.stride = (1, 1)
-                else:
-                    stride *= 2
             if conv.kernel_size == (3, 3) and dilation > 1:
                 conv.dilation = (dilation, dilation)
                 conv.padding = (dilation, dilation)
+            if conv.stride == (2, 2):
+                if stride >= output_stride:
+                    conv.stride = (1, 1)
+                    dilation *= 2  # from the next conv on
+                else:
+                    stride *= 2
 
 
 def _mobilenet_v2_stages(output_stride: int) -> tuple[nn.Module, int, int, int, int]:
