@@ -84,7 +84,8 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
     window = parse_slide(slide) if slide else None
     if r.spec.task == "detection" and (window or write_labelids):
         raise ConfigError("--slide / --write-labelids are for segmentation models")
-    ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False, hints=data_hints(r.spec))
+    ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False,
+                       hints=data_hints(r.spec, fixed_head=True))
     if list(ds.classes) != r.spec.classes:
         raise KdcliError(f"{ref}: predicts {len(r.spec.classes)} classes but --data {data} has {len(ds.classes)}")
     if max_images:

@@ -290,12 +290,16 @@ def test_coco_subset_takes_the_teachers_category_slots(tmp_path: Path) -> None:
         (root / "val2017").mkdir()
         doc = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in cats]}
         (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
-        return CocoDetection(root, "val", label_hint=coco)
+        return CocoDetection(root, "val", label_hint=coco, hint_subsets=fixed)
 
+    fixed = True  # a teacher (or evaluated weights): its head cannot change
     sub = data([(1, "person"), (3, "car"), (18, "dog")])
     assert sub.label_space == "category-id" and sub.classes == coco and sub.cat_id_to_label == {1: 1, 3: 3, 18: 18}
     wrong = data([(1, "person"), (3, "truck")])  # id 3 is "car" in COCO: not a subset
     assert wrong.label_space == "contiguous" and wrong.classes == ["person", "truck"]
+    fixed = False  # a student alone from an ImageNet backbone takes the data's own classes, as before
+    own = data([(1, "person"), (3, "car")])
+    assert own.label_space == "contiguous" and own.classes == ["person", "car"]
 
 
 def tiny_coco(root: Path, n: int = 2, size: int = 64) -> Path:

@@ -312,9 +312,11 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
         check_teacher_kind(tref.spec, cfg.teacher)
         if tref.spec.weights_kind != "none":  # an untrained entry is refused where the teacher is built
             required_file(tref.spec, "zoo")
-    required_file(*student_start(cfg))
+    s_spec, s_weights = student_start(cfg)
+    required_file(s_spec, s_weights)
     # the data's label space follows the teacher's classes (else the student's); see kdcli.data.DataHints
-    hints = data_hints(probe, tref.spec if tref is not None else None, cfg.image_size)
+    hints = data_hints(probe, tref.spec if tref is not None else None, cfg.image_size,
+                       fixed_head=s_weights not in (None, "backbone"))
     train_ds = build_dataset(cfg.data, task, "train", size, train=True, hints=hints)
     val_ds = build_dataset(cfg.data, task, "val", size, train=False, hints=hints)
     if cfg.max_train_images:
