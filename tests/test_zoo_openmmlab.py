@@ -395,3 +395,19 @@ def build_model_of(name: str):
     from kdcli.models import build_model
 
     return build_model(get_spec(name))
+
+
+def test_user_zoo_file_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KDCLI_ZOO", raising=False)
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[my-r18-retina]\narchitecture = "retinanet"\nbackbone = "torchvision:resnet18"\n'
+                    'classes = ["cat", "dog"]\npreprocess = { min_size = 320, max_size = 320, mean = [0.5, 0.5, 0.5], '
+                    'std = [0.25, 0.25, 0.25] }\nweights_kind = "none"\n')
+    res = CliRunner().invoke(app, ["--zoo", str(mine), "zoo", "show", "my-r18-retina"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["classes"] == ["cat", "dog"]
+    monkeypatch.delenv("KDCLI_ZOO", raising=False)
+    assert CliRunner().invoke(app, ["zoo", "show", "my-r18-retina"]).exit_code != 0
+    mine.write_text('[broken]\narchitecture = "yolo"\n')
+    res = CliRunner().invoke(app, ["--zoo", str(mine), "zoo", "list"])
+    assert res.exit_code != 0 and f"zoo manifest {mine} [broken]: unknown architecture 'yolo'" in str(res.exception)
