@@ -411,3 +411,25 @@ def test_user_zoo_file_from_the_command_line(tmp_path: Path, monkeypatch: pytest
     mine.write_text('[broken]\narchitecture = "yolo"\n')
     res = CliRunner().invoke(app, ["--zoo", str(mine), "zoo", "list"])
     assert res.exit_code != 0 and f"zoo manifest {mine} [broken]: unknown architecture 'yolo'" in str(res.exception)
+
+
+def test_progress_redraws_on_a_terminal_and_prints_lines_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdcli import weights
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    clock = iter(range(0, 1000))
+    monkeypatch.setattr("time.monotonic", lambda: float(next(clock)))  # one second per call
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        bar = weights.Progress("x.pth", 100_000_000, stream=stream)
+        for _ in range(50):
+            bar.update(2_000_000)
+        bar.close()
+    assert tty.getvalue().count("\r") == 51 and tty.getvalue().endswith("\n")
+    assert "x.pth: 100.0 MB / 100.0 MB (100%), 2.0 MB/s, ETA 0:00" in tty.getvalue()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 10  # every 10%, no redraws in a log file
+    assert lines[4].startswith("x.pth: 50.0 MB / 100.0 MB (50%), 2.0 MB/s, ETA 0:25")
