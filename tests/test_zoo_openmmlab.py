@@ -277,6 +277,8 @@ def test_student_role_starts_from_the_imagenet_backbone() -> None:
     assert student_start(RunConfig(model="mbv2-deeplabv3"))[1] == "backbone"
     assert student_start(RunConfig(model="r50-retina", student_weights="none"))[1] is None
     assert student_start(RunConfig(model="shapes-r18-fcos"))[1] is None  # no ImageNet source: scratch
+    with pytest.raises(ZooError, match=r"--student-weights zoo: --student r101-retina: its weights are not fetched"):
+        student_start(RunConfig(model="r101-retina", student_weights="zoo"))  # the converted release
 
 
 def test_coco_subset_takes_the_teachers_category_slots(tmp_path: Path) -> None:

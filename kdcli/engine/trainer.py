@@ -171,7 +171,7 @@ def student_start(cfg: RunConfig) -> tuple[ModelSpec, Path | str | None]:
     elif weights is None and imagenet_source(spec):
         weights = "backbone"
     if weights == "zoo" and spec.convert:
-        converted = resolve_ref(cfg.model, role="teacher")
+        converted = resolve_ref(cfg.model, role="student-zoo")
         spec, weights = converted.spec, converted.weights
     return spec, weights
 

@@ -229,17 +229,20 @@ def load_model_config(path: Path) -> ModelSpec:
     return ModelSpec.from_dict(data.get("model", data), str(path))
 
 
-ROLES = ("model", "student", "teacher", "eval")
+# role → the flag named in a "not fetched" error; "full" roles need the entry's full weights
+ROLES = {"model": "", "student": "", "teacher": "--teacher", "eval": "kdcli eval",
+         "student-zoo": "--student-weights zoo: --student"}
 
 
 def resolve_ref(ref: str, role: str = "model") -> ModelRef:
     """Zoo name → spec (+ weights source); run folder or export folder → spec + local weights;
     ``hf-hub:org/name[@rev]`` → a pushed kdcli model from the Hugging Face cache (no download).
 
-    ``role``: ``teacher`` and ``eval`` need a zoo entry's full weights. For an entry whose weights are
-    an OpenMMLab release (``convert``), that is the converted folder ``kdcli zoo fetch`` cached (its
-    own spec: the mmdet/mmseg layout), or a one-line error naming the fetch command and the download
-    size. ``student``/``model``: the manifest's spec (torchvision layout), whatever is cached."""
+    ``role``: ``teacher``, ``eval`` and ``student-zoo`` (``--student-weights zoo``) need a zoo
+    entry's full weights. For an entry whose weights are an OpenMMLab release (``convert``), that is
+    the converted folder ``kdcli zoo fetch`` cached (its own spec: the mmdet/mmseg layout), or a
+    one-line error naming the fetch command and the download size. ``student``/``model``: the
+    manifest's spec (torchvision layout), whatever is cached."""
     if ref.startswith("hf-hub:"):
         from ..hub import resolve_hub_ref
 
@@ -261,10 +264,10 @@ def resolve_ref(ref: str, role: str = "model") -> ModelRef:
             )
         raise ZooError(f"{p}: expected a run or export folder, or a zoo name")
     spec = get_spec(ref)
-    if role in ("teacher", "eval") and spec.convert:
+    if ROLES.get(role) and spec.convert:
         from ..weights import converted_model
 
-        folder = converted_model(spec, "--teacher" if role == "teacher" else "kdcli eval")
+        folder = converted_model(spec, ROLES[role])
         converted = replace(load_model_config(folder / "config.json"), name=spec.name)
         return ModelRef(converted, folder / "model.safetensors", ref)
     return ModelRef(spec, None, ref)
