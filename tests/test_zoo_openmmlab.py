@@ -223,6 +223,15 @@ def test_a_later_sha256_mismatch_is_refused(releases: Releases, r18_ckpt: bytes,
     with pytest.raises(ZooError, match="differs from the one recorded at its first fetch"):
         api.fetch_weights(["t-retina"], mirror=releases.url, log=lambda _m: None)
     assert leftovers(home) == ["sha256.json"]
+    # a custom entry whose file name carries no hash needs a full sha256 before anything is downloaded
+    releases.files["/plain.pth"] = r18_ckpt
+    user_zoo(tmp_path, monkeypatch, {"t-plain": retina_entry("/plain.pth")})
+    with pytest.raises(ZooError, match=r"plain\.pth carries no sha256 prefix .* gives no sha256"):
+        api.fetch_weights(["t-plain"], mirror=releases.url, log=lambda _m: None)
+    assert "/plain.pth" not in releases.requests
+    user_zoo(tmp_path, monkeypatch, {"t-plain": retina_entry("/plain.pth", sha256=f'"{sha}"')})
+    api.fetch_weights(["t-plain"], mirror=releases.url, log=lambda _m: None)
+    assert (home / "zoo" / "t-plain" / "model.safetensors").is_file()
 
 
 def test_an_interrupted_download_leaves_nothing_in_the_cache(releases: Releases, r18_ckpt: bytes, tmp_path: Path,

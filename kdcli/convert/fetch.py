@@ -58,6 +58,9 @@ def fetch_converted(spec: ModelSpec, file: str | Path | None = None, mirror: str
         log(f"{spec.name}: already cached at {folder}")
         return folder
     prefix = release_prefix(url)
+    if not prefix and not expected_sha256(spec):
+        raise ZooError(f"zoo [{spec.name}]: {fname} carries no sha256 prefix (-<8 hex>.pth) and the entry gives no "
+                       "sha256 = \"<64 hex>\"; kdcli fetches only what it can verify")
     tmp_root = zoo_dir()
     tmp_root.mkdir(parents=True, exist_ok=True)
     tag = f".{spec.name}.{os.getpid()}"
