@@ -70,16 +70,22 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
 
     from .data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
     from .engine.evaluate_model import evaluate_model, parse_slide
+    from .engine.teacher_check import check_teacher_kind
     from .engine.trainer import image_size_of, pick_device
     from .models import build_model
+    from .models.build import required_file
     from .zoo import resolve_ref
 
-    r = resolve_ref(ref)
+    r = resolve_ref(ref, role="eval")
+    if r.weights is None:  # a zoo entry: its full weights, checked before any data is read
+        check_teacher_kind(r.spec, ref, flag="kdcli eval")
+        required_file(r.spec, "zoo")
     dev = pick_device(device)
     window = parse_slide(slide) if slide else None
     if r.spec.task == "detection" and (window or write_labelids):
         raise ConfigError("--slide / --write-labelids are for segmentation models")
-    ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False, hints=data_hints(r.spec))
+    ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False,
+                       hints=data_hints(r.spec, fixed_head=True))
     if list(ds.classes) != r.spec.classes:
         raise KdcliError(f"{ref}: predicts {len(r.spec.classes)} classes but --data {data} has {len(ds.classes)}")
     if max_images:
@@ -118,19 +124,32 @@ def pull(ref: str) -> Path:
 
 
 def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
-                  log: Any = print) -> list[tuple[str, Path]]:
+                  log: Any = print, file: str | Path | None = None,
+                  mirror: str | None = None) -> list[tuple[str, Path]]:
     """``kdcli zoo fetch``: download the weights of zoo entries (or raw sources) into the standard
-    caches (:func:`kdcli.weights.fetch`); returns (name, local path) pairs."""
+    caches (:func:`kdcli.weights.fetch`); an OpenMMLab release (``convert`` entries) is verified and
+    converted into ``$KDCLI_HOME/zoo/<name>`` (:func:`kdcli.convert.fetch.fetch_converted`);
+    ``file``: that entry's checkpoint, downloaded by hand; ``mirror``: a base URL replacing the
+    scheme and host of release URLs. Returns (name, local path) pairs."""
     from .weights import fetch
     from .zoo import get_spec
     from .zoo import names as zoo_names
 
+    if file is not None and (all_ or len(names) != 1 or backbone or ":" in names[0]):
+        raise ConfigError("kdcli zoo fetch --file: name exactly one zoo entry (its checkpoint, downloaded by hand)")
     todo: dict[str, str] = {}  # source → first name asking for it
+    converted: list[str] = []
     for name in (zoo_names() if all_ else names):
         if ":" in name:
             todo.setdefault(name, name)
             continue
         spec = get_spec(name)
+        if spec.convert and not backbone:
+            converted.append(name)
+            continue
+        if file is not None:
+            raise ConfigError(f"kdcli zoo fetch {name} --file: only entries converted from an OpenMMLab release "
+                              "take a hand-downloaded checkpoint")
         source = spec.backbone_weights if backbone else spec.weights
         if not source or source == "none":
             if all_:
@@ -142,6 +161,11 @@ def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
     from .weights import UnpinnedRevision
 
     done: list[tuple[str, Path]] = []
+    if converted:
+        from .convert import fetch as releases
+
+        for name in converted:
+            done.append((name, releases.fetch_converted(get_spec(name), file=file, mirror=mirror, log=log)))
     for source, name in todo.items():
         try:
             done.append((name, fetch(source, log=log)))
@@ -150,6 +174,56 @@ def fetch_weights(names: list[str], all_: bool = False, backbone: bool = False,
                 raise
             log(f"skipped: {err}")  # --all fetches every pinned source; the message names the command
     return done
+
+
+def zoo_status(name: str) -> dict[str, Any]:
+    """What ``kdcli zoo list`` / ``show`` say of an entry beyond its spec: roles, the data set its
+    weights were trained on, the download (URL, size, hashes) and whether it is cached."""
+    from urllib.parse import urlparse
+
+    from .models.build import imagenet_source
+    from .weights import (
+        cached_file,
+        converted_folder,
+        entry_size,
+        expected_sha256,
+        recorded_sha256,
+        release_prefix,
+        release_url,
+        source_size,
+    )
+    from .zoo import raw_spec
+
+    s = raw_spec(name)
+    roles = (["teacher"] if s.weights_kind == "full" else []) + (["student"] if imagenet_source(s) else [])
+    if s.weights_kind == "none":
+        roles = ["train from scratch"]
+    classes = s.classes if isinstance(s.classes, str) else f"{len(s.classes)} classes"
+    dataset = {"coco": "COCO", "cityscapes": "Cityscapes", "voc": "COCO (VOC classes)"}.get(classes, classes)
+    out: dict[str, Any] = {"role": ", ".join(roles), "dataset": dataset if s.weights_kind == "full" else
+                           ("ImageNet (backbone)" if s.weights_kind == "backbone" else "—"),
+                           "download_size": entry_size(s) if s.weights_kind == "full" else source_size(s.weights),
+                           "cached": "—"}
+    if s.convert:
+        url = release_url(s)
+        fname = urlparse(url).path.rsplit("/", 1)[-1]
+        folder = converted_folder(name)
+        out.update(source_url=url, sha256_in_name=release_prefix(url) or "", sha256_published=s.sha256 or "",
+                   sha256_recorded=recorded_sha256().get(fname, ""), sha256_expected=expected_sha256(s),
+                   cached=f"yes ({folder})" if (folder / "config.json").is_file() else "no")
+    elif s.weights != "none":
+        try:
+            out["cached"] = f"yes ({cached_file(s.weights)})"
+        except KdcliError:
+            out["cached"] = "no"
+        if s.weights.startswith("torchvision:"):
+            from .weights import _torchvision_url
+
+            try:
+                out["source_url"] = _torchvision_url(s.weights.partition(":")[2])
+            except KdcliError:
+                pass
+    return out
 
 
 def _finished_epochs(folder: Path, log: Any = None) -> int:

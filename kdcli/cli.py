@@ -30,9 +30,16 @@ def _echo(msg: str) -> None:
 
 @app.callback()
 def _global(offline: bool = typer.Option(False, "--offline", help="no downloads at all (also KDCLI_OFFLINE=1); "
-                                          "sets HF_HUB_OFFLINE before huggingface_hub is imported")) -> None:
+                                          "sets HF_HUB_OFFLINE before huggingface_hub is imported"),
+            zoo: list[Path] = typer.Option(None, "--zoo", help="your own zoo entries: a TOML of the manifest's form "
+                                           "(also KDCLI_ZOO, several joined by the path separator)")) -> None:
     """Knowledge distillation for dense prediction on torchvision/timm models."""
     import os
+
+    if zoo:
+        from .zoo import ZOO_ENV
+
+        os.environ[ZOO_ENV] = os.pathsep.join([*filter(None, [os.environ.get(ZOO_ENV)]), *(str(p) for p in zoo)])
 
     if offline or os.environ.get("KDCLI_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         from .weights import set_offline
@@ -361,33 +368,36 @@ def _fmt(d: dict | None) -> str:
 
 @zoo_app.command("list")
 def zoo_list(task: str = _O(None, help="detection | segmentation")) -> None:
-    """List zoo entries."""
+    """List zoo entries: role, the data their weights were trained on, metric, download size, cached."""
     from rich.console import Console
     from rich.table import Table
 
+    from . import api
     from .zoo import names, raw_spec
 
     table = Table()
-    for col in ("name", "task", "architecture", "backbone", "classes", "weights (kind)", "metric"):
+    for col in ("name", "task", "architecture", "role", "dataset", "kind", "metric", "download", "cached"):
         table.add_column(col)
     for n in names():
         s = raw_spec(n)
         if task and s.task != task:
             continue
-        classes = s.classes if isinstance(s.classes, str) else f"{len(s.classes)} names"
-        table.add_row(n, s.task, s.architecture, s.backbone, classes, s.weights_kind,
-                      ", ".join(f"{k} {v}" for k, v in s.metric.items()))
-    Console(width=160).print(table)
+        st = api.zoo_status(n)
+        table.add_row(n, s.task, s.architecture, st["role"], st["dataset"], s.weights_kind,
+                      ", ".join(f"{k} {v}" for k, v in s.metric.items()), st["download_size"] or "—",
+                      st["cached"].split(" ")[0])
+    Console(width=200).print(table)
 
 
 @zoo_app.command("show")
 def zoo_show(name: str) -> None:
-    """Show one zoo entry in full."""
+    """Show one zoo entry in full, with its source URL, hashes and cache state."""
     import json
 
+    from . import api
     from .zoo import raw_spec
 
-    typer.echo(json.dumps(raw_spec(name).to_dict(), indent=2))
+    typer.echo(json.dumps({**raw_spec(name).to_dict(), **api.zoo_status(name)}, indent=2))
 
 
 @zoo_app.command("fetch")
@@ -397,6 +407,9 @@ def zoo_fetch(
     all_: bool = _O(False, "--all", help="every zoo entry that has weights"),
     backbone: bool = _O(False, "--backbone", help="the entry's ImageNet backbone_weights instead of its weights"),
     offline: bool = _O(False, "--offline", help="refuse to download (report what is cached)"),
+    file: Path = _O(None, "--file", help="the entry's checkpoint, downloaded by hand (verified the same way)"),
+    mirror: str = _O(None, "--mirror", envvar="KDCLI_MIRROR",
+                     help="base URL replacing the scheme and host of OpenMMLab release URLs (env KDCLI_MIRROR)"),
 ) -> None:
     """Download weights into the standard caches (torch hub, Hugging Face). The only command that downloads."""
     from .weights import set_offline
@@ -407,7 +420,8 @@ def zoo_fetch(
 
     if not names and not all_:
         raise ConfigError("kdcli zoo fetch: name zoo entries or weight sources, or give --all")
-    for name, path in api.fetch_weights(list(names or []), all_=all_, backbone=backbone, log=_echo):
+    for name, path in api.fetch_weights(list(names or []), all_=all_, backbone=backbone, log=_echo, file=file,
+                                        mirror=mirror):
         typer.echo(f"{name}: {path}")
 
 

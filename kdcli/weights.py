@@ -113,7 +113,225 @@ def parse_url(rest: str) -> tuple[str, str | None]:
 
 
 def fetch_hint(source: str, model_name: str = "") -> str:
-    return f"`kdcli zoo fetch {model_name or source}`"
+    size = source_size(source)
+    return f"`kdcli zoo fetch {model_name or source}`" + (f" (download {size})" if size else "")
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def source_size(source: str) -> str:
+    """The download size of a weight source when known without a request (torchvision records its
+    files' sizes in MB in the enum's meta), else ""."""
+    if not source.startswith("torchvision:"):
+        return ""
+    try:
+        from torchvision.models import get_weight
+
+        mb = get_weight(source.partition(":")[2]).meta.get("_file_size")
+    except (ValueError, KeyError, AttributeError, ImportError):
+        return ""
+    return human_size(float(mb) * 2**20) if isinstance(mb, (int, float)) else ""  # torchvision counts MiB
+
+
+# -- OpenMMLab releases, converted at fetch time (kdcli/convert/fetch.py) ----------------------------------
+# mmdet/mmseg release names end in the first 8 hex digits of the file's sha256
+_OPENMMLAB_HASH = re.compile(r"-([0-9a-f]{8})\.pth$")
+SHA_FILE = "sha256.json"  # in $KDCLI_HOME/zoo: file name → the full sha256 recorded at its first fetch
+
+
+def zoo_dir() -> Path:
+    return kdcli_home() / "zoo"
+
+
+def converted_folder(name: str) -> Path:
+    return zoo_dir() / name
+
+
+def release_url(spec) -> str:  # noqa: ANN001 - a ModelSpec (zoo imports this module lazily)
+    if not spec.weights.startswith("url:"):
+        raise ZooError(f"zoo [{spec.name}]: convert = \"{spec.convert}\" needs weights = \"url:https://...\"")
+    return spec.weights[len("url:"):].partition("#")[0]
+
+
+def release_prefix(url: str) -> str | None:
+    m = _OPENMMLAB_HASH.search(Path(urlparse(url).path).name)
+    return m.group(1) if m else None
+
+
+def entry_size(spec) -> str:  # noqa: ANN001
+    """The download size of a zoo entry's full weights, as text ("" when unknown)."""
+    if spec.size:
+        return human_size(spec.size)
+    if spec.size_estimate:
+        return "about " + human_size(spec.size_estimate)
+    return source_size(spec.weights)
+
+
+def recorded_sha256() -> dict[str, str]:
+    import json
+
+    path = zoo_dir() / SHA_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ZooError(f"{path}: cannot read the recorded hashes ({err}); fix or delete it") from None
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def record_sha256(fname: str, digest: str) -> None:
+    import json
+
+    found = recorded_sha256()
+    if found.get(fname) != digest:
+        found[fname] = digest
+        _atomic_write(zoo_dir() / SHA_FILE, json.dumps(dict(sorted(found.items())), indent=2).encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+MIRROR_ENV = "KDCLI_MIRROR"
+
+
+def mirrored(url: str, base: str | None) -> str:
+    """``--mirror BASE`` / ``KDCLI_MIRROR``: BASE (scheme, host and an optional path prefix) replaces
+    the scheme and host of ``url``; the path is kept."""
+    base = base if base is not None else os.environ.get(MIRROR_ENV, "")
+    if not base:
+        return url
+    b = urlparse(base)
+    if b.scheme not in ("http", "https") or not b.netloc:
+        raise ZooError(f"--mirror {base}: expected http(s)://host[/prefix]")
+    u = urlparse(url)
+    return base.rstrip("/") + u.path + (f"?{u.query}" if u.query else "")
+
+
+class Progress:
+    """Bytes received, speed and ETA on stderr: one line redrawn in place on a terminal, plain lines
+    (every 10% or 10 s) otherwise, so logs of batch jobs stay readable."""
+
+    def __init__(self, label: str, total: int | None, stream=None) -> None:  # noqa: ANN001
+        import time
+
+        self.label, self.total, self.done = label, total, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = self.last = time.monotonic()
+        self.next_pct = 10
+
+    def _line(self, now: float) -> str:
+        speed = self.done / max(now - self.t0, 1e-6)
+        if self.total:
+            eta = (self.total - self.done) / speed if speed > 0 else 0
+            return (f"{self.label}: {human_size(self.done)} / {human_size(self.total)} "
+                    f"({100 * self.done / self.total:.0f}%), {human_size(speed)}/s, "
+                    f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        return f"{self.label}: {human_size(self.done)}, {human_size(speed)}/s"
+
+    def update(self, n: int) -> None:
+        import time
+
+        self.done += n
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last >= 0.2:
+                self.stream.write("\r" + self._line(now) + "\033[K")
+                self.stream.flush()
+                self.last = now
+            return
+        pct = 100 * self.done / self.total if self.total else 0
+        if (self.total and pct >= self.next_pct) or now - self.last >= 10:
+            self.stream.write(self._line(now) + "\n")
+            self.stream.flush()
+            self.last = now
+            while self.total and self.next_pct <= pct:
+                self.next_pct += 10
+
+    def close(self) -> None:
+        import time
+
+        if self.tty:
+            self.stream.write("\r" + self._line(time.monotonic()) + "\033[K\n")
+            self.stream.flush()
+
+
+def download_hashed(url: str, dest: Path, progress: Progress | None = None, label: str = "") -> tuple[str, int]:
+    """Stream ``url`` into ``dest`` (the caller's temporary file) and return (sha256, bytes). A body
+    shorter than its Content-Length (the connection closed mid-way) is an error; the caller removes
+    ``dest`` on any error, so nothing partial stays in a cache."""
+    from http.client import HTTPException
+    from urllib.error import HTTPError, URLError
+    from urllib.request import Request, urlopen
+
+    h = hashlib.sha256()
+    n = 0
+    try:
+        with urlopen(Request(url, headers={"User-Agent": "kdcli"}), timeout=60) as resp:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            bar = progress or Progress(label or Path(urlparse(url).path).name, total)
+            bar.total = bar.total or total
+            with open(dest, "wb") as f:
+                while True:
+                    chunk = resp.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+                    bar.update(len(chunk))
+            bar.close()
+    except HTTPError as err:
+        raise ZooError(f"{url}: download failed (HTTP {err.code} {err.reason})") from None
+    except (URLError, OSError, HTTPException) as err:
+        raise ZooError(f"{url}: download interrupted after {human_size(n)} ({getattr(err, 'reason', err)}); "
+                       "nothing was kept, run the fetch again") from None
+    if total is not None and n != total:
+        raise ZooError(f"{url}: download interrupted after {n} of {total} bytes; nothing was kept, run the fetch again")
+    return h.hexdigest(), n
+
+
+def expected_sha256(spec) -> str:  # noqa: ANN001
+    """The full sha256 a release must have: the manifest's, else the one recorded at its first fetch."""
+    return spec.sha256 or recorded_sha256().get(Path(urlparse(release_url(spec)).path).name, "")
+
+
+def converted_model(spec, flag: str) -> Path:  # noqa: ANN001
+    """The cached converted folder of a ``convert`` entry, or a one-line error naming the fetch
+    command and the download size. A folder converted from a file whose sha256 is not the expected
+    one is refused."""
+    import json
+
+    folder = converted_folder(spec.name)
+    cfg = folder / "config.json"
+    if not (cfg.is_file() and (folder / "model.safetensors").is_file()):
+        size = entry_size(spec)
+        raise ZooError(f"{flag} {spec.name}: its weights are not fetched; run `kdcli zoo fetch {spec.name}`"
+                       + (f" (download {size})" if size else ""))
+    try:
+        got = json.loads(cfg.read_text()).get("source", {}).get("sha256", "")
+    except (OSError, ValueError, AttributeError):
+        got = ""
+    want = expected_sha256(spec)
+    if want and got != want:
+        raise ZooError(f"{folder}: converted from a file of sha256 {got[:12] or '?'}…, not the zoo's {want[:12]}…; "
+                       f"delete the folder and run `kdcli zoo fetch {spec.name}`")
+    return folder
 
 
 # -- hf-hub revisions ---------------------------------------------------------------------------------

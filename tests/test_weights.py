@@ -498,10 +498,16 @@ def test_fetch_all_skips_an_unpinned_source_and_fetches_the_rest(monkeypatch):
             raise weights.UnpinnedRevision(f"{source}: the zoo pins no commit")
         return Path("/cache") / source.replace(":", "_")
 
+    from kdcli.convert import fetch as releases
+
+    converted: list[str] = []  # OpenMMLab releases, fetched and converted by their own code path
     monkeypatch.setattr(weights, "fetch", fake_fetch)
+    monkeypatch.setattr(releases, "fetch_converted", lambda spec, **kw: converted.append(spec.name) or Path("/c"))
     msgs: list[str] = []
     done = api.fetch_weights([], all_=True, log=msgs.append)
-    assert set(UNPINNED) <= set(asked) and len(done) == len(asked) - len(set(UNPINNED) & set(asked)) > 0
+    assert "r101-retina" in converted and not any(s.startswith("url:") for s in asked)
+    assert set(UNPINNED) <= set(asked)
+    assert len(done) == len(asked) - len(set(UNPINNED) & set(asked)) + len(converted) > len(converted)
     assert [m for m in msgs if m.startswith("skipped: ")] == [f"skipped: {s}: the zoo pins no commit"
                                                               for s in asked if s in UNPINNED]
     with pytest.raises(weights.UnpinnedRevision):  # naming the entry itself still stops with the message

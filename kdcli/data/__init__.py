@@ -73,9 +73,12 @@ class DataHints:
     masks: bool = False
     min_size: int | None = None
     max_size: int | None = None
+    # the model's head is trained (a teacher, evaluated weights): COCO data whose categories are a
+    # subset of the model's (same ids and names) keep the model's category slots
+    fixed_head: bool = False
 
 
-def data_hints(student: Any, teacher: Any = None, image_size: int = 0) -> DataHints:
+def data_hints(student: Any, teacher: Any = None, image_size: int = 0, fixed_head: bool = False) -> DataHints:
     """Hints from the student's (and teacher's) ModelSpec. The teacher's classes win: a teacher
     with weights cannot change its label space, a student built from scratch can."""
     ref = teacher if teacher is not None else student
@@ -83,7 +86,8 @@ def data_hints(student: Any, teacher: Any = None, image_size: int = 0) -> DataHi
     min_size = image_size or pp.get("min_size")
     max_size = image_size or pp.get("max_size")
     return DataHints(classes=list(ref.classes), masks=student.architecture == "maskrcnn",
-                     min_size=int(min_size) if min_size else None, max_size=int(max_size) if max_size else None)
+                     min_size=int(min_size) if min_size else None, max_size=int(max_size) if max_size else None,
+                     fixed_head=fixed_head or teacher is not None)
 
 
 def read_classes(root: Path) -> list[str] | None:
@@ -143,7 +147,7 @@ def build_dataset(spec: str, task: str, split: str, size: int, train: bool,
         tf = build_transforms(task, train, hints.min_size, hints.max_size, det_resize=True)
     else:
         tf = build_transforms(task, train, size)
-    coco_kw = dict(label_hint=hints.classes, masks=hints.masks)
+    coco_kw = dict(label_hint=hints.classes, masks=hints.masks, hint_subsets=hints.fixed_head)
     if kind == "shapes":
         root = ensure_shapes(size=size)
         if task == "detection":

@@ -95,6 +95,7 @@ class CocoDetection(Dataset):
         labels: str = "auto",
         label_hint: list[str] | None = None,
         masks: bool = False,
+        hint_subsets: bool = False,
     ) -> None:
         self.split = split
         self.transforms = transforms
@@ -134,9 +135,11 @@ class CocoDetection(Dataset):
         if len({i for i, _ in pairs}) != len(pairs):
             raise DataError(f"{self.ann_file}: duplicate category ids in 'categories'")
         self.categories: dict[int, str] = dict(pairs)
-        self.label_space = resolve_label_space(labels, pairs, label_hint, self.ann_file)
+        self.label_space = resolve_label_space(labels, pairs, label_hint, self.ann_file, hint_subsets)
         if self.label_space == "category-id":
             self.classes: list[str] = slot_names(pairs)
+            if hint_subsets and label_hint is not None and is_id_subset(pairs, label_hint):
+                self.classes = list(label_hint)  # a subset of the model's categories: its full slot list
             self.label_to_cat_id: dict[int, int] = {i: i for i, _ in pairs}
         else:
             self.classes = [name for _, name in pairs]
@@ -260,9 +263,16 @@ def slot_names(pairs: list[tuple[int, str]]) -> list[str]:
     return names
 
 
+def is_id_subset(pairs: list[tuple[int, str]], hint: list[str]) -> bool:
+    """Whether every category of the data is the model's category of the same id and name (a COCO
+    subset for a COCO-trained model, slot ``id - 1`` of its class list): users distil on subsets."""
+    return all(1 <= i <= len(hint) and hint[i - 1] == n and n != "N/A" for i, n in pairs)
+
+
 def resolve_label_space(requested: str, pairs: list[tuple[int, str]], hint: list[str] | None,
-                        where: Path) -> str:
-    """``category-id`` or ``contiguous`` for ``labels=requested`` (see the module docstring)."""
+                        where: Path, hint_subsets: bool = False) -> str:
+    """``category-id`` or ``contiguous`` for ``labels=requested`` (see the module docstring);
+    ``hint_subsets``: a trained head's categories, of which the data may hold a subset."""
     if requested not in LABEL_SPACES:
         raise DataError(f"{where}: labels={requested}: expected {', '.join(LABEL_SPACES)}")
     ids_ok = all(i >= 1 for i, _ in pairs)
@@ -271,7 +281,7 @@ def resolve_label_space(requested: str, pairs: list[tuple[int, str]], hint: list
     if requested != "auto":
         return requested
     if hint is not None:
-        if ids_ok and list(hint) == slot_names(pairs):
+        if ids_ok and (list(hint) == slot_names(pairs) or (hint_subsets and is_id_subset(pairs, hint))):
             return "category-id"
         if list(hint) == [n for _, n in pairs]:
             return "contiguous"

@@ -30,10 +30,11 @@ from ..errors import TrainingError, ZooError
 MAIN = {"detection": ("box_map", "mAP"), "segmentation": ("miou", "mIoU")}
 
 
-def check_teacher_kind(spec: Any, ref: str) -> None:
-    """A zoo entry with backbone-only (or no) weights cannot be a teacher: its heads are untrained."""
+def check_teacher_kind(spec: Any, ref: str, flag: str = "--teacher") -> None:
+    """A zoo entry with backbone-only (or no) weights cannot be a teacher (nor be evaluated): its
+    heads are untrained."""
     if spec.weights_kind == "backbone":
-        raise ZooError(f"--teacher {ref}: the zoo has only ImageNet backbone weights for it (weights_kind "
+        raise ZooError(f"{flag} {ref}: the zoo has only ImageNet backbone weights for it (weights_kind "
                        f"backbone), its {spec.architecture} head would be untrained; train it first "
                        f"(`kdcli train --model {ref}`) or import a trained one (`kdcli zoo import`)")
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ..config import TASK_DEFAULTS, RunConfig
 from ..errors import ConfigError, KdcliError, TrainingError
 from ..models import TapModel, build_model
+from ..models.build import imagenet_source, required_file
 from ..models.taps import TapInfo
 from ..viz.plots import update_results_png  # issue 8: results.png after each epoch
 from ..viz.stats import checkpoint_state as mask_stats_state
@@ -158,12 +159,25 @@ class Run:
         return max(1, n // bs if n > bs else 1)
 
 
-def _resolve_student_spec(cfg: RunConfig, classes: list[str]) -> tuple[ModelSpec, Path | str | None]:
-    ref = resolve_ref(cfg.model)
-    spec = ref.spec
-    weights: Path | str | None = ref.weights
+def student_start(cfg: RunConfig) -> tuple[ModelSpec, Path | str | None]:
+    """The student's spec and initial weights before any data is read. A zoo student starts from its
+    ImageNet backbone when the zoo has one (papers never train students from scratch), whatever
+    the entry's full weights; ``student_weights``: ``none`` (scratch), ``zoo`` (the entry's own
+    weights: an OpenMMLab entry's converted model), ``backbone`` or a file."""
+    ref = resolve_ref(cfg.model, role="student")
+    spec, weights = ref.spec, ref.weights
     if cfg.student_weights:
-        weights = cfg.student_weights
+        weights = None if cfg.student_weights == "none" else cfg.student_weights
+    elif weights is None and imagenet_source(spec):
+        weights = "backbone"
+    if weights == "zoo" and spec.convert:
+        converted = resolve_ref(cfg.model, role="student-zoo")
+        spec, weights = converted.spec, converted.weights
+    return spec, weights
+
+
+def _resolve_student_spec(cfg: RunConfig, classes: list[str]) -> tuple[ModelSpec, Path | str | None]:
+    spec, weights = student_start(cfg)
     # backbone-only weights leave the classifier fresh: the student may take the data's classes
     head_fixed = weights is not None and weights != "backbone" and not (
         weights == "zoo" and spec.weights_kind == "backbone")
@@ -292,8 +306,17 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     probe = resolve_ref(cfg.model).spec
     task = probe.task
     size = cfg.image_size or image_size_of(probe)
+    # every weight file the run reads is checked now, before any data set or model is built
+    tref = resolve_ref(cfg.teacher, role="teacher") if cfg.teacher else None
+    if tref is not None and tref.weights is None:  # a zoo entry: backbone-only weights cannot make a teacher
+        check_teacher_kind(tref.spec, cfg.teacher)
+        if tref.spec.weights_kind != "none":  # an untrained entry is refused where the teacher is built
+            required_file(tref.spec, "zoo")
+    s_spec, s_weights = student_start(cfg)
+    required_file(s_spec, s_weights)
     # the data's label space follows the teacher's classes (else the student's); see kdcli.data.DataHints
-    hints = data_hints(probe, resolve_ref(cfg.teacher).spec if cfg.teacher else None, cfg.image_size)
+    hints = data_hints(probe, tref.spec if tref is not None else None, cfg.image_size,
+                       fixed_head=s_weights not in (None, "backbone"))
     train_ds = build_dataset(cfg.data, task, "train", size, train=True, hints=hints)
     val_ds = build_dataset(cfg.data, task, "val", size, train=False, hints=hints)
     if cfg.max_train_images:
@@ -310,10 +333,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
         need_teacher = any(get_method(n).needs_teacher for n in names)
         if need_teacher and not cfg.teacher:
             raise ConfigError(f"--teacher: method '{cfg.method}' needs a teacher")
-    if cfg.teacher:
-        tref = resolve_ref(cfg.teacher)
-        if tref.weights is None:  # a zoo entry: backbone-only weights cannot make a teacher (issue 5)
-            check_teacher_kind(tref.spec, cfg.teacher)
+    if tref is not None:
         if tref.spec.task != task:
             raise KdcliError(f"--teacher {cfg.teacher} is a {tref.spec.task} model but the student is {task}")
         if tref.spec.classes != list(train_ds.classes):

@@ -36,9 +36,39 @@ def build_model(spec: ModelSpec, weights: Path | str | None = None) -> TapModel:
     return model
 
 
+def imagenet_source(spec: ModelSpec) -> str:
+    """The entry's ImageNet backbone source ("" if none): its own weights for a ``backbone`` entry,
+    else its ``backbone_weights``."""
+    source = spec.weights if spec.weights_kind == "backbone" else spec.backbone_weights
+    return "" if not source or source == "none" else source
+
+
+def required_file(spec: ModelSpec, weights: Path | str | None) -> Path | None:
+    """The local file that ``build_model(spec, weights)`` will read, checked now: a missing one is
+    the one-line error of :func:`kdcli.weights.cached_file` (fetch command, download size), raised
+    before any data set or model is built."""
+    if weights is None:
+        return None
+    if weights == "zoo":
+        if spec.weights_kind == "none" or spec.weights == "none":
+            raise ZooError(f"{spec.name}: the zoo has no weights for it; "
+                           f"train it with `kdcli train --model {spec.name}`")
+        return cached_file(spec.weights, spec.name)
+    if weights == "backbone":
+        source = imagenet_source(spec)
+        if not source:
+            return None  # load_backbone_weights names what is missing
+        return cached_file(source, spec.name if spec.weights_kind == "backbone" else f"{spec.name} --backbone")
+    path = Path(weights)
+    if not path.is_file():
+        raise ZooError(f"weights {path}: no such file")
+    return path
+
+
 def load_zoo_weights(model: TapModel, spec: ModelSpec) -> None:
     if spec.weights_kind == "none" or spec.weights == "none":
-        raise ZooError(f"{spec.name}: the zoo has no weights for it; train it with `kdcli train --model {spec.name}`")
+        raise ZooError(f"{spec.name}: the zoo has no weights for it; "
+                           f"train it with `kdcli train --model {spec.name}`")
     path = cached_file(spec.weights, spec.name)
     state = read_state_dict(path)
     if spec.weights_kind == "full":
@@ -55,11 +85,20 @@ def load_backbone_weights(model: TapModel, spec: ModelSpec) -> None:
         raise ZooError(f"{spec.name}: the zoo names no ImageNet backbone weights for it (weights_kind "
                        f"{spec.weights_kind}, no backbone_weights); use student_weights = \"zoo\" or a file")
     path = cached_file(source, spec.name if spec.weights_kind == "backbone" else f"{spec.name} --backbone")
-    load_strict(backbone_body(model.net), strip_classifier(read_state_dict(path)), str(path))
+    body = backbone_body(model.net)
+    state = strip_classifier(read_state_dict(path))
+    if not any(k.startswith("features.") for k in body.state_dict()):
+        # a MobileNet body is its classifier's `features` alone (IntermediateLayerGetter keys 0.*, 1.*, ...)
+        state = {k.removeprefix("features."): v for k, v in state.items()}
+    load_strict(body, state, str(path))
 
 
 def backbone_body(net: nn.Module) -> nn.Module:
-    body = getattr(net.backbone, "body", net.backbone)
+    """The ImageNet-classifier part of a model's backbone: wrappers (FPN, mmseg and timm dilated
+    bodies) keep it in ``.body``, possibly nested."""
+    body = net.backbone
+    while isinstance(getattr(body, "body", None), nn.Module):
+        body = body.body
     return body
 
 

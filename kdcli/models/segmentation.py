@@ -35,7 +35,38 @@ def _deeplab_head(in_ch: int, num_classes: int, width: int | None) -> nn.Module:
     )
 
 
+def _dilate_mobilenet_v2(features: nn.Sequential, output_stride: int) -> None:
+    """torchvision's MobileNetV2 has no ``dilated`` option (V3 has): past ``output_stride``, each
+    stride-2 conv becomes stride 1 and every later 3x3 conv dilates by the strides dropped so far.
+    This is the exact atrous form (as torchvision's ResNet ``replace_stride_with_dilation``): the
+    dilated features, sampled every ``32 / output_stride`` pixels, are the strided network's."""
+    stride, dilation = 1, 1
+    for block in features:
+        for conv in (m for m in block.modules() if isinstance(m, nn.Conv2d)):
+            if conv.kernel_size == (3, 3) and dilation > 1:
+                conv.dilation = (dilation, dilation)
+                conv.padding = (dilation, dilation)
+            if conv.stride == (2, 2):
+                if stride >= output_stride:
+                    conv.stride = (1, 1)
+                    dilation *= 2  # from the next conv on
+                else:
+                    stride *= 2
+
+
+def _mobilenet_v2_stages(output_stride: int) -> tuple[nn.Module, int, int, int, int]:
+    """MobileNetV2's features; ``low`` is the last 96-channel block (stride 16 undilated, the aux
+    head's input like ResNet's layer3), ``high`` the final 1x1 conv (1280 channels)."""
+    features = torchvision_classifier("mobilenet_v2").features
+    _dilate_mobilenet_v2(features, output_stride)
+    high = len(features) - 1
+    low = max(i for i, b in enumerate(features) if getattr(b, "out_channels", 0) == 96)
+    return features, low, high, 96, features[high].out_channels
+
+
 def _mobilenet_stages(arch: str, output_stride: int) -> tuple[nn.Module, int, int, int, int]:
+    if arch == "mobilenet_v2":
+        return _mobilenet_v2_stages(output_stride)
     net = torchvision_classifier(arch, dilated=output_stride <= 16)
     features = net.features
     idx = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
@@ -51,7 +82,7 @@ def build_segmenter(spec: ModelSpec) -> nn.Module:
     lib, arch = split_backbone(spec.backbone)
     nc, width = spec.num_classes, spec.head_channels
     if spec.architecture == "lraspp":
-        if not arch.startswith("mobilenet"):
+        if not arch.startswith("mobilenet_v3"):
             raise ZooError(f"{spec.name}: lraspp takes a MobileNetV3 backbone")
         features, low, high, lc, hc = _mobilenet_stages(arch, spec.output_stride)
         body = IntermediateLayerGetter(features, return_layers={str(low): "low", str(high): "high"})
@@ -66,7 +97,7 @@ def build_segmenter(spec: ModelSpec) -> nn.Module:
         features, low, high, lc, hc = _mobilenet_stages(arch, spec.output_stride)
         body = IntermediateLayerGetter(features, return_layers={str(high): "out", str(low): "aux"})
         if spec.architecture != "deeplabv3":
-            raise ZooError(f"{spec.name}: MobileNetV3 takes deeplabv3 or lraspp")
+            raise ZooError(f"{spec.name}: MobileNet backbones take deeplabv3 (or lraspp, V3 only)")
         net = DeepLabV3(body, _deeplab_head(hc, nc, width), FCNHead(lc, nc))
     else:
         dil = [False, spec.output_stride <= 16, spec.output_stride <= 8]

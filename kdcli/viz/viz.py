@@ -97,7 +97,7 @@ def load_run(run: Path, device: Any, weights: str = "best") -> Loaded:
     teacher = None
     if cfg.teacher:
         try:
-            tref = resolve_ref(cfg.teacher)
+            tref = resolve_ref(cfg.teacher, role="teacher")
         except KdcliError as err:
             raise KdcliError(f"kdcli viz {run}: the run's teacher {cfg.teacher} cannot be loaded ({err})") from None
         teacher = build_model(tref.spec, tref.weights if tref.weights is not None else "zoo").to(device).eval()

@@ -88,6 +88,14 @@ class ModelSpec:
     fcos_centerness: str = "reg"  # mmdet FCOS: "cls" when centerness_on_reg=False
     fcos_regression: str = "relu"  # mmdet FCOS: "exp" when norm_on_bbox=False
     metric: dict[str, float] = field(default_factory=dict)
+    # where `metric` was published (a model-zoo README), shown by `kdcli zoo show`
+    metric_source: str = ""
+    # `weights` is an mmdet/mmseg release converted at fetch time by `kdcli zoo import`'s code with
+    # this --arch (docs/zoo.md, OpenMMLab teachers); the converted folder is cached under $KDCLI_HOME/zoo
+    convert: str = ""
+    sha256: str = ""  # the publisher's full sha256 of the download, when known
+    size: int = 0  # download size in bytes, when published; else `size_estimate` (from the parameter count)
+    size_estimate: int = 0
     license: str = ""
     notes: str = ""
 
@@ -114,24 +122,58 @@ class ModelSpec:
             raise ZooError(f"{where}: incomplete model spec ({err})") from None
 
 
-@lru_cache(maxsize=1)
+ZOO_ENV = "KDCLI_ZOO"  # user manifests (TOML of the same form), separated by os.pathsep; `--zoo FILE`
+
+
+def user_zoo_files() -> list[Path]:
+    import os
+
+    return [Path(p).expanduser() for p in os.environ.get(ZOO_ENV, "").split(os.pathsep) if p.strip()]
+
+
+def _read_manifest(text: str, where: str, specs: dict[str, ModelSpec]) -> None:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ZooError(f"zoo manifest {where}: {err}") from None
+    defaults = data.pop("defaults", {})
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            raise ZooError(f"zoo manifest {where}: '{name}' is not a table ([{name}])")
+        arch = entry.get("architecture")
+        if arch not in ARCHITECTURES:
+            raise ZooError(f"zoo manifest {where} [{name}]: unknown architecture '{arch}'")
+        task = ARCHITECTURES[arch]
+        merged = {**defaults.get(task, {}), **entry}
+        specs[name] = ModelSpec.from_dict({"name": name, "task": task, **merged}, f"zoo {where} [{name}]")
+
+
 def _manifest() -> dict[str, ModelSpec]:
+    """The shipped manifests, then the user's (``--zoo FILE`` / ``KDCLI_ZOO``): a user entry of the
+    same name replaces the shipped one."""
+    keys = []
+    for p in user_zoo_files():
+        try:
+            st = p.stat()
+            keys.append((str(p), st.st_mtime_ns, st.st_size))  # an edited file is read again
+        except OSError:
+            keys.append((str(p), -1, -1))
+    return _load_manifests(tuple(keys))
+
+
+@lru_cache(maxsize=8)
+def _load_manifests(user_files: tuple[tuple[str, int, int], ...]) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     for res in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
-        if not res.name.endswith(".toml"):
-            continue
+        if res.name.endswith(".toml"):
+            _read_manifest(res.read_text(), res.name, specs)
+    for f, _, _ in user_files:
+        path = Path(f)
         try:
-            data = tomllib.loads(res.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ZooError(f"zoo manifest {res.name}: {err}") from None
-        defaults = data.pop("defaults", {})
-        for name, entry in data.items():
-            arch = entry.get("architecture")
-            if arch not in ARCHITECTURES:
-                raise ZooError(f"zoo manifest {res.name} [{name}]: unknown architecture '{arch}'")
-            task = ARCHITECTURES[arch]
-            merged = {**defaults.get(task, {}), **entry}
-            specs[name] = ModelSpec.from_dict({"name": name, "task": task, **merged}, f"zoo [{name}]")
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ZooError(f"--zoo {path}: cannot read the zoo file ({err.strerror or err})") from None
+        _read_manifest(text, str(path), specs)
     return specs
 
 
@@ -187,9 +229,20 @@ def load_model_config(path: Path) -> ModelSpec:
     return ModelSpec.from_dict(data.get("model", data), str(path))
 
 
-def resolve_ref(ref: str) -> ModelRef:
+# role → the flag named in a "not fetched" error; "full" roles need the entry's full weights
+ROLES = {"model": "", "student": "", "teacher": "--teacher", "eval": "kdcli eval",
+         "student-zoo": "--student-weights zoo: --student"}
+
+
+def resolve_ref(ref: str, role: str = "model") -> ModelRef:
     """Zoo name → spec (+ weights source); run folder or export folder → spec + local weights;
-    ``hf-hub:org/name[@rev]`` → a pushed kdcli model from the Hugging Face cache (no download)."""
+    ``hf-hub:org/name[@rev]`` → a pushed kdcli model from the Hugging Face cache (no download).
+
+    ``role``: ``teacher``, ``eval`` and ``student-zoo`` (``--student-weights zoo``) need a zoo
+    entry's full weights. For an entry whose weights are an OpenMMLab release (``convert``), that is
+    the converted folder ``kdcli zoo fetch`` cached (its own spec: the mmdet/mmseg layout), or a
+    one-line error naming the fetch command and the download size. ``student``/``model``: the
+    manifest's spec (torchvision layout), whatever is cached."""
     if ref.startswith("hf-hub:"):
         from ..hub import resolve_hub_ref
 
@@ -210,4 +263,11 @@ def resolve_ref(ref: str) -> ModelRef:
                 f"{p}: not a kdcli run folder (model.json) or exported model (config.json)"
             )
         raise ZooError(f"{p}: expected a run or export folder, or a zoo name")
-    return ModelRef(get_spec(ref), None, ref)
+    spec = get_spec(ref)
+    if ROLES.get(role) and spec.convert:
+        from ..weights import converted_model
+
+        folder = converted_model(spec, ROLES[role])
+        converted = replace(load_model_config(folder / "config.json"), name=spec.name)
+        return ModelRef(converted, folder / "model.safetensors", ref)
+    return ModelRef(spec, None, ref)
