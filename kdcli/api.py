@@ -27,22 +27,35 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
     ``command``: the kdcli command that started the run (``train`` or ``distill``), recorded in
     ``config.json`` and named in resume hints; None: this process's kdcli command line, else what the
     config implies (:func:`kdcli.engine.trainer.started_by`)."""
+    import os
+    from contextlib import nullcontext
+
     import torch
 
     from .engine import distributed as ddp
-    from .engine.trainer import build_run, fit
+    from .engine.runlock import RunLock
+    from .engine.trainer import build_run, check_writable, existing_run, fit, run_folder, started_by
 
     if explicit is not None:
         cfg = _with_task_defaults(cfg, explicit)
     cfg = apply_objective_and_augment(cfg)  # issue 4: --objective mcmi, --augment hard
+    folder = run_folder(cfg)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes (and locks) the folder
+    if main_rank:  # an --out that cannot be written is refused before anything is built
+        check_writable(folder)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ok = False
-    try:
-        run = build_run(cfg, log=log, command=command)
-        metrics = fit(run, resume=resume, stop_after=stop_after)
-        ok = True
-    finally:
-        ddp.finish(run.dist if ok else ddp.DistInfo(), ok)
+    with RunLock(folder, log, "--resume" if resume else "--out") if main_rank else nullcontext():
+        taken = None if resume or not main_rank else existing_run(folder)
+        if taken:  # checked under the lock, before the models are built
+            raise ConfigError(f"--out {folder}: already holds a run ({taken}); continue it with "
+                              f"`kdcli {command or started_by(cfg)} --resume {folder}` or choose another --out")
+        try:
+            run = build_run(cfg, log=log, command=command)
+            metrics = fit(run, resume=resume, stop_after=stop_after)
+            ok = True
+        finally:
+            ddp.finish(run.dist if ok else ddp.DistInfo(), ok)
     return run.folder, metrics
 
 

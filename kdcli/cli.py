@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from .errors import ConfigError, KdcliError
+from .errors import ConfigError, KdcliError, UserInterrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for dense prediction on torchvision/timm models.")
@@ -587,9 +587,21 @@ def one_line(err: BaseException) -> str:
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise UserInterrupt("interrupted (Ctrl-C); no checkpoint was written by this stop")
+
+
 def main() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # typer would swallow KeyboardInterrupt
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
+    except UserInterrupt as err:
+        typer.echo(str(err), err=True)
+        sys.exit(err.exit_code)
     except KdcliError as err:
         # an interrupted run saved a checkpoint: its message says how to resume, it is not an error
         prefix = "" if getattr(err, "resumable", False) else "error: "
