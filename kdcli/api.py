@@ -71,14 +71,16 @@ def resume(folder: str | Path, log: Any = print) -> tuple[Path, dict]:
     return train(cfg, resume=True, log=log, command=record.get("command"))
 
 
-def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = "auto",
-             max_images: int = 0, out_dir: Path | None = None, workers: int = 2, per_class: bool = False,
-             slide: str | None = None, write_labelids: Path | None = None) -> dict[str, Any]:
+def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str = "auto",
+             max_images: int | None = None, out_dir: Path | None = None, workers: int = 2, per_class: bool = False,
+             slide: str | None = None, write_labelids: Path | None = None, amp: str | None = None) -> dict[str, Any]:
     """Evaluate a zoo model (cached weights), a run folder or an exported folder.
 
-    ``slide``: ``CROP[:STRIDE]`` as ``HxW`` (segmentation sliding-window inference; stride default
-    2/3 of the crop); ``write_labelids``: folder for Cityscapes labelId PNGs of the predictions.
-    The result holds the metrics and ``class_names`` (for per-class tables)."""
+    A run folder is evaluated by default as the run validated it (its ``data``, ``max_val_images``
+    and ``amp`` from config.json), so the result reproduces its metrics.json; elsewhere the defaults
+    are ``shapes``, all images, float32. ``slide``: ``CROP[:STRIDE]`` as ``HxW`` (segmentation
+    sliding-window inference; stride default 2/3 of the crop); ``write_labelids``: folder for
+    Cityscapes labelId PNGs of the predictions. The result holds the metrics and ``class_names``."""
     import torch
 
     from .data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
@@ -88,7 +90,15 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
     from .zoo import resolve_ref
 
     r = resolve_ref(ref)
+    run_cfg = _run_config(ref)
+    data = data or str(run_cfg.get("data") or "shapes")
+    max_images = int(run_cfg.get("max_val_images") or 0) if max_images is None else max_images
+    amp = amp or str(run_cfg.get("amp") or "none")
     dev = pick_device(device)
+    if amp == "auto":
+        from .engine.amp import resolve_amp
+
+        amp = resolve_amp(amp, dev)[0]
     window = parse_slide(slide) if slide else None
     if r.spec.task == "detection" and (window or write_labelids):
         raise ConfigError("--slide / --write-labelids are for segmentation models")
@@ -101,9 +111,22 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
     collate = collate_detection if r.spec.task == "detection" else collate_segmentation
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                                          pin_memory=dev.type == "cuda")
-    metrics = evaluate_model(model, loader, ds, dev, out_dir=out_dir, per_class=per_class, slide=window,
+    metrics = evaluate_model(model, loader, ds, dev, out_dir=out_dir, amp=amp, per_class=per_class, slide=window,
                              label_ids_dir=write_labelids)
     return {**metrics, "class_names": list(ds.classes)}
+
+
+def _run_config(ref: str) -> dict[str, Any]:
+    """The recorded options of a run folder (``config.json`` next to ``model.json``), else {}."""
+    folder = Path(ref)
+    if ref.startswith("hf-hub:") or not (folder / "model.json").is_file() or not (folder / "config.json").is_file():
+        return {}
+    try:
+        record = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    cfg = record.get("config") if isinstance(record, dict) else None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def export(run: str | Path, out: str | Path | None = None, formats: str | list[str] | None = None,

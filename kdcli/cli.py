@@ -220,9 +220,11 @@ def distill(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run folder, exported folder, zoo name or hf-hub:org/name (cached)"),
-    data: str = _O("shapes", help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml"),
+    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml "
+                              "(default: a run's own data, else shapes)"),
     batch_size: int = _O(8, "--batch-size", "-b"), device: str = _O("auto"),
-    max_images: int = _O(0), per_class: bool = _O(False, "--per-class", help="AP / IoU per class"),
+    max_images: int = _O(None, help="default: a run's --max-val-images, else all (0)"),
+    per_class: bool = _O(False, "--per-class", help="AP / IoU per class"),
     out: Path = _O(None, help="folder for predictions.json (detection)"), workers: int = _O(2),
     slide: str = _O(None, help="segmentation sliding-window inference: CROP[:STRIDE] as HxW, e.g. 512x1024"),
     write_labelids: Path = _O(None, "--write-labelids", help="write Cityscapes labelId PNGs of the predictions"),
