@@ -33,7 +33,7 @@ def write_varied_coco(root: Path) -> Path:
             img = Image.fromarray(rng.integers(0, 80, (h, w, 3), dtype=np.uint8))
             draw = ImageDraw.Draw(img)
             cat = k % 3 + 1
-            bw, bh = w // 3, h // 3
+            bw, bh = 2 * w // 3, 2 * h // 3  # large: even an untrained head overlaps some
             x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
             colour = [(220, 40, 40), (40, 220, 40), (40, 40, 220)][cat - 1]
             draw.rectangle((x, y, x + bw - 1, y + bh - 1), fill=colour)
@@ -73,11 +73,24 @@ def test_detection_predictions_do_not_depend_on_the_batch_size(varied: Path, tmp
 
 
 def test_eval_of_a_run_reproduces_its_metrics_json_by_default(varied: Path, tmp_path: Path):
+    """The run validates at batch 4; `kdcli eval RUN` at batch 1 and 8, with no other option, gives its
+    predictions.json and metrics.json exactly (the run's data, image subset and precision)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = build_model(get_spec("shapes-r18-fcos")).net
+    with torch.no_grad():  # class scores of 0.5 instead of the prior's 0.01: boxes above the score threshold
+        net.head.classification_head.cls_logits.bias.fill_(0.0)
+    init = tmp_path / "init.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(init))
     cfg = RunConfig(model="shapes-r18-fcos", data=f"coco:{varied}", out=str(tmp_path / "run"), epochs=1,
-                    batch_size=4, image_size=64, max_val_images=6, workers=0, device="cpu", optimizer="adamw",
-                    lr=1e-3, warmup_iters=1, bn_recal=1)
+                    student_weights=str(init), batch_size=4, image_size=64, max_val_images=6, workers=0,
+                    device="cpu", optimizer="adamw", lr=1e-7, warmup_iters=1, bn_recal=0)
     folder, _ = api.train(cfg, log=lambda s: None)
     want = json.loads((folder / "metrics.json").read_text())
-    for bs in (1, 8):  # the run's own data, subset and precision, whatever the batch
-        got = api.evaluate(str(folder), batch_size=bs, device="cpu", workers=0)
+    want_preds = json.loads((folder / "predictions.json").read_text())
+    assert len(want_preds) > 50  # (an untrained head: mAP 0, but every box and score is compared)
+    for bs in (1, 8):
+        got = api.evaluate(str(folder), batch_size=bs, device="cpu", workers=0, out_dir=tmp_path / f"b{bs}")
+        assert json.loads((tmp_path / f"b{bs}" / "predictions.json").read_text()) == want_preds, bs
         assert {k: got[k] for k in want if k != "epoch"} == {k: v for k, v in want.items() if k != "epoch"}
