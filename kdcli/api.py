@@ -76,9 +76,9 @@ def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str
              slide: str | None = None, write_labelids: Path | None = None, amp: str | None = None) -> dict[str, Any]:
     """Evaluate a zoo model (cached weights), a run folder or an exported folder.
 
-    A run folder is evaluated by default as the run validated it (its ``data``, ``max_val_images``
-    and ``amp`` from config.json), so the result reproduces its metrics.json; elsewhere the defaults
-    are ``shapes``, all images, float32. ``slide``: ``CROP[:STRIDE]`` as ``HxW`` (segmentation
+    A run folder without ``data`` is evaluated as the run validated it (its ``data``,
+    ``max_val_images`` and ``amp`` from config.json), so the result reproduces its metrics.json;
+    otherwise the defaults are ``shapes``, all images, float32. ``slide``: ``CROP[:STRIDE]`` as ``HxW`` (segmentation
     sliding-window inference; stride default 2/3 of the crop); ``write_labelids``: folder for
     Cityscapes labelId PNGs of the predictions. The result holds the metrics and ``class_names``."""
     import torch
@@ -90,7 +90,7 @@ def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str
     from .zoo import resolve_ref
 
     r = resolve_ref(ref)
-    run_cfg = _run_config(ref)
+    run_cfg = _run_config(ref) if data is None else {}  # without --data: as the run validated
     data = data or str(run_cfg.get("data") or "shapes")
     max_images = int(run_cfg.get("max_val_images") or 0) if max_images is None else max_images
     amp = amp or str(run_cfg.get("amp") or "none")

@@ -95,6 +95,7 @@ def load_source(path: str | Path) -> Source:
     (``config.json`` + ``model.safetensors``). The tensors are loaded strictly into the built model,
     which proves they are the student alone (an adapter or teacher key would be unexpected)."""
     from . import __version__
+    from .hub import public_id
     from .models import build_model
     from .weights import load_strict, read_checkpoint
     from .zoo import load_model_config
@@ -111,7 +112,7 @@ def load_source(path: str | Path) -> Source:
         config = {
             "model": spec.to_dict(),
             "kdcli_version": __version__,
-            "teacher": record.get("teacher", {}).get("id"),
+            "teacher": public_id(record.get("teacher", {}).get("id")),
             "method": run_cfg.get("method"),
             "method_hparams": {k: v.get("hparams") for k, v in record.get("method", {}).items()},
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},

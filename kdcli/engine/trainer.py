@@ -343,6 +343,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     hints = data_hints(probe, resolve_ref(cfg.teacher).spec if cfg.teacher else None, cfg.image_size)
     train_ds = build_dataset(cfg.data, task, "train", size, train=True, hints=hints)
     val_ds = build_dataset(cfg.data, task, "val", size, train=False, hints=hints)
+    totals = {"train": len(train_ds), "val": len(val_ds)}  # the split sizes, before --max-*-images
     if cfg.max_train_images:
         train_ds = subset(train_ds, cfg.max_train_images)
     if cfg.max_val_images:
@@ -413,6 +414,9 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     folder = run_folder(cfg)
     run = Run(cfg, task, folder, student, teacher, method, train_loader, val_loader, val_ds, device, log,
               dist=dist, sampler=sampler, command=command if command in COMMANDS else started_by(cfg))
+    # images used of each split (a card must not present a subset's score as the split's)
+    run.meta["images"] = {"train": {"used": len(train_ds), "total": totals["train"]},
+                          "val": {"used": len(val_ds), "total": totals["val"]}}
     if method is not None:
         # terms that are 0 by construction at this input size: said once here, not counted by the zero guard
         maps = largest_maps(student, teacher.tap_info if teacher is not None else student.tap_info)
