@@ -606,8 +606,11 @@ def main() -> None:
         sys.exit(err.exit_code)
     except KdcliError as err:
         # an interrupted run saved a checkpoint: its message says how to resume, it is not an error
-        prefix = "" if getattr(err, "resumable", False) else "error: "
-        typer.echo(f"{prefix}{one_line(err)}", err=True)
+        resumable = getattr(err, "resumable", False)
+        import os
+
+        if not (resumable and os.environ.get("RANK", "0") != "0"):  # under torchrun, rank 0 says it once
+            typer.echo(f"{'' if resumable else 'error: '}{one_line(err)}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

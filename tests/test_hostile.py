@@ -381,3 +381,49 @@ def test_ctrl_c_before_the_loop_says_so_and_exits_130(tiny_shapes: Path, tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted (Ctrl-C)" in err and "Traceback" not in err
+
+
+def test_an_interrupted_run_is_announced_by_rank_0_only(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]):
+    from kdcli import cli
+    from kdcli.engine.guards import Interrupted
+
+    def stopped() -> None:
+        raise Interrupted("interrupted by SIGTERM at epoch 1, batch 2/3 (step 2); checkpoint saved")
+
+    monkeypatch.setattr(cli, "app", stopped)
+    old = signal.getsignal(signal.SIGINT)  # main() installs kdcli's own handler
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        try:
+            with pytest.raises(SystemExit) as info:
+                cli.main()
+        finally:
+            signal.signal(signal.SIGINT, old)
+        assert info.value.code == 130
+        assert ("interrupted by SIGTERM" in capsys.readouterr().err) is shown, rank
+
+
+def test_a_user_interrupt_reaches_the_entry_point(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]):
+    """A second Ctrl-C inside the loop raises UserInterrupt: typer does not swallow it, main() says so."""
+    from kdcli import cli
+    from kdcli.engine.guards import GracefulStop
+
+    def loop() -> None:
+        with GracefulStop() as stop:
+            stop._handler(signal.SIGINT, None)
+            stop._handler(signal.SIGINT, None)
+
+    monkeypatch.setattr(cli, "app", cli.typer.Typer())
+    cli.app.command()(loop)
+    monkeypatch.setattr(sys, "argv", ["kdcli"])
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert info.value.code == 130
+    assert "interrupted by a second Ctrl-C" in capsys.readouterr().err
+
