@@ -608,8 +608,8 @@ class _Training:
         tensors, extra = self.tensors()
         if run.dist.enabled:
             self._check_ranks_agree(tensors)
-        self.guard.saved = True
         if not run.dist.is_main:
+            self.guard.saved = True
             return
         rotate, self.last_intact = self.last_intact, True
         ckpt.save_checkpoint(run.folder / "weights", tensors, {
@@ -619,6 +619,7 @@ class _Training:
             "rng": rngs, "guard": self.guard.state_dict(), "method_extra": extra, "mask_stats": mask_stats_state(run),
             "world": run.dist.world, "batch_size": run.cfg.batch_size, "accumulate": run.cfg.accumulate,
         }, rotate=rotate)
+        self.guard.saved = True  # only once written: a failed first write has nothing to fall back on
 
     def _check_ranks_agree(self, tensors: dict[str, Tensor]) -> None:
         import hashlib
