@@ -27,22 +27,35 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
     ``command``: the kdcli command that started the run (``train`` or ``distill``), recorded in
     ``config.json`` and named in resume hints; None: this process's kdcli command line, else what the
     config implies (:func:`kdcli.engine.trainer.started_by`)."""
+    import os
+    from contextlib import nullcontext
+
     import torch
 
     from .engine import distributed as ddp
-    from .engine.trainer import build_run, fit
+    from .engine.runlock import RunLock
+    from .engine.trainer import build_run, check_writable, existing_run, fit, run_folder, started_by
 
     if explicit is not None:
         cfg = _with_task_defaults(cfg, explicit)
     cfg = apply_objective_and_augment(cfg)  # issue 4: --objective mcmi, --augment hard
+    folder = run_folder(cfg)
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes (and locks) the folder
+    if main_rank:  # an --out that cannot be written is refused before anything is built
+        check_writable(folder)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ok = False
-    try:
-        run = build_run(cfg, log=log, command=command)
-        metrics = fit(run, resume=resume, stop_after=stop_after)
-        ok = True
-    finally:
-        ddp.finish(run.dist if ok else ddp.DistInfo(), ok)
+    with RunLock(folder, log, "--resume" if resume else "--out") if main_rank else nullcontext():
+        taken = None if resume or not main_rank else existing_run(folder)
+        if taken:  # checked under the lock, before the models are built
+            raise ConfigError(f"--out {folder}: already holds a run ({taken}); continue it with "
+                              f"`kdcli {command or started_by(cfg)} --resume {folder}` or choose another --out")
+        try:
+            run = build_run(cfg, log=log, command=command)
+            metrics = fit(run, resume=resume, stop_after=stop_after)
+            ok = True
+        finally:
+            ddp.finish(run.dist if ok else ddp.DistInfo(), ok)
     return run.folder, metrics
 
 
@@ -58,14 +71,16 @@ def resume(folder: str | Path, log: Any = print) -> tuple[Path, dict]:
     return train(cfg, resume=True, log=log, command=record.get("command"))
 
 
-def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = "auto",
-             max_images: int = 0, out_dir: Path | None = None, workers: int = 2, per_class: bool = False,
-             slide: str | None = None, write_labelids: Path | None = None) -> dict[str, Any]:
+def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str = "auto",
+             max_images: int | None = None, out_dir: Path | None = None, workers: int = 2, per_class: bool = False,
+             slide: str | None = None, write_labelids: Path | None = None, amp: str | None = None) -> dict[str, Any]:
     """Evaluate a zoo model (cached weights), a run folder or an exported folder.
 
-    ``slide``: ``CROP[:STRIDE]`` as ``HxW`` (segmentation sliding-window inference; stride default
-    2/3 of the crop); ``write_labelids``: folder for Cityscapes labelId PNGs of the predictions.
-    The result holds the metrics and ``class_names`` (for per-class tables)."""
+    A run folder without ``data`` is evaluated as the run validated it (its ``data``,
+    ``max_val_images`` and ``amp`` from config.json), so the result reproduces its metrics.json;
+    otherwise the defaults are ``shapes``, all images, float32. ``slide``: ``CROP[:STRIDE]`` as ``HxW`` (segmentation
+    sliding-window inference; stride default 2/3 of the crop); ``write_labelids``: folder for
+    Cityscapes labelId PNGs of the predictions. The result holds the metrics and ``class_names``."""
     import torch
 
     from .data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
@@ -80,7 +95,15 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
     if r.weights is None:  # a zoo entry: its full weights, checked before any data is read
         check_teacher_kind(r.spec, ref, flag="kdcli eval")
         required_file(r.spec, "zoo")
+    run_cfg = _run_config(ref) if data is None else {}  # without --data: as the run validated
+    data = data or str(run_cfg.get("data") or "shapes")
+    max_images = int(run_cfg.get("max_val_images") or 0) if max_images is None else max_images
+    amp = amp or str(run_cfg.get("amp") or "none")
     dev = pick_device(device)
+    if amp == "auto":
+        from .engine.amp import resolve_amp
+
+        amp = resolve_amp(amp, dev)[0]
     window = parse_slide(slide) if slide else None
     if r.spec.task == "detection" and (window or write_labelids):
         raise ConfigError("--slide / --write-labelids are for segmentation models")
@@ -94,9 +117,22 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
     collate = collate_detection if r.spec.task == "detection" else collate_segmentation
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                                          pin_memory=dev.type == "cuda")
-    metrics = evaluate_model(model, loader, ds, dev, out_dir=out_dir, per_class=per_class, slide=window,
+    metrics = evaluate_model(model, loader, ds, dev, out_dir=out_dir, amp=amp, per_class=per_class, slide=window,
                              label_ids_dir=write_labelids)
     return {**metrics, "class_names": list(ds.classes)}
+
+
+def _run_config(ref: str) -> dict[str, Any]:
+    """The recorded options of a run folder (``config.json`` next to ``model.json``), else {}."""
+    folder = Path(ref)
+    if ref.startswith("hf-hub:") or not (folder / "model.json").is_file() or not (folder / "config.json").is_file():
+        return {}
+    try:
+        record = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    cfg = record.get("config") if isinstance(record, dict) else None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def export(run: str | Path, out: str | Path | None = None, formats: str | list[str] | None = None,

@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from .errors import ConfigError, KdcliError
+from .errors import ConfigError, KdcliError, UserInterrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for dense prediction on torchvision/timm models.")
@@ -227,9 +227,11 @@ def distill(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="run folder, exported folder, zoo name or hf-hub:org/name (cached)"),
-    data: str = _O("shapes", help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml"),
+    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml "
+                              "(default: a run's own data, else shapes)"),
     batch_size: int = _O(8, "--batch-size", "-b"), device: str = _O("auto"),
-    max_images: int = _O(0), per_class: bool = _O(False, "--per-class", help="AP / IoU per class"),
+    max_images: int = _O(None, help="default: a run's --max-val-images, else all (0)"),
+    per_class: bool = _O(False, "--per-class", help="AP / IoU per class"),
     out: Path = _O(None, help="folder for predictions.json (detection)"), workers: int = _O(2),
     slide: str = _O(None, help="segmentation sliding-window inference: CROP[:STRIDE] as HxW, e.g. 512x1024"),
     write_labelids: Path = _O(None, "--write-labelids", help="write Cityscapes labelId PNGs of the predictions"),
@@ -601,13 +603,28 @@ def one_line(err: BaseException) -> str:
     return last[len(prefix):] if last.startswith(prefix) else last
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise UserInterrupt("interrupted (Ctrl-C); no checkpoint was written by this stop")
+
+
 def main() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # typer would swallow KeyboardInterrupt
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
+    except UserInterrupt as err:
+        typer.echo(str(err), err=True)
+        sys.exit(err.exit_code)
     except KdcliError as err:
         # an interrupted run saved a checkpoint: its message says how to resume, it is not an error
-        prefix = "" if getattr(err, "resumable", False) else "error: "
-        typer.echo(f"{prefix}{one_line(err)}", err=True)
+        resumable = getattr(err, "resumable", False)
+        import os
+
+        if not (resumable and os.environ.get("RANK", "0") != "0"):  # under torchrun, rank 0 says it once
+            typer.echo(f"{'' if resumable else 'error: '}{one_line(err)}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -6,6 +6,7 @@ Method hyper-parameters live in the method's preset and are overridden with ``--
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -75,12 +76,58 @@ class RunConfig:
         bad = sorted(set(d) - known)
         if bad:
             raise ConfigError(f"{where}: unknown option(s) {', '.join(bad)} (valid: {', '.join(sorted(known))})")
+        check_values(d, where)
         return cls(**d)
 
     def merged(self, updates: dict[str, Any]) -> RunConfig:
         d = self.to_dict()
         d.update({k: v for k, v in updates.items() if v is not None})
         return RunConfig.from_dict(d, "options")
+
+
+# Lower bounds of numeric options, checked before anything is built: a wrong value must not start a run
+# that ends without weights (0 epochs) or fails later in the schedule or the optimizer.
+MINIMUM: dict[str, float] = {
+    "epochs": 1, "batch_size": 1, "lr": 0.0, "momentum": 0.0, "weight_decay": 0.0, "warmup_iters": 0,
+    "grad_clip": 0.0, "image_size": 0, "max_train_images": 0, "max_val_images": 0, "bn_recal": 0,
+    "teacher_check_images": 0, "eval_every": 0, "accumulate": 1, "ckpt_every_steps": 0, "zero_loss_steps": 0,
+}
+EXCLUSIVE = {"lr"}  # must be strictly above the bound
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+          "str | None": "a string", "dict[str, Any]": "a table of key = value"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "str | None":
+        return value is None or isinstance(value, str)
+    if kind.startswith("dict"):
+        return isinstance(value, dict)
+    return True
+
+
+def check_values(d: dict[str, Any], where: str) -> None:
+    """Each value of ``d`` has its option's type and range, else a one-line :class:`ConfigError`
+    naming the option (``--epochs``) and, for a config file, the file."""
+    kinds = {f.name: str(f.type) for f in fields(RunConfig)}
+    for key, value in d.items():
+        kind = kinds.get(key, "")
+        name = f"{where}: {key} = {value!r}" if where != "options" else f"--{key.replace('_', '-')} {value!r}"
+        if not _fits(value, kind):
+            raise ConfigError(f"{name}: expected {_KINDS.get(kind, kind)}" + (" (finite)" if kind == "float" else ""))
+        low = MINIMUM.get(key)
+        if low is None:
+            continue
+        if value < low or (key in EXCLUSIVE and value == low):
+            bound = f"> {low:g}" if key in EXCLUSIVE else f">= {low:g}"
+            raise ConfigError(f"{name}: expected {_KINDS[kind]} {bound}")
 
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {

@@ -29,3 +29,12 @@ class TrainingError(KdcliError):
     """Training stopped for a reason the user must act on (e.g. a non-finite loss)."""
 
     exit_code = 3
+
+
+class UserInterrupt(BaseException):
+    """Ctrl-C where no checkpoint is written (before the training loop, or a second Ctrl-C in it).
+
+    A ``BaseException`` that is not ``KeyboardInterrupt``: typer turns the latter into a silent exit
+    130 before kdcli's entry point sees it, and ``except Exception`` blocks must let it through."""
+
+    exit_code = 130

@@ -94,11 +94,10 @@ def load_source(path: str | Path) -> Source:
     """A run folder (``model.json`` + ``weights/best.safetensors``) or an export folder
     (``config.json`` + ``model.safetensors``). The tensors are loaded strictly into the built model,
     which proves they are the student alone (an adapter or teacher key would be unexpected)."""
-    from safetensors.torch import load_file
-
     from . import __version__
+    from .hub import public_id
     from .models import build_model
-    from .weights import load_strict
+    from .weights import load_strict, read_checkpoint
     from .zoo import load_model_config
 
     folder = Path(path)
@@ -113,7 +112,7 @@ def load_source(path: str | Path) -> Source:
         config = {
             "model": spec.to_dict(),
             "kdcli_version": __version__,
-            "teacher": record.get("teacher", {}).get("id"),
+            "teacher": public_id(record.get("teacher", {}).get("id")),
             "method": run_cfg.get("method"),
             "method_hparams": {k: v.get("hparams") for k, v in record.get("method", {}).items()},
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -129,7 +128,7 @@ def load_source(path: str | Path) -> Source:
     else:
         raise ConfigError(f"{folder}: not a kdcli run folder (model.json) or export folder "
                           "(config.json + model.safetensors)")
-    state = load_file(str(weights))
+    state = read_checkpoint(weights)  # a damaged file is a one-line error naming it, never a traceback
     model = build_model(spec)
     load_strict(model.net, state, str(weights))
     return Source(spec, state, config, folder, is_run, model.eval())

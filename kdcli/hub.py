@@ -136,9 +136,27 @@ def hub_errors(what: str, repo: str, token: str | None = None, write: bool = Fal
             raise HubError(f"{what}: {repo} not found (404)") from None
         raise HubError(f"{what}: the Hub answered {status or 'an error'}: {_scrub(_first_line(err), token)}") from None
     except transport as err:  # incl. LocalEntryNotFoundError: no answer and nothing cached
+        answered = _http_cause(err)
+        if answered is not None:  # the client wraps an HTTP answer (e.g. 501 from a Hub without Xet)
+            status = _status(answered)
+            raise HubError(f"{what}: {endpoint()} answered {status} to the file request "
+                           f"({_scrub(_first_line(answered), token)}); it is reachable but does not serve this "
+                           "download") from None
         raise HubError(f"{what}: cannot reach {endpoint()} ({type(err).__name__})") from None
     except ValueError as err:  # e.g. invalid card metadata reported by the validate-yaml endpoint
         raise HubError(f"{what}: {_scrub(_first_line(err), token)}") from None
+
+
+def _http_cause(err: BaseException) -> BaseException | None:
+    """The HTTP error with a status code that ``err`` was raised from, if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = err.__cause__ or err.__context__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if _status(cause) is not None:  # type: ignore[arg-type]
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _status(err: Exception) -> int | None:
@@ -199,18 +217,46 @@ def fetch(ref: str, command: str = "kdcli pull") -> Path:
     """Download a pushed kdcli model's ``config.json`` and ``model.safetensors`` at the ref's revision
     into the cache; returns the snapshot folder. ``command`` starts the error messages (``kdcli pull``,
     or ``kdcli zoo fetch``, which comes here for kdcli models)."""
-    from huggingface_hub import get_token, hf_hub_download
+    from huggingface_hub import HfApi, get_token, hf_hub_download
 
     repo, rev = parse_ref(ref)
     _require_online(f"{command} {ref}")
     token = get_token()  # optional: public repos need none
     path = None
     with hub_errors(f"{command} {ref}", repo, token):
+        # asked first: the download below answers from the cache when the Hub refuses, so a wrong token
+        # (401) or a repository the token cannot see would pass as "cached" without this question
+        HfApi(endpoint=endpoint(), token=token).model_info(repo, revision=rev)
         for name in MODEL_FILES:
             path = Path(hf_hub_download(repo, name, revision=rev, endpoint=endpoint(), token=token))
     resolve_hub_ref(ref)  # a repo that is not a kdcli model fails here, after the download
     assert path is not None
     return path.parent
+
+
+DATA_KINDS = ("coco", "cityscapes", "semantic")
+
+
+def public_id(value: str | None) -> str | None:
+    """A model or data reference as it may be published: zoo names, ``hf-hub:`` ids and ``shapes`` as
+    they are; a local path (a run or export folder, a weights file, a data folder) by its last name
+    only, ``local run (name)``, since an absolute path would publish a home directory's layout."""
+    if not value:
+        return value
+    text = str(value)
+    if text.startswith("hf-hub:") or text == "shapes":
+        return text
+    kind, sep, rest = text.partition(":")
+    if sep and kind in DATA_KINDS:
+        return f"{kind} (local folder {Path(rest.rstrip('/')).name or rest})"
+    from .zoo import names
+
+    if text in names():
+        return text
+    p = Path(text)
+    what = "run" if (p / "model.json").is_file() else "export" if (p / "config.json").is_file() else \
+        "folder" if p.is_dir() else "file"
+    return f"local {what} ({p.name or text})"
 
 
 # -- the model card --------------------------------------------------------------------------------------
@@ -276,6 +322,44 @@ def _image_size(cfg: dict[str, Any], pp: dict[str, Any]) -> str:
     return f"shorter side {pp.get('min_size')}, longer at most {pp.get('max_size')}"
 
 
+def _subsets(record: dict[str, Any], cfg: dict[str, Any]) -> dict[str, tuple[int, int | None]]:
+    """split -> (images used, split size or None if not recorded), for the splits the run cut short
+    (``--max-train-images``/``--max-val-images``)."""
+    images = record.get("images") or {}
+    out: dict[str, tuple[int, int | None]] = {}
+    for split, key in (("train", "max_train_images"), ("val", "max_val_images")):
+        rec = images.get(split)
+        if isinstance(rec, dict) and isinstance(rec.get("used"), int) and isinstance(rec.get("total"), int):
+            if rec["used"] < rec["total"]:
+                out[split] = (rec["used"], rec["total"])
+        elif cfg.get(key):
+            out[split] = (int(cfg[key]), None)
+    return out
+
+
+def _subset_text(subsets: dict[str, tuple[int, int | None]]) -> str:
+    if not subsets:
+        return "all images of both splits"
+    names = {"train": "training", "val": "validation"}
+    return "; ".join(f"{names[k]}: first {u}{f' of {t}' if t else ''} images" for k, (u, t) in subsets.items())
+
+
+def public_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.json as it may be uploaded: local paths (data, out, teacher, student weights)
+    replaced by :func:`public_id` names."""
+    out = json.loads(json.dumps(record))
+    cfg = out.get("config") or {}
+    for key in ("model", "teacher", "data", "student_weights"):
+        if cfg.get(key) and cfg[key] not in ("zoo", "backbone"):
+            cfg[key] = public_id(cfg[key])
+    if cfg.get("out"):
+        cfg["out"] = Path(str(cfg["out"])).name
+    for role in ("student", "teacher"):
+        if isinstance(out.get(role), dict) and out[role].get("id"):
+            out[role]["id"] = public_id(out[role]["id"])
+    return out
+
+
 def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Path | None = None,
                dataset: str | None = None, license: str | None = None, base_model: str | None = None) -> Any:
     """The model card: YAML metadata (library, tags, datasets, license, base model, model-index with
@@ -291,13 +375,18 @@ def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Pa
     task = spec.task
     data = dataset or _dataset_name(str(cfg.get("data", "unknown")))
     method = cfg.get("method")
-    student_id = str(record.get("student", {}).get("id") or spec.name)
+    student_id = str(public_id(record.get("student", {}).get("id")) or spec.name)
+    subsets = _subsets(record, cfg)
+    split, split_name = "val", data
+    if "val" in subsets:  # a score on part of the split is named as such, never as the split's
+        used, total = subsets["val"]
+        split, split_name = f"val[:{used}]", f"{data} (val: first {used}{f' of {total}' if total else ''} images)"
     base = base_model or (parse_ref(student_id)[0] if student_id.startswith(PREFIX) else spec.name)
     lic = (license or spec.license or "other").lower()
     methods = [m for m in str(method).split("+")] if method else []
     tags = ["kdcli", "knowledge-distillation", TASK_TAG[task], task, spec.architecture, *methods]
     evals = [
-        EvalResult(task_type=TASK_TAG[task], dataset_type=data, dataset_name=data, dataset_split="val",
+        EvalResult(task_type=TASK_TAG[task], dataset_type=data, dataset_name=split_name, dataset_split=split,
                    metric_type=k.lower(), metric_name=k, metric_value=round(float(metrics[k]), 4))
         for k in CARD_METRICS[task] if isinstance(metrics.get(k), (int, float)) and metrics[k] >= 0
     ]
@@ -311,7 +400,9 @@ def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Pa
     if baseline is not None:
         bm = _read_json(baseline / "metrics.json")
         base_line = f"{float(bm[key]):.4f}" if key in bm else f"not recorded in {baseline}"
-    teacher = record.get("teacher") or {}
+    teacher = dict(record.get("teacher") or {})
+    if teacher:
+        teacher["id"] = public_id(teacher.get("id"))
     hparams = {k: v.get("hparams") for k, v in (record.get("method") or {}).items()}
     ref = f"{PREFIX}{repo}"
     lines = [
@@ -338,10 +429,12 @@ def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Pa
         f"| schedule | {_schedule(cfg)} |",
         f"| effective batch | {record.get('effective_batch', cfg.get('batch_size'))} |",
         f"| inherit (neck/head from teacher) | {'yes' if cfg.get('inherit') else 'no'} |",
-        f"| data | `{cfg.get('data', 'not recorded')}`, image size {_image_size(cfg, spec.preprocess)} |",
+        f"| data | `{public_id(cfg.get('data')) or 'not recorded'}`, image size {_image_size(cfg, spec.preprocess)} |",
+        f"| images used | {_subset_text(subsets)} |",
         f"| classes | {', '.join(spec.classes)} |",
         "",
-        "## Results (validation split)",
+        "## Results (validation split)" if "val" not in subsets else
+        f"## Results (validation subset: {_subset_text({'val': subsets['val']}).split(': ', 1)[1]})",
         "",
         f"| model | {key} |",
         "|---|---:|",
@@ -386,6 +479,7 @@ def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Pa
 def stage_push(run: Path, repo: str, formats: str | list[str] | None = None, baseline: Path | None = None,
                dataset: str | None = None, license: str | None = None, base_model: str | None = None) -> Path:
     """A temporary folder with everything that will be uploaded."""
+    from .engine.checkpoint import save_json
     from .export import export
 
     if not (run / "model.json").is_file():
@@ -402,8 +496,8 @@ def stage_push(run: Path, repo: str, formats: str | list[str] | None = None, bas
             shutil.copyfile(run / "results.csv", folder / "results.csv")
         for png in sorted(run.glob("*.png")):
             shutil.copyfile(png, folder / png.name)
-        if (run / "config.json").is_file():
-            shutil.copyfile(run / "config.json", folder / "run_config.json")
+        if (run / "config.json").is_file():  # without local paths (a home directory would be published)
+            save_json(folder / "run_config.json", public_record(_read_json(run / "config.json")))
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

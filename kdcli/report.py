@@ -52,6 +52,8 @@ def describe_run(run: Run) -> None:
         "student": {"id": cfg.model, "spec": run.student.spec.name, "init_hash": weight_hash(run.student.net)},
         "effective_batch": cfg.batch_size,
     }
+    if run.meta.get("images"):
+        record["images"] = run.meta["images"]
     if run.teacher is not None:
         record["teacher"] = {"id": cfg.teacher, "spec": run.teacher.spec.name, "hash": weight_hash(run.teacher.net)}
     if run.method is not None:

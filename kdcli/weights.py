@@ -579,6 +579,39 @@ def _fetch_hf(source: str, repo: str, rev: str | None, log: Callable[[str], None
     raise ZooError(f"{source}: the repository has neither {' nor '.join(HF_FILES)}")
 
 
+# torch's weights_only refusal names the global it would need: "Unsupported global: GLOBAL a.b.C was not ..."
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)*) was not")
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    """``text`` cut at a word boundary (never mid-word) with an ellipsis when it is longer than ``limit``."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(" ,;:.") + "…"
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch checkpoint, before unpickling anything (None: it may be one).
+
+    ``torch.save`` writes a zip archive (checked member by member, CRCs included); the legacy format
+    is a bare pickle (starts with the pickle protocol byte 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            return f"damaged zip archive: {_shorten(str(err), 80)}"
+        return f"damaged zip archive: member {bad} fails its CRC check" if bad else None
+    if head[:1] != b"\x80":
+        return "neither safetensors nor a torch checkpoint (no zip archive, no pickle)"
+    return None
+
+
 # -- reading ----------------------------------------------------------------------------------------
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """safetensors, or a torch pickle opened with ``weights_only=True`` (never a full unpickle)."""
@@ -600,15 +633,23 @@ def read_checkpoint(path: Path) -> dict:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ZooError(f"{path}: cannot read safetensors ({err})") from None
+    damage = torch_file_problem(path)
+    if damage:
+        raise ZooError(f"{path}: corrupt file ({damage}); not a readable weights file") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure here is a bad file for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise ZooError(f"{path}: refused by torch.load(weights_only=True): it holds Python objects other than "
-                           f"tensors and plain containers ({first[:160]}); kdcli does not unpickle arbitrary objects "
-                           "- re-save its state_dict on a trusted machine") from None
-        raise ZooError(f"{path}: cannot read weights ({type(err).__name__}: {first[:160]})") from None
+        text = str(err)
+        needed = _UNSUPPORTED_GLOBAL.search(text)
+        if needed:
+            raise ZooError(f"{path}: refused by torch.load(weights_only=True): it holds the Python object "
+                           f"{needed.group(1)}, not only tensors and plain containers; kdcli does not unpickle "
+                           "arbitrary objects - re-save its state_dict on a trusted machine") from None
+        if "weights_only" in text or "Unsupported global" in text:  # a name that is no Python name: damage
+            raise ZooError(f"{path}: corrupt file (torch.load found garbage where a pickled name should be)") \
+                from None
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        raise ZooError(f"{path}: cannot read weights ({type(err).__name__}: {_shorten(first)})") from None
     if not isinstance(obj, dict):
         raise ZooError(f"{path}: not a state dict")
     return obj

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from kdcli.config import RunConfig
 from kdcli.engine.guards import GracefulStop, LossGuard
-from kdcli.errors import ConfigError, TrainingError
+from kdcli.errors import ConfigError, TrainingError, UserInterrupt
 from kdcli.models.taps import ModelOutput
 
 
@@ -165,7 +165,7 @@ def test_graceful_stop_turns_signals_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert stop.requested == "SIGTERM"
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C means now
+        with pytest.raises(UserInterrupt):  # a second Ctrl-C means now
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is before

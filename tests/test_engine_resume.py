@@ -13,6 +13,7 @@ seeded per sample, so the worker count must not matter either.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import random
@@ -117,6 +118,8 @@ def test_sigkill_after_a_random_step_then_resume_is_bit_identical(reference: tup
     logs: list[str] = []
     api.resume(root / "killed", log=logs.append)
     assert any(line.startswith("resumed ") for line in logs)
+    # the killed writer's lock record is reported, and the folder taken over
+    assert any("stale lock of process" in line and "(no longer runs)" in line for line in logs), logs
     _same_run(root / "full", root / "killed")
 
 
@@ -200,6 +203,11 @@ def test_a_damaged_last_state_resumes_from_prev_bit_identically(reference: tuple
     assert any(line.startswith("resumed ") and "from prev_state.pt" in line for line in logs), logs
     _same_run(root / "full", out)
     assert api._finished_epochs(out) == 2
+    # the damaged pair was overwritten, not rotated into prev: two intact checkpoints, as documented
+    for slot, step in (("last", 6), ("prev", 4)):
+        state = torch.load(out / "weights" / f"{slot}_state.pt", weights_only=True)
+        data = (out / "weights" / f"{slot}.safetensors").read_bytes()
+        assert state["step"] == step and hashlib.sha256(data).hexdigest() == state["tensors_sha256"], slot
 
 
 # -- the resume hint names the command that started the run (issue 7) -----------------------------

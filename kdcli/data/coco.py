@@ -53,10 +53,38 @@ def decode_rgb(path: Path) -> torch.Tensor:
     """Decode an image file to uint8 RGB CHW; any decoding failure is a DataError naming the file."""
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
+    kind = image_kind(path)
+    if kind is None:
+        raise DataError(f"{path}: not an image (no JPEG, PNG, WebP or GIF signature at its start)")
     try:
         return decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot decode image ({first_line(err)})") from None
+        raise DataError(f"{path}: corrupt {kind} file ({decoder_reason(err)})") from None
+
+
+# the decoders torchvision.io.decode_image has, by file signature
+_SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"))
+
+
+def image_kind(path: Path) -> str | None:
+    """The image format of ``path`` from its first bytes (None: none torchvision decodes)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or first_line(err)})") from None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
+
+
+def decoder_reason(err: BaseException) -> str:
+    """torchvision's message without its prefix ``function, /build/path/file.cpp:line, ``."""
+    text = first_line(err)
+    parts = text.split(", ", 2)
+    if len(parts) == 3 and (".cpp:" in parts[1] or ".c:" in parts[1]):
+        return parts[2]
+    return text
 
 
 def _check_records(records: Any, section: str, keys: tuple[str, ...], ann_file: Path) -> list[dict]:
@@ -146,7 +174,17 @@ class CocoDetection(Dataset):
             self.label_to_cat_id = {k + 1: i for k, (i, _) in enumerate(pairs)}
         self.cat_id_to_label: dict[int, int] = {v: k for k, v in self.label_to_cat_id.items()}
 
-        self._images: dict[int, dict] = {int(im["id"]): im for im in images}
+        if not images:
+            raise DataError(f"{self.ann_file}: 'images' is empty: nothing to train or evaluate on")
+        self._images: dict[int, dict] = {}
+        first_index: dict[int, int] = {}
+        for i, im in enumerate(images):
+            image_id = int(im["id"])
+            if image_id in self._images:  # two files under one id would share (merge) their boxes
+                raise DataError(f"{self.ann_file}: images[{i}] (file_name {im['file_name']!r}) repeats image id "
+                                f"{image_id} of images[{first_index[image_id]}]; image ids must be unique")
+            self._images[image_id] = im
+            first_index[image_id] = i
         self._anns: dict[int, list[dict]] = {i: [] for i in self._images}
         for i, ann in enumerate(anns):
             if ann["image_id"] not in self._anns:
@@ -162,6 +200,10 @@ class CocoDetection(Dataset):
             numeric = isinstance(bbox, list) and all(isinstance(v, (int, float)) for v in bbox)
             if not (numeric and len(bbox) == 4):
                 raise DataError(f"{self.ann_file}: annotations[{i}] bbox must be [x, y, w, h], got {bbox!r}")
+            if bbox[2] < 0 or bbox[3] < 0:  # not a degenerate box but a wrong one: never silently dropped
+                raise DataError(f"{self.ann_file}: annotations[{i}] (id {ann['id']}, image_id {ann['image_id']}) "
+                                f"has a negative width or height in bbox {bbox!r}; expected [x, y, w, h] "
+                                "with w, h >= 0")
             if masks and self._usable(ann) and not ann.get("segmentation"):
                 raise DataError(f"{self.ann_file}: annotations[{i}] has no 'segmentation' (needed for masks)")
             self._anns[ann["image_id"]].append(ann)

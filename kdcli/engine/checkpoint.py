@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, load_file, save
 from torch import Tensor, nn
 
 from ..errors import TrainingError
@@ -83,8 +83,22 @@ def _flat(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    flat = _flat(tensors)
-    _atomic(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+    data = canonical_safetensors(save(_flat(tensors), metadata=metadata))
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its metadata keys sorted: the library writes them in hash-map
+    order, which changes from one process to the next, so equal weights would give different bytes.
+    Tensor entries and data are left as written (their order is already deterministic)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes with trailing spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 def load_tensors(path: Path) -> dict[str, Tensor]:
@@ -142,8 +156,12 @@ class Loaded:
     skipped: list[str]  # one line per damaged or mismatched file passed over
 
 
-def save_checkpoint(weights_dir: Path, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
-    """Write ``tensors`` + ``state`` as the newest checkpoint, keeping the previous one (see module doc)."""
+def save_checkpoint(weights_dir: Path, tensors: dict[str, Tensor], state: dict[str, Any], rotate: bool = True) -> None:
+    """Write ``tensors`` + ``state`` as the newest checkpoint, keeping the previous one (see module doc).
+
+    ``rotate=False``: the current ``last`` pair is known to be damaged (the run resumed from ``prev``);
+    it is overwritten instead of becoming ``prev``, so the intact ``prev`` stays the fallback and the
+    folder again holds two intact checkpoints."""
     for stale in weights_dir.glob(".last*"):  # temporaries of a write that was killed (one writer: rank 0)
         stale.unlink(missing_ok=True)
     data = save(_flat(tensors), metadata={"format": "pt"})
@@ -158,7 +176,7 @@ def save_checkpoint(weights_dir: Path, tensors: dict[str, Tensor], state: dict[s
     # order matters: at every point at least one state has its matching tensor file
     for name in ("_state.pt", ".safetensors"):
         last = weights_dir / f"last{name}"
-        if last.exists():
+        if rotate and last.exists():
             os.replace(last, weights_dir / f"prev{name}")
     os.replace(t_tmp, weights_dir / "last.safetensors")
     os.replace(s_tmp, weights_dir / "last_state.pt")

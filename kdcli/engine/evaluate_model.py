@@ -1,12 +1,13 @@
 """Run a model over a validation loader and score it: COCO box (and mask) AP, or mIoU.
 
-Detection follows torchvision's reference evaluation: the detector resizes each image itself and
-maps boxes (and pasted masks) back to the original image; results go to faster-coco-eval against
-the annotation file. Segmentation follows mmseg/torchvision: one confusion matrix over the whole
-split, at each label's full resolution. Logits are computed on the evaluation-size input, either
-in one pass over the whole image (``slide=None``) or averaged over overlapping windows
-(``slide=((crop_h, crop_w), (stride_h, stride_w))``, mmseg's ``mode='slide'``), then bilinearly
-upsampled to the label's size before the argmax.
+Detection follows torchvision's reference evaluation: the detector resizes each image itself, one
+image per forward (no image is padded to another's size, so the score does not depend on the batch
+size or the number of processes), and maps boxes (and pasted masks) back to the original image;
+results go to faster-coco-eval against the annotation file. Segmentation follows mmseg/torchvision:
+one confusion matrix over the whole split, at each label's full resolution. Logits are computed on
+the evaluation-size input, either in one pass over the whole image (``slide=None``) or averaged over
+overlapping windows (``slide=((crop_h, crop_w), (stride_h, stride_w))``, mmseg's ``mode='slide'``),
+then bilinearly upsampled to the label's size before the argmax.
 """
 
 from __future__ import annotations
@@ -56,11 +57,17 @@ def _detection(model: TapModel, loader: Any, dataset: Any, device: torch.device,
     ids: list[int] = []
     with_masks = False
     for images, targets in loader:
-        batch = model.preprocess([im.to(device, non_blocking=True) for im in images])
-        with autocast_ctx(device, amp):
-            out = model(batch, losses=False, predict=True)
-        dets = [{k: v.float() if v.is_floating_point() else v for k, v in d.items()}
-                for d in out.extras["detections"]]
+        # one image per forward: a batch pads every image to the largest one, and the padding changes the
+        # features near the borders, so the score would depend on --batch-size and on how images fall into
+        # batches (and ranks); alone, each image is padded only to its own size divisor (torchvision's
+        # reference evaluation also runs one image at a time)
+        dets = []
+        for im in images:
+            batch = model.preprocess([im.to(device, non_blocking=True)])
+            with autocast_ctx(device, amp):
+                out = model(batch, losses=False, predict=True)
+            dets += [{k: v.float() if v.is_floating_point() else v for k, v in d.items()}
+                     for d in out.extras["detections"]]
         with_masks = with_masks or any("masks" in d for d in dets)
         image_ids = [int(t["image_id"]) for t in targets]
         ids.extend(image_ids)

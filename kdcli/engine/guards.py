@@ -29,7 +29,7 @@ resolves to the wrong tensor, an empty mask, ``--set weight=0``) still stops the
 
 :class:`GracefulStop` turns SIGINT/SIGTERM into a flag the training loop reads at each step
 boundary: it saves a checkpoint there and raises :class:`Interrupted`. A second SIGINT interrupts
-at once (``KeyboardInterrupt``).
+at once (:class:`~kdcli.errors.UserInterrupt`, exit 130).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import TrainingError
+from ..errors import TrainingError, UserInterrupt
 
 GRAD_CHECK_STEPS = 20  # non-zero steps without gradient before a (method, tap) group stops the run
 
@@ -82,6 +82,7 @@ class LossGuard:
         self.grad_misses: dict[str, int] = {}  # group -> non-zero steps without gradient so far
         self._pending: list[str] = []  # groups found without gradient at this step (before reduction)
         self._n_groups: int | None = None  # distillation groups, known after the first step
+        self.saved = False  # whether the run has a checkpoint to fall back on (set by the training loop)
 
     # -- grouping ---------------------------------------------------------------------------------
     def group(self, key: str) -> str:
@@ -149,7 +150,9 @@ class LossGuard:
         for k, v in values.items():
             if not math.isfinite(v):
                 where = f"{self.describe(self.group(k))} (term '{k}')" if is_distill_term(k) else f"task loss '{k}'"
-                raise TrainingError(f"non-finite loss in {where} ({v}); the last good checkpoint is kept. "
+                kept = "the last good checkpoint is kept" if self.saved else \
+                    "no checkpoint was written yet (the run stopped before its first one)"
+                raise TrainingError(f"non-finite loss in {where} ({v}); {kept}. "
                                     "Lower --lr or the method's weight (--set weight=...)")
         for g in dict.fromkeys(self.group(k) for k in no_grad or []):
             raise TrainingError(
@@ -187,7 +190,7 @@ class GracefulStop:
     """Context manager: SIGINT/SIGTERM set :attr:`requested` (the loop stops at the next step boundary).
 
     Handlers are installed only in the main thread (Python's rule) and restored on exit. A second
-    SIGINT raises ``KeyboardInterrupt`` immediately.
+    SIGINT raises :class:`~kdcli.errors.UserInterrupt` immediately.
     """
 
     def __init__(self) -> None:
@@ -196,7 +199,8 @@ class GracefulStop:
 
     def _handler(self, signum: int, _frame: FrameType | None) -> None:
         if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise UserInterrupt("interrupted by a second Ctrl-C: stopped at once, without a new checkpoint "
+                                "(the run folder keeps its last one)")
         self.requested = signal.Signals(signum).name
 
     def __enter__(self) -> GracefulStop:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import math
 import os
 import random
@@ -183,10 +184,7 @@ def _resolve_student_spec(cfg: RunConfig, classes: list[str]) -> tuple[ModelSpec
         weights == "zoo" and spec.weights_kind == "backbone")
     if len(spec.classes) != len(classes) or spec.classes != classes:
         if head_fixed:
-            raise KdcliError(
-                f"--model {cfg.model}: its weights have {len(spec.classes)} classes but --data {cfg.data} has "
-                f"{len(classes)} ({', '.join(classes[:5])}...); train it from scratch or use matching data"
-            )
+            raise KdcliError(class_mismatch(cfg, spec.classes, classes))
         spec = spec.with_classes(classes)
     if cfg.image_size:
         pp = dict(spec.preprocess)
@@ -198,6 +196,22 @@ def _resolve_student_spec(cfg: RunConfig, classes: list[str]) -> tuple[ModelSpec
 
         spec = replace(spec, preprocess=pp)
     return spec, weights
+
+
+def class_mismatch(cfg: RunConfig, model_classes: list[str], data_classes: list[str]) -> str:
+    """Why weights whose classifier was trained on ``model_classes`` (the class list of the model's
+    spec, which the weights' head follows) cannot train on ``data_classes``: the counts, or the first
+    position where the names differ when the counts are equal."""
+    src = f"--student-weights {cfg.student_weights}" if cfg.student_weights else "its weights"
+    n, m = len(model_classes), len(data_classes)
+    if n != m:
+        what = f"{n} classes but --data {cfg.data} has {m}"
+    else:
+        i = next(k for k, (a, b) in enumerate(zip(model_classes, data_classes, strict=True)) if a != b)
+        what = (f"{n} classes, as --data {cfg.data} has, but other ones: class {i} is "
+                f"'{model_classes[i]}' in the model and '{data_classes[i]}' in the data")
+    return (f"--model {cfg.model} with {src}: the classifier predicts {what}; "
+            "train it from scratch (no --student-weights, or --student-weights backbone) or use matching data")
 
 
 def image_size_of(spec: ModelSpec) -> int:
@@ -284,11 +298,44 @@ def degenerate_terms(method: nn.Module | None, maps: dict[str, tuple[int, int]])
     return out
 
 
+def run_folder(cfg: RunConfig) -> Path:
+    """The run folder: ``--out``, else ``runs/<method>-<model>``."""
+    return Path(cfg.out or f"runs/{cfg.method + '-' if cfg.method else ''}{Path(cfg.model).name}")
+
+
+def existing_run(folder: Path) -> str | None:
+    """What in ``folder`` shows that a run already lives there (None: free for a fresh start): its
+    config.json, a checkpoint of any kind, or results.csv. A run that died before its first checkpoint
+    still left config.json, and a fresh start over it would let ``--resume`` mix two runs."""
+    marks = ["config.json", "results.csv", *(f"weights/{s}{x}" for s in (*ckpt.SLOTS, "best")
+                                            for x in (".safetensors", "_state.pt"))]
+    found = [m for m in marks if (folder / m).exists()]
+    return ", ".join(found) if found else None
+
+
+def check_writable(folder: Path) -> None:
+    """``--out`` can be written (its nearest existing folder takes a new file), checked before the
+    data and the models are loaded so that a read-only place fails in a second, not after the setup."""
+    import tempfile
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--out {folder}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".kdcli-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--out {folder}: cannot write in {probe} ({err.strerror or err})") from None
+
+
 def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str | None = None) -> Run:
     from ..data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
     from ..methods import build as build_method
 
     _check_speed_options(cfg)
+    check_writable(run_folder(cfg))
     dist = ddp.init(cfg.device)
     device = dist.device
     if not dist.is_main:
@@ -319,6 +366,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
                        fixed_head=s_weights not in (None, "backbone"))
     train_ds = build_dataset(cfg.data, task, "train", size, train=True, hints=hints)
     val_ds = build_dataset(cfg.data, task, "val", size, train=False, hints=hints)
+    totals = {"train": len(train_ds), "val": len(val_ds)}  # the split sizes, before --max-*-images
     if cfg.max_train_images:
         train_ds = subset(train_ds, cfg.max_train_images)
     if cfg.max_val_images:
@@ -383,9 +431,12 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     val_sampler = ddp.ShardSampler(len(val_ds), dist.rank, dist.world) if dist.enabled else None
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, sampler=val_sampler,
                                              generator=torch.Generator().manual_seed(cfg.seed), **common)
-    folder = Path(cfg.out or f"runs/{cfg.method + '-' if cfg.method else ''}{Path(cfg.model).name}")
+    folder = run_folder(cfg)
     run = Run(cfg, task, folder, student, teacher, method, train_loader, val_loader, val_ds, device, log,
               dist=dist, sampler=sampler, command=command if command in COMMANDS else started_by(cfg))
+    # images used of each split (a card must not present a subset's score as the split's)
+    run.meta["images"] = {"train": {"used": len(train_ds), "total": totals["train"]},
+                          "val": {"used": len(val_ds), "total": totals["val"]}}
     if method is not None:
         # terms that are 0 by construction at this input size: said once here, not counted by the zero guard
         maps = largest_maps(student, teacher.tap_info if teacher is not None else student.tap_info)
@@ -554,6 +605,7 @@ class _Training:
         run.guard = self.guard
         self.generators = ckpt.module_generators(run.method)
         self.st = LoopState()
+        self.last_intact = True  # False after resuming from prev: the damaged last pair must not become prev
 
     # -- checkpoint ---------------------------------------------------------------------------------
     def tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -577,14 +629,17 @@ class _Training:
         if run.dist.enabled:
             self._check_ranks_agree(tensors)
         if not run.dist.is_main:
+            self.guard.saved = True
             return
+        rotate, self.last_intact = self.last_intact, True
         ckpt.save_checkpoint(run.folder / "weights", tensors, {
             "epoch": st.epoch, "pos": st.pos, "step": st.step, "best": st.best, "sums": dict(st.sums), "n": st.n,
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": rngs, "guard": self.guard.state_dict(), "method_extra": extra, "mask_stats": mask_stats_state(run),
             "world": run.dist.world, "batch_size": run.cfg.batch_size, "accumulate": run.cfg.accumulate,
-        })
+        }, rotate=rotate)
+        self.guard.saved = True  # only once written: a failed first write has nothing to fall back on
 
     def _check_ranks_agree(self, tensors: dict[str, Tensor]) -> None:
         import hashlib
@@ -603,6 +658,7 @@ class _Training:
         loaded = ckpt.load_checkpoint(run.folder / "weights")
         for line in loaded.skipped:
             run.log(f"resume: skipped {line}")
+        self.last_intact = loaded.slot == "last"
         state, tensors = loaded.state, loaded.tensors
         run.student.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         if run.method is not None:
@@ -614,6 +670,7 @@ class _Training:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.guard.load_state_dict(state.get("guard", {}))
+        self.guard.saved = True
         restore_mask_stats(run, state.get("mask_stats"))
         st = LoopState(int(state["epoch"]), int(state.get("pos", 0)), int(state.get("step", 0)),
                        float(state["best"]), dict(state.get("sums", {})), int(state.get("n", 0)))
@@ -684,7 +741,35 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
     ``stop_after`` ends the session after that many epochs of the schedule (the run stays
     resumable); used to split a run across sessions and by the resume test."""
     with GracefulStop() as stop:  # from here on a signal stops at the next step boundary, with a checkpoint
-        return _fit(run, resume, progress, stop_after, stop)
+        try:
+            return _fit(run, resume, progress, stop_after, stop)
+        except (OSError, RuntimeError) as err:
+            reason = write_failure(err, run.folder)
+            if reason is None:
+                raise
+            kept = "the last complete checkpoint in weights/ is kept" if run.guard is not None and run.guard.saved \
+                else "no checkpoint had been written yet"
+            raise TrainingError(f"--out {run.folder}: cannot write ({reason}); {kept}") from None
+
+
+# errno values that mean the run folder cannot take more bytes, whatever file was being written
+_NO_SPACE = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+
+
+def write_failure(err: BaseException, folder: Path) -> str | None:
+    """One line for an error that is the run folder refusing a write (full disk, read-only, quota,
+    permissions), else None. ``torch.save`` reports a failed write as a RuntimeError of its zip writer."""
+    if isinstance(err, OSError):
+        where = str(getattr(err, "filename", "") or "")
+        ours = where.startswith(str(folder)) or not where
+        if err.errno in _NO_SPACE or (err.errno in (errno.EACCES, errno.EPERM) and ours):
+            return f"{err.strerror or os.strerror(err.errno or 0)}" + (" - disk full?" if err.errno == errno.ENOSPC
+                                                                      else "")
+        return None
+    text = str(err)
+    if "PytorchStreamWriter" in text or "inline_container" in text or "file write failed" in text:
+        return "the checkpoint writer failed (disk full or read-only?)"
+    return None
 
 
 def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: GracefulStop) -> dict[str, Any]:
@@ -700,9 +785,9 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
         if dist.is_main:
             _truncate_csv(folder / "results.csv", tr.st.epoch)
     else:
-        taken = ddp.broadcast_object((folder / "results.csv").exists(), dist)  # rank 0's file system decides
+        taken = ddp.broadcast_object(existing_run(folder), dist)  # rank 0's file system decides
         if taken:
-            raise ConfigError(f"--out {folder}: already holds a run; continue it with {_resume_hint(run)} "
+            raise ConfigError(f"--out {folder}: already holds a run ({taken}); continue it with {_resume_hint(run)} "
                               "or choose another --out")
         if dist.is_main:
             folder.mkdir(parents=True, exist_ok=True)
