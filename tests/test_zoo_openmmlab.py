@@ -299,7 +299,8 @@ def test_coco_subset_takes_the_teachers_category_slots(tmp_path: Path) -> None:
         root = tmp_path / str(len(list(tmp_path.iterdir())))
         (root / "annotations").mkdir(parents=True)
         (root / "val2017").mkdir()
-        doc = {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for i, n in cats]}
+        images = [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}]  # an empty list is refused
+        doc = {"images": images, "annotations": [], "categories": [{"id": i, "name": n} for i, n in cats]}
         (root / "annotations" / "instances_val2017.json").write_text(json.dumps(doc))
         return CocoDetection(root, "val", label_hint=coco, hint_subsets=fixed)
 
@@ -409,7 +410,7 @@ def build_model_of(name: str):
 
 
 def test_user_zoo_file_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KDCLI_ZOO", raising=False)
+    monkeypatch.setenv("KDCLI_ZOO", "")  # `--zoo` writes the variable: setenv records it for the teardown
     mine = tmp_path / "mine.toml"
     mine.write_text('[my-r18-retina]\narchitecture = "retinanet"\nbackbone = "torchvision:resnet18"\n'
                     'classes = ["cat", "dog"]\npreprocess = { min_size = 320, max_size = 320, mean = [0.5, 0.5, 0.5], '
