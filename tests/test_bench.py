@@ -335,3 +335,12 @@ def test_speed_non_square_detector_input(tmp_path: Path):
     assert "| pair | input | device | precision | method |" in text
     assert "| shapes-r18-fcos → shapes-r18-fcos | 64x96 | cpu | float32 | mgd |" in text
     assert "--size 64x96" in text
+
+
+def test_speed_refuses_a_batch_the_floor_cannot_train(tmp_path: Path):
+    # DeepLabV3's image-pooling BatchNorm needs two images in training: one clear error, nothing written
+    opts = SpeedOptions(teacher="shapes-r18-deeplabv3", student="shapes-r18-deeplabv3", size=64, batch=1, steps=1,
+                        methods="kd", device="cpu", memory=False, out=tmp_path, amp="none")
+    with pytest.raises(ConfigError, match="--batch 1 --size 64x64: the plain step of shapes-r18-deeplabv3 fails"):
+        run_speed(opts, log=lambda s: None)
+    assert not any(tmp_path.iterdir())

@@ -313,6 +313,11 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
         if shape != f"{hw[0]}x{hw[1]}":
             log(f"[{dev.type}] input {shape}: --size {hw[0]}x{hw[1]} padded by the model's transform")
         floor = Stepper(student, teacher, None, batch, opts.amp, opts.clock)
+        try:  # e.g. DeepLabV3's image-pooling BatchNorm cannot train on one image
+            floor()
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(f"--batch {opts.batch} --size {size_text(opts.size)}: the plain step of "
+                              f"{opts.student} fails ({str(err).splitlines()[0]})") from None
         floor_mem = step_memory(opts, None, dev, (student, teacher)) if opts.memory else math.nan
         log(f"[{dev.type}] floor step memory {floor_mem:.0f} MB; timing {len(names)} methods")
         for name in names:
