@@ -22,7 +22,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--teacher", default="shapes-r34-fcos")
     ap.add_argument("--student", default="shapes-r18-fcos")
-    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--size", default="128", help="H (square) or HxW, e.g. 800x1333")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=15, help="timed floor/method pairs")
     ap.add_argument("--amp", default="auto", choices=["none", "bf16", "auto"])

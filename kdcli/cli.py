@@ -547,7 +547,8 @@ def bench_quality(
 @bench_app.command("speed")
 def bench_speed(
     teacher: str = _O("shapes-r34-fcos", "--teacher", "-t"), student: str = _O("shapes-r18-fcos", "--student", "-s"),
-    size: int = _O(128, help="square input side"), batch: int = _O(8), steps: int = _O(10, help="timed pairs"),
+    size: str = _O("128", help="input size: H (square) or HxW, e.g. 800x1333"),
+    batch: int = _O(8), steps: int = _O(10, help="timed pairs"),
     amp: str = _O("auto", help="none | bf16 | auto (bf16 where the hardware has native bf16)"),
     methods: str = _O("all"),
     device: str = _O("all", help="all (CPU, and CUDA when available) | cpu | cuda"),

@@ -267,7 +267,8 @@ def test_speed_tiny(tmp_path: Path):
     # tensor memory is deterministic: KD keeps everything the floor does, plus the teacher's logits
     assert row["floor_mem_mb"] > 1 and row["method_mem_mb"] >= row["floor_mem_mb"] - 0.01
     text = (tmp_path / "speed.md").read_text()
-    assert "| cpu | kd | none |" in text or "| cpu | kd | bf16 |" in text  # the precision auto chose
+    # the pair, the input size, the device and the precision amp "none" means
+    assert "| shapes-mbv3-lraspp → shapes-mbv3-lraspp | 64x64 | cpu | float32 | kd |" in text
     header = (tmp_path / "speed.csv").read_text().splitlines()[0]
     assert header.startswith("device,method,amp,floor_s,method_s,ratio,q25,q75")
 
@@ -285,3 +286,61 @@ def test_bench_cli_refuses_bad_options_before_any_run(tmp_path: Path):
     r = runner.invoke(app, ["bench", "quality", "--pairs", "yolo", "--out", str(tmp_path)])
     assert r.exit_code != 0 and "--pairs yolo" in str(r.exception)
     assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_speed_size_parsing():
+    from kdcli.bench.speed import parse_size
+
+    assert parse_size(128) == (128, 128) and parse_size("96") == (96, 96)
+    assert parse_size("800x1333") == (800, 1333) and parse_size("512X1024") == (512, 1024)
+    assert parse_size((64, 96)) == (64, 96)
+    for bad in ("800x", "x", "8x1333", "800x1333x3", "big", "0"):
+        with pytest.raises(ConfigError, match="--size"):
+            parse_size(bad)
+
+
+def test_speed_cli_refuses_a_bad_size(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from kdcli.cli import app
+
+    r = CliRunner().invoke(app, ["bench", "speed", "--size", "800by1333", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "--size 800by1333" in str(r.exception)
+    assert not any(tmp_path.iterdir())
+
+
+def test_speed_noise_warning():
+    from kdcli.bench.speed import noise_warning
+
+    row = {"method": "acam", "device": "cpu"}
+    # 3 noisy pairs: x0.57 with quartiles 0.40–1.30: the spread (0.90) is wider than the gap (0.43)
+    assert "wider than the gap 0.43" in noise_warning({**row, "ratio": 0.57, "q25": 0.40, "q75": 1.30})
+    # a steady x1.91: no warning
+    assert noise_warning({**row, "ratio": 1.91, "q25": 1.85, "q75": 1.97}) is None
+    # tight but under the floor: a method step contains the floor's work
+    assert "below the floor" in noise_warning({**row, "ratio": 0.90, "q25": 0.89, "q75": 0.91})
+    # a 3 % gap with a 10 % spread: noise
+    assert noise_warning({**row, "ratio": 1.03, "q25": 0.98, "q75": 1.08}) is not None
+
+
+def test_speed_non_square_detector_input(tmp_path: Path):
+    # the shapes detectors resize every input to 128 px (zoo min_size/max_size): the bench must run at --size
+    logs: list[str] = []
+    opts = SpeedOptions(teacher="shapes-r18-fcos", student="shapes-r18-fcos", size="64x96", batch=1, steps=1,
+                        methods="mgd", device="cpu", memory=False, out=tmp_path, amp="none")
+    (row,) = run_speed(opts, log=logs.append).rows
+    assert row["status"] == "ok" and row["size"] == "64x96"
+    assert (row["teacher"], row["student"]) == ("shapes-r18-fcos", "shapes-r18-fcos")
+    text = (tmp_path / "speed.md").read_text()
+    assert "| pair | input | device | precision | method |" in text
+    assert "| shapes-r18-fcos → shapes-r18-fcos | 64x96 | cpu | float32 | mgd |" in text
+    assert "--size 64x96" in text
+
+
+def test_speed_refuses_a_batch_the_floor_cannot_train(tmp_path: Path):
+    # DeepLabV3's image-pooling BatchNorm needs two images in training: one clear error, nothing written
+    opts = SpeedOptions(teacher="shapes-r18-deeplabv3", student="shapes-r18-deeplabv3", size=64, batch=1, steps=1,
+                        methods="kd", device="cpu", memory=False, out=tmp_path, amp="none")
+    with pytest.raises(ConfigError, match="--batch 1 --size 64x64: the plain step of shapes-r18-deeplabv3 fails"):
+        run_speed(opts, log=lambda s: None)
+    assert not any(tmp_path.iterdir())

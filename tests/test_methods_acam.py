@@ -407,3 +407,34 @@ def test_segmentation_compares_logits_without_align_when_classes_match() -> None
 def test_bad_options_raise_config_error(overrides: dict) -> None:
     with pytest.raises(ConfigError):
         methods.build("acam", infos(seg_logits=4), infos(seg_logits=6), "segmentation", overrides)
+
+
+def test_attention_precision_amp_runs_the_attention_in_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default: under bf16 autocast the attention stays float32 and the loss equals the autocast-free one
+    bit for bit. ``attention_precision=amp``: SDPA gets bf16 Q, K, V, and the loss moves only by bf16
+    round-off (and is the float32 loss exactly without autocast)."""
+    seen: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q: Tensor, *args: object, **kwargs: object) -> Tensor:
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    fs, ft = (x.float() for x in feats((2, 16, 6, 8), (2, 16, 6, 8), 21))
+    values = {}
+    for prec in ("float32", "amp"):
+        m = make("detection", infos(p3=16), infos(p3=16), taps="p3", attention_precision=prec)
+        randomise(m, 22, std=0.3)
+        plain = sum(m(out(p3=fs), out(p3=ft)).values())
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            values[prec] = sum(m(out(p3=fs), out(p3=ft)).values())
+        assert seen == [torch.float32 if prec == "float32" else torch.bfloat16]
+        values[prec, "plain"] = plain
+    assert values["float32"].item() == values["float32", "plain"].item()
+    assert values["amp", "plain"].item() == values["float32", "plain"].item()  # same parameters, no autocast
+    assert values["amp"].item() != values["float32"].item()
+    assert values["amp"].item() == pytest.approx(values["float32"].item(), rel=2e-2)
+    with pytest.raises(ConfigError, match="attention_precision"):
+        make("detection", infos(p3=16), infos(p3=16), taps="p3", attention_precision="fp8")

@@ -17,8 +17,13 @@ its own forward, its learnable parts and their backward. Per method:
   (``profile_memory=True``) are summed in time order (:func:`kdcli.bench._proc.tensor_peak_mb`): tensor
   memory only, like CUDA's figure.
 
-Models are built untrained (speed does not depend on the weights) and fed one random batch (one box per
-image, or an all-background mask). Self-KD methods (no teacher model) and teacher-training objectives are
+Models are built untrained (speed does not depend on the weights: no download) and fed one random batch
+(one box per image, or an all-background mask) of ``--size`` (``H`` or ``HxW``, e.g. ``800x1333``): a
+detector's resize is set to that size (its zoo ``min_size``/``max_size`` would otherwise resize every input
+to 800 px), then its transform pads to a multiple of 32 as in training; the table gives the input the
+models saw. Noise: when the q25–q75 spread of the pair ratios is wider than the gap it measures
+(|ratio − 1|), or the ratio is below the floor (a method step does strictly more work), the row is flagged
+and a warning says to take more steps. Self-KD methods (no teacher model) and teacher-training objectives are
 not timed. Devices: ``--device all`` (default) times the CPU and, when available, CUDA.
 """
 
@@ -40,7 +45,7 @@ from ..errors import ConfigError
 class SpeedOptions:
     teacher: str = "shapes-r34-fcos"
     student: str = "shapes-r18-fcos"
-    size: int = 128
+    size: int | str | tuple[int, int] = 128  # H (square) or "HxW" / (H, W): parse_size
     batch: int = 8
     steps: int = 10
     amp: str = "auto"  # bf16 where the hardware has native bf16 (engine/amp.py)
@@ -61,18 +66,49 @@ class SpeedResult:
     files: list[Path] = field(default_factory=list)
 
 
-def make_batch(student: Any, n: int, size: int, device: Any) -> Any:
-    """A preprocessed random batch: one box per image (detection) or an all-background mask."""
+def parse_size(size: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``--size``: ``800`` → (800, 800); ``800x1333`` (or ``800X1333``, ``800,1333``) → (800, 1333)."""
+    if isinstance(size, (tuple, list)):
+        parts = [str(v) for v in size]
+    else:
+        parts = str(size).strip().lower().replace(",", "x").split("x")
+    try:
+        hw = [int(v) for v in parts]
+    except ValueError:
+        hw = []
+    if len(hw) == 1:
+        hw = hw * 2
+    if len(hw) != 2 or min(hw) < 32:
+        raise ConfigError(f"--size {size}: expected a side or HxW (e.g. 800x1333), each >= 32")
+    return hw[0], hw[1]
+
+
+def size_text(size: int | str | tuple[int, int]) -> str:
+    h, w = parse_size(size)
+    return f"{h}x{w}"
+
+
+def fixed_size_spec(spec: Any, size: tuple[int, int]) -> Any:
+    """The spec with a detector's resize set to ``size`` (H, W): the transform's scale is then exactly 1."""
+    if spec.task != "detection":  # segmentation models take the input as it is
+        return spec
+    pp = {**spec.preprocess, "min_size": min(size), "max_size": max(size)}
+    return replace(spec, preprocess=pp)
+
+
+def make_batch(student: Any, n: int, size: int | str | tuple[int, int], device: Any) -> Any:
+    """A preprocessed random batch of H×W images: one box per image (detection) or an all-background mask."""
     import torch
 
+    h, w = parse_size(size)
     g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, size, size, generator=g) for _ in range(n)]
+    images = [torch.rand(3, h, w, generator=g) for _ in range(n)]
     if student.task == "detection":
-        targets = [{"boxes": torch.tensor([[8.0, 8.0, size / 2, size / 2]]), "labels": torch.tensor([1])}
+        targets = [{"boxes": torch.tensor([[8.0, 8.0, w / 2, h / 2]]), "labels": torch.tensor([1])}
                    for _ in range(n)]
         batch = student.preprocess(images, targets)
     else:
-        batch = student.preprocess(torch.stack(images), torch.zeros(n, size, size, dtype=torch.long))
+        batch = student.preprocess(torch.stack(images), torch.zeros(n, h, w, dtype=torch.long))
     return batch.to(device)
 
 
@@ -131,6 +167,24 @@ def interleaved(floor: Stepper, step: Stepper, pairs: int) -> dict[str, float]:
             "ratio": statistics.median(tm) / statistics.median(tf), "q25": q[0], "q75": q[2]}
 
 
+BELOW_FLOOR = 0.95  # a method step does the floor's work and more: a ratio under this is noise
+
+
+def noise_warning(row: dict[str, Any]) -> str | None:
+    """Why a row's ratio cannot be trusted, or None: its q25–q75 spread is wider than the gap it measures
+    (|ratio − 1|), or the ratio is clearly below the floor."""
+    ratio, q25, q75 = row["ratio"], row["q25"], row["q75"]
+    spread, gap = q75 - q25, abs(ratio - 1.0)
+    if spread > gap:
+        why = f"pair ratios q25–q75 {q25:.2f}–{q75:.2f} (spread {spread:.2f}) are wider than the gap {gap:.2f}"
+    elif ratio < BELOW_FLOOR:
+        why = f"x{ratio:.2f} is below the floor, which every method step contains"
+    else:
+        return None
+    return (f"{row['method']} on {row['device']}: {why}; the ratio is noise at this step count "
+            "(more --steps; on CPU --clock cpu --threads 1)")
+
+
 def speed_methods(task: str, methods: str = "all") -> list[str]:
     """Methods timed for ``task``: those that distil from a teacher model (module docstring)."""
     from ..methods import available, get
@@ -157,6 +211,8 @@ def build_models(opts: SpeedOptions, device: Any) -> tuple[Any, Any]:
     s_spec, t_spec = resolve_ref(opts.student).spec, resolve_ref(opts.teacher).spec
     if s_spec.task != t_spec.task:
         raise ConfigError(f"--teacher {opts.teacher} and --student {opts.student}: different tasks")
+    hw = parse_size(opts.size)  # random weights, and the input at the size asked for (module docstring)
+    s_spec, t_spec = fixed_size_spec(s_spec, hw), fixed_size_spec(t_spec, hw)
     student = build_model(s_spec).to(device).train()
     teacher = build_model(t_spec).to(device).eval().requires_grad_(False)
     return student, teacher
@@ -233,8 +289,9 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     from ..engine.amp import flush_denormals, resolve_amp
     from ..methods import build
 
-    if opts.steps < 1 or opts.batch < 1 or opts.size < 32:
-        raise ConfigError("--steps and --batch must be >= 1 and --size >= 32")
+    hw = parse_size(opts.size)
+    if opts.steps < 1 or opts.batch < 1:
+        raise ConfigError("--steps and --batch must be >= 1")
     if opts.amp not in ("none", "bf16", "auto") or opts.clock not in ("wall", "cpu"):
         raise ConfigError(f"--amp {opts.amp} / --clock {opts.clock}: expected none|bf16|auto and wall|cpu")
     if opts.threads > 0:
@@ -252,11 +309,20 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
         names = speed_methods(student.task, opts.methods)
         per = method_overrides(names, opts.sets)
         batch = make_batch(student, opts.batch, opts.size, dev)
+        shape = f"{batch.images.shape[-2]}x{batch.images.shape[-1]}"
+        if shape != f"{hw[0]}x{hw[1]}":
+            log(f"[{dev.type}] input {shape}: --size {hw[0]}x{hw[1]} padded by the model's transform")
         floor = Stepper(student, teacher, None, batch, opts.amp, opts.clock)
+        try:  # e.g. DeepLabV3's image-pooling BatchNorm cannot train on one image
+            floor()
+        except (RuntimeError, ValueError) as err:
+            raise ConfigError(f"--batch {opts.batch} --size {size_text(opts.size)}: the plain step of "
+                              f"{opts.student} fails ({str(err).splitlines()[0]})") from None
         floor_mem = step_memory(opts, None, dev, (student, teacher)) if opts.memory else math.nan
         log(f"[{dev.type}] floor step memory {floor_mem:.0f} MB; timing {len(names)} methods")
         for name in names:
-            row: dict[str, Any] = {"device": dev.type, "method": name, "amp": opts.amp}
+            row: dict[str, Any] = {"device": dev.type, "method": name, "amp": opts.amp,
+                                   "teacher": opts.teacher, "student": opts.student, "size": shape}
             try:
                 method = build(name, student.tap_info, teacher.tap_info, student.task, per[name]).to(dev)
                 row.update(interleaved(floor, Stepper(student, teacher, method, batch, opts.amp, opts.clock),
@@ -266,6 +332,10 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
                     row.update(floor_mem_mb=floor_mem, method_mem_mb=mem,
                                mem_ratio=mem / floor_mem if floor_mem > 0 else math.nan)
                 row["status"] = "ok"
+                warning = noise_warning(row)
+                row["noisy"] = warning is not None
+                if warning:
+                    log(f"warning: {warning}")
             except Exception as err:  # noqa: BLE001 - report the method, time the others
                 row["status"] = f"failed: {type(err).__name__}: {err}"
             res.rows.append(row)
@@ -277,8 +347,14 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     return res
 
 
+# the first twelve as in earlier versions (results stay comparable); the pair and the input size after them
 COLUMNS = ["device", "method", "amp", "floor_s", "method_s", "ratio", "q25", "q75", "floor_mem_mb", "method_mem_mb",
-           "mem_ratio", "status"]
+           "mem_ratio", "status", "teacher", "student", "size", "noisy"]
+
+
+def precision(amp: str) -> str:
+    return "bf16 autocast" if amp == "bf16" else "float32"
+
 
 
 def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
@@ -291,21 +367,31 @@ def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
         lines += ["```", opts.command, "```", ""]
     lines += [f"- versions: kdcli {v['kdcli']}, torch {v['torch']}, torchvision {v['torchvision']}",
               f"- machine: {machine()}",
-              f"- {opts.teacher} → {opts.student}, batch {opts.batch} at {opts.size} px, "
-              f"amp {opts.amp} (per device: the table), {opts.steps} interleaved pairs, clock {opts.clock}, "
+              f"- pair {opts.teacher} → {opts.student} (random weights), batch {opts.batch}, --size "
+              f"{size_text(opts.size)} (input after the model's padding: the table), amp {opts.amp} "
+              f"(precision per device: the table), {opts.steps} interleaved pairs, clock {opts.clock}, "
               f"threads {opts.threads or 'default'}",
               "- floor = teacher inference + plain student step; ratio = median(method) / median(floor); "
               "memory = tensor memory of the steps above what was held before them (CPU: torch.profiler "
               "memory events; CUDA: max allocated)", "",
-              "| device | method | amp | floor s | method s | time × floor | pair ratios q25–q75 | memory × floor |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+              "| pair | input | device | precision | method | floor s | method s | time × floor "
+              "| pair ratios q25–q75 | memory × floor |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    pair = f"{opts.teacher} → {opts.student}"
+    noisy = False
     for r in rows:
+        head = f"| {pair} | {r.get('size', '')} | {r['device']} | {precision(r.get('amp', ''))} | {r['method']} |"
         if r.get("status") != "ok":
-            lines.append(f"| {r['device']} | {r['method']} | {r.get('amp', '')} | | | {r.get('status')} | | |")
+            lines.append(f"{head} | | {r.get('status')} | | |")
             continue
         mem = f"{r['mem_ratio']:.2f}" if not math.isnan(r.get("mem_ratio", math.nan)) else ""
-        lines.append(f"| {r['device']} | {r['method']} | {r.get('amp', '')} | {r['floor_s']:.3f} | "
-                     f"{r['method_s']:.3f} | {r['ratio']:.2f} | {r['q25']:.2f}–{r['q75']:.2f} | {mem} |")
+        flag = " ⚠" if r.get("noisy") else ""
+        noisy = noisy or bool(flag)
+        lines.append(f"{head} {r['floor_s']:.3f} | {r['method_s']:.3f} | {r['ratio']:.2f}{flag} | "
+                     f"{r['q25']:.2f}–{r['q75']:.2f} | {mem} |")
+    if noisy:
+        lines += ["", "⚠ the q25–q75 spread of the pair ratios is wider than the gap to the floor (or the ratio is "
+                  "below the floor): noise, not a measurement; take more --steps."]
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,11 @@ The masked terms never form the N×M×C×P tensor: ``‖M_m ⊙ Δ‖²`` is fac
 attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (one head; head dims zero-padded so
 that a fused kernel applies — CUDA memory-efficient, CPU flash — and the P×P matrix is never formed, neither by
 this code nor by SDPA's math fallback; identical maths; :func:`fused_attention`). Everything runs in float32 with
-autocast disabled.
+autocast disabled, by default the attention too; ``attention_precision=amp`` (not a modelling assumption, off by
+default) runs Q, K, V and the attention in the training's autocast dtype (bf16/fp16), the rest in float32: the
+attention's O(P²·C) FLOPs dominate at 800×1333 (docs/methods/acam.md, Compute) and a GPU runs them far faster
+in bf16 than in float32. It changes the values by the autocast dtype's round-off; without autocast it is the
+float32 computation.
 
 Assumptions (every one [INF] or [ANC] in the spec; the switch is named where the spec offers one):
 
@@ -97,7 +101,7 @@ from ..errors import ConfigError
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
+from .common import autocast_dtype, build_adapter, check_pair, float32_region, match_spatial, upcast
 
 CHOICES: dict[str, tuple[Any, ...]] = {
     "align": ("always", "auto"),
@@ -109,12 +113,13 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "div_form": ("pairwise", "global"),
     "div_on": ("both", "spatial", "channel"),
     "channel_units": ("scalar", "vector"),
+    "attention_precision": ("float32", "amp"),
 }
 
 DICE_EPS = 1e-12  # MasKD dice_coeff: added to each squared norm
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """softmax(QᵀK / √C_q) applied to V, channel-first: q, k (N, C_q, P_q / P_k), v (N, C, P_k) → (N, C, P_q).
 
     One head of :func:`F.scaled_dot_product_attention` with the scale 1/√C_q given explicitly; row i of the
@@ -127,8 +132,13 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
       logits) would be refused; Q/K and V may keep different widths.
     - CPU (flash kernel for CPU): Q, K and V to one common width, a multiple of 8 — that kernel refuses a V
       width different from the Q/K width (measured: torch 2.14, ``saved_tensors_hooks`` + profiler test).
+
+    ``dtype``: the attention computed in that dtype (``attention_precision=amp``), the output cast back.
     """
     c_q, c = q.shape[1], v.shape[1]
+    out_dtype = v.dtype
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
 
     def width(d: int) -> int:
         return d + (-d % 8)
@@ -144,7 +154,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return (F.pad(x, (0, pad)) if pad else x).contiguous().unsqueeze(1)  # (N, 1, P, d)
 
     out = F.scaled_dot_product_attention(heads(q, dq), heads(k, dq), heads(v, dv), scale=1.0 / math.sqrt(c_q))
-    return out.squeeze(1)[..., :c].transpose(1, 2)
+    return out.squeeze(1)[..., :c].transpose(1, 2).to(out_dtype)
 
 
 def dice_diversity(x: Tensor, form: str = "pairwise", eps: float = DICE_EPS) -> Tensor:
@@ -218,13 +228,13 @@ class ACAMBlock(nn.Module):
         nn.init.normal_(self.spatial_units, 0.0, init_std)
         nn.init.normal_(self.channel_units, 0.0, init_std)
 
-    def fuse(self, query_in: Tensor, kv_in: Tensor) -> Tensor:
-        """F = softmax(W_q(query_in)ᵀ W_k(kv_in) / √C_q) W_v(kv_in), (N, C, H, W)."""
+    def fuse(self, query_in: Tensor, kv_in: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """F = softmax(W_q(query_in)ᵀ W_k(kv_in) / √C_q) W_v(kv_in), (N, C, H, W); ``dtype``: the attention's."""
         n, _, h, w = query_in.shape
         q = self.q(query_in).flatten(2)
         k = self.k(kv_in).flatten(2)
         v = self.v(kv_in).flatten(2)
-        return fused_attention(q, k, v).reshape(n, v.shape[1], h, w)
+        return fused_attention(q, k, v, dtype).reshape(n, v.shape[1], h, w)
 
     def masks(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Spatial masks (N, M, P) = σ(m^s · x) and channel masks (N, M, C) = σ(m^c ⊗ mean_{h,w} x)."""
@@ -267,6 +277,7 @@ class ACAM(Method):
             "channel_units": "scalar",  # printed m^c ∈ R^{M×1} [C2]
             "mask_init_std": 0.01,  # MasKD token init [INF]
             "mask_eps": 1e-6,  # [INF]
+            "attention_precision": "float32",  # kdcli (speed): amp = attention in the autocast dtype
         },
         "segmentation": {
             "taps": "seg_logits",  # "predicted segmentation maps" [S1] + MasKD seg [ANC]
@@ -285,6 +296,7 @@ class ACAM(Method):
             "channel_units": "scalar",
             "mask_init_std": 0.01,
             "mask_eps": 1e-6,
+            "attention_precision": "float32",
         },
     }
 
@@ -314,6 +326,7 @@ class ACAM(Method):
         self.div_form = str(hp["div_form"])
         self.div_on = str(hp["div_on"])
         self.mask_eps = float(hp["mask_eps"])
+        self.attention_precision = str(hp["attention_precision"])
         self.blocks = nn.ModuleDict()
         for tap in self.taps:
             cs, ct = student[tap].channels, teacher[tap].channels
@@ -343,6 +356,7 @@ class ACAM(Method):
             fs, ft = s.taps[tap], t.taps[tap]
             check_pair(self.name, tap, fs, ft)
             block: ACAMBlock = self.blocks[tap]  # type: ignore[assignment]
+            att = autocast_dtype(fs) if self.attention_precision == "amp" else None
             with float32_region(fs):
                 fs, ft = upcast(fs), upcast(ft.detach())
                 s_al = match_spatial(block.align(fs), ft)
@@ -350,7 +364,7 @@ class ACAM(Method):
                     src = ft
                 else:
                     s_in = s_al if self.kv_input == "aligned" else match_spatial(fs, ft)
-                    src = block.fuse(ft, s_in) if self.query_source == "teacher" else block.fuse(s_in, ft)
+                    src = block.fuse(ft, s_in, att) if self.query_source == "teacher" else block.fuse(s_in, ft, att)
                 m_s, m_c = block.masks(src)
                 c, p = ft.shape[1], ft.shape[2] * ft.shape[3]
                 sq = (ft - s_al).flatten(2).pow(2)  # (N, C, P)
