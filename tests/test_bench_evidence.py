@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import torch
@@ -83,8 +84,9 @@ def test_standin_backbone_cached_and_reused(tmp_path: Path):
     assert heads and any(not torch.equal(a[k], b[k]) for k in heads)
 
 
-def test_evidence_tiny_end_to_end(tmp_path: Path):
-    opts = ev.EvidenceOptions(out=tmp_path / "ev", pairs=("fcos",), methods=("acam",), seeds=1,
+def test_evidence_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
+    opts = ev.EvidenceOptions(out=tmp_path / "ev", data=f"coco:{tiny_shapes / 'coco'}", pairs=("fcos",),
+                              methods=("acam",), seeds=1,
                               budgets={"detection": "2", "segmentation": "2"}, teacher_epochs=1, standin_steps=2,
                               max_train_images=8, max_val_images=4, device="cpu", workers=0, isolate=False,
                               command="kdcli bench quality --suite evidence (test)")
@@ -98,9 +100,12 @@ def test_evidence_tiny_end_to_end(tmp_path: Path):
         assert 0.0 <= float(r["mAP"]) <= 1.0
     assert rows[1]["init"].endswith("+ inherit") and not rows[0]["init"].endswith("+ inherit")
     assert rows[1]["taps"] == "fpn:3"
-    cfg = (tmp_path / "ev" / "runs" / "fcos" / "acam" / "seed0" / "config.yaml")
-    if cfg.is_file():
-        text = cfg.read_text()
-        assert "fpn:3" in text and "inherit: true" in text
+    cfg = json.loads((tmp_path / "ev" / "runs" / "fcos" / "acam" / "seed0" / "config.json").read_text())
+    cfg = cfg.get("config", cfg)
+    assert cfg["set"] == {"taps": "fpn:3"} and cfg["inherit"] is True
+    assert cfg["student_weights"].endswith("seed0.safetensors")
+    base = json.loads((tmp_path / "ev" / "runs" / "fcos" / "baseline" / "seed0" / "config.json").read_text())
+    base = base.get("config", base)
+    assert base["inherit"] is False and base["student_weights"] == cfg["student_weights"]
     md = (tmp_path / "ev" / "evidence.md").read_text()
     assert md.startswith("# Evidence suite") and "--suite evidence (test)" in md and "stand-in" in md

@@ -24,6 +24,7 @@ Outputs in ``OUT``: ``evidence_runs.csv`` (quality_runs.csv's columns plus ``ini
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -81,14 +82,21 @@ RUN_S_PER_EPOCH: dict[str, dict[str, float]] = {
 }
 # one-off costs from an empty cache (seconds): teachers at the demo schedule and the stand-in pretraining
 TEACHER_S = {"fcos": 16 * 45, "lraspp": 8 * 60}
-STANDIN_S = {"shapes-r18-fcos": 120, "shapes-mbv3-lraspp": 120}
-STANDIN_STEPS = 300
-STANDIN_BATCH = 16
+# (measured 64 px steps of batch 32 under a load of ~5: R18 ~4 s, MobileNetV3 ~2 s, 32 images rendered in
+# 2.4 s; about a third of that on an idle machine)
+STANDIN_S = {"shapes-r18-fcos": 180, "shapes-mbv3-lraspp": 100}
+# the stand-in pretraining: a pool of generated images at 64 px (convolution weights do not depend on the
+# input size; 64 px is 4x cheaper per step and per rendered image than 128), several passes over it
+STANDIN_STEPS = 120
+STANDIN_BATCH = 32
+STANDIN_POOL = 512
+STANDIN_SIZE = 64
 
 
 @dataclass
 class EvidenceOptions:
     out: Path = Path("runs/bench-evidence")
+    data: str = "shapes"  # the suite is defined on shapes; another data set only for smoke tests
     pairs: tuple[str, ...] = tuple(PAIRS)
     methods: tuple[str, ...] = METHODS
     seeds: int = SEEDS
@@ -139,16 +147,23 @@ def plan(opts: EvidenceOptions) -> list[RunPlan]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _tap_info(model: str) -> dict[str, Any]:
+    from ..models import build_model
+    from ..zoo import resolve_ref
+
+    return build_model(resolve_ref(model).spec).tap_info
+
+
 def map_sizes(pair: Pair, method: str, image_size: int = IMAGE_SIZE) -> dict[str, tuple[int, int]]:
     """Side of every map ``method`` distils on ``pair`` at ``image_size`` (student and teacher), from the
     models' strides (one dry run each): {"student:p3": (16, 16), ...}."""
     from ..methods import get
     from ..methods.base import select_taps
-    from ..models import build_model
     from ..zoo import resolve_ref
 
-    s_spec, t_spec = resolve_ref(pair.student).spec, resolve_ref(pair.teacher).spec
-    s_info, t_info = build_model(s_spec).tap_info, build_model(t_spec).tap_info
+    s_spec = resolve_ref(pair.student).spec
+    s_info, t_info = _tap_info(pair.student), _tap_info(pair.teacher)
     cls = get(method)
     hp = {**cls.presets[s_spec.task], **overrides(s_spec.task, method)}
     spec = hp["taps"]
@@ -208,11 +223,11 @@ def shapes_batch(rng: Any, n: int, size: int, mean: list[float], std: list[float
     return (x - m) / s, torch.from_numpy(labels)
 
 
-def standin_backbone(student: str, steps: int = STANDIN_STEPS, size: int = IMAGE_SIZE, log: Any = print) -> Path:
+def standin_backbone(student: str, steps: int = STANDIN_STEPS, size: int = STANDIN_SIZE, log: Any = print) -> Path:
     """The student's backbone body pretrained on shapes multi-label classification, made once and cached
     (``$KDCLI_HOME/standin-backbones/<student>-shapescls-s<size>-n<steps>.safetensors`` and its ``.json``
-    with the held-out accuracy). Images come from generator seeds 10⁶ + k, which the shapes data sets
-    (seed 0) never draw."""
+    with the held-out accuracy). A pool of :data:`STANDIN_POOL` images from generator seed 10⁶, which the
+    shapes data sets (seed 0) never use, shuffled each pass; the held-out images come from seed 10⁶ + 1."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -242,9 +257,17 @@ def standin_backbone(student: str, steps: int = STANDIN_STEPS, size: int = IMAGE
     log(f"pretraining the stand-in backbone of {student}: shapes multi-label classification, {steps} steps "
         f"of batch {STANDIN_BATCH} (cached in {path})")
     t0 = time.time()
+    pool_x, pool_y = shapes_batch(np.random.default_rng(10**6), min(STANDIN_POOL, steps * STANDIN_BATCH), size,
+                                  mean, std)
+    order = torch.Generator().manual_seed(0)
+    perm, cursor = torch.randperm(len(pool_x), generator=order), 0
     body.train()
-    for step in range(steps):
-        x, y = shapes_batch(np.random.default_rng(10**6 + step), STANDIN_BATCH, size, mean, std)
+    for _ in range(steps):
+        if cursor + STANDIN_BATCH > len(pool_x):  # a new pass over the pool, reshuffled
+            perm, cursor = torch.randperm(len(pool_x), generator=order), 0
+        idx = perm[cursor:cursor + STANDIN_BATCH]
+        cursor += STANDIN_BATCH
+        x, y = pool_x[idx], pool_y[idx]
         logits = head(_body_features(body, x).mean(dim=(2, 3)))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
         opt.zero_grad(set_to_none=True)
@@ -253,7 +276,7 @@ def standin_backbone(student: str, steps: int = STANDIN_STEPS, size: int = IMAGE
         sched.step()
     body.eval()
     with torch.no_grad():  # held-out images: generator seeds after the training ones
-        x, y = shapes_batch(np.random.default_rng(10**6 + steps + 1), 64, size, mean, std)
+        x, y = shapes_batch(np.random.default_rng(10**6 + 1), 64, size, mean, std)
         acc = float(((head(_body_features(body, x).mean(dim=(2, 3))) > 0).float() == y).float().mean())
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in body.state_dict().items()}, str(path))
@@ -304,7 +327,7 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
     out.mkdir(parents=True, exist_ok=True)
     pairs = [replace(PAIRS[n], teacher_epochs=opts.teacher_epochs or PAIRS[n].teacher_epochs) for n in opts.pairs]
     # the demo's recipe, so that the teachers are the demo's cached ones
-    qopts = QualityOptions(pairs, seeds=opts.seeds, out=out, max_train_images=opts.max_train_images,
+    qopts = QualityOptions(pairs, data=opts.data, seeds=opts.seeds, out=out, max_train_images=opts.max_train_images,
                            max_val_images=opts.max_val_images, device=opts.device, workers=opts.workers,
                            isolate=opts.isolate, jobs=opts.jobs, command=opts.command,
                            budget=",".join(f"{k} {v}" for k, v in opts.budgets.items()))
