@@ -109,3 +109,14 @@ def test_evidence_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
     assert base["inherit"] is False and base["student_weights"] == cfg["student_weights"]
     md = (tmp_path / "ev" / "evidence.md").read_text()
     assert md.startswith("# Evidence suite") and "--suite evidence (test)" in md and "stand-in" in md
+
+
+def test_cli_unknown_suite_is_one_line():
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "kdcli", "bench", "quality", "--suite", "papers"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and err == ["error: --suite papers: expected evidence"], res.stderr
