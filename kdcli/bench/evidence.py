@@ -296,7 +296,7 @@ def student_init(student: str, backbone: Path, seed: int, out: Path) -> Path:
     from ..weights import load_strict, read_state_dict
     from ..zoo import resolve_ref
 
-    path = out / f"{student}-{backbone.stem}-seed{seed}.safetensors"
+    path = out / f"{backbone.stem}-seed{seed}.safetensors"
     if path.is_file():
         return path
     torch.manual_seed(seed)
