@@ -508,8 +508,20 @@ def bench_quality(
     isolate: bool = _O(True, "--isolate/--in-process", help="one child process per run (its own peak memory)"),
     jobs: int = _O(1, help="runs at once, each with cores/jobs threads (CPU: 2 often beats 1)"),
     reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
+    suite: str = _O("", help="evidence: the fixed paper-like suite (docs/results/evidence.md); --out, "
+                    "--device, --workers apply, its own pairs, seeds and budgets"),
 ) -> None:
     """Every applicable method on one student at an equal budget over seeds; tables, plot, ranking."""
+    if suite:
+        from .bench.evidence import EvidenceOptions, run_evidence
+
+        if suite != "evidence":
+            raise ConfigError(f"--suite {suite}: expected evidence")
+        ev_out = Path("runs/bench-evidence") if out == Path("runs/bench-quality") else out
+        res = run_evidence(EvidenceOptions(out=ev_out, device=device, workers=workers,
+                                           command=_command_line()), log=_echo)
+        typer.echo(f"wrote {', '.join(str(p) for p in res.files)} ({res.wall_s / 60:.1f} min)")
+        return
     from rich.console import Console
     from rich.table import Table
 

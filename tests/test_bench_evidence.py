@@ -1,0 +1,122 @@
+"""The evidence suite (``kdcli bench quality --suite evidence``): its plan, the stand-in pretraining, one tiny run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from kdcli.bench import evidence as ev
+from kdcli.weights import read_state_dict
+
+
+def test_plan_pairs_seeds_methods_budget():
+    opts = ev.EvidenceOptions()
+    runs = ev.plan(opts)
+    tasks = {r.task for r in runs}
+    assert tasks == {"detection", "segmentation"}
+    wanted = {"baseline", "acam", "samkd", "dmkd", "cankd", "maskd", "fgd", "freekd", "cwd", "mgd"}
+    det = {r.method for r in runs if r.task == "detection"}
+    seg = {r.method for r in runs if r.task == "segmentation"}
+    assert det == wanted and seg == wanted - {"freekd", "fgd"}  # FreeKD and FGD have no segmentation preset
+    for pair in opts.pairs:
+        for m in {r.method for r in runs if r.pair == pair}:
+            seeds = sorted(r.seed for r in runs if r.pair == pair and r.method == m)
+            assert seeds == list(range(5))
+    assert len(runs) == 5 * (10 + 8)
+    # the papers' inheriting strategy where their detection configs use it, nowhere else
+    assert {r.method for r in runs if r.inherit} == {"acam", "maskd", "fgd", "mgd"}
+    assert all(r.task == "detection" for r in runs if r.inherit)
+    est = ev.estimate_s(opts)
+    # by hand: detection 2 epochs x 5 seeds x per-epoch seconds, segmentation 1 epoch x 5 seeds
+    det_s = 2 * 5 * sum(ev.RUN_S_PER_EPOCH["fcos"].values())
+    seg_s = 5 * sum(ev.RUN_S_PER_EPOCH["lraspp"].values())
+    assert abs(est["runs"] - (det_s + seg_s)) < 1e-6
+    assert est["total"] == est["runs"] + est["teachers"] + est["standins"] <= 125 * 60
+
+
+def test_no_distilled_map_under_4x4():
+    """From the models' strides at 128 px: every tap of every method on both pairs is at least 4×4; the
+    presets' P3–P7 would reach 1×1 (the choice the suite avoids)."""
+    opts = ev.EvidenceOptions()
+    for name in opts.pairs:
+        pair = ev.PAIRS[name]
+        task = "detection" if name == "fcos" else "segmentation"
+        for m in ev.method_list(task, ev.METHODS)[1:]:
+            sizes = ev.map_sizes(pair, m)
+            assert sizes and min(min(s) for s in sizes.values()) >= ev.MIN_MAP, (name, m, sizes)
+        if task == "detection":
+            assert ev.map_sizes(pair, "acam") == {f"{w}:p{k}": (128 // 2**k,) * 2
+                                                  for w in ("student", "teacher") for k in (3, 4, 5)}
+    ev.TAPS["detection"], saved = None, ev.TAPS["detection"]
+    try:
+        assert min(ev.map_sizes(ev.PAIRS["fcos"], "cwd")["student:p7"]) == 1
+    finally:
+        ev.TAPS["detection"] = saved
+
+
+def test_standin_backbone_cached_and_reused(tmp_path: Path):
+    from kdcli.models import build_model
+    from kdcli.models.build import backbone_body
+    from kdcli.zoo import resolve_ref
+
+    logs: list[str] = []
+    path = ev.standin_backbone("shapes-r18-fcos", steps=2, log=logs.append)
+    assert path.is_file() and path.with_suffix(".json").is_file()
+    trained = read_state_dict(path)
+    torch.manual_seed(0)  # the initialisation the pretraining starts from
+    fresh = backbone_body(build_model(resolve_ref("shapes-r18-fcos").spec).net).state_dict()
+    assert set(trained) == set(fresh)
+    assert any(not torch.equal(trained[k], fresh[k]) for k in fresh if fresh[k].is_floating_point())
+    stamp = path.stat().st_mtime_ns
+    logs.clear()
+    assert ev.standin_backbone("shapes-r18-fcos", steps=2, log=logs.append) == path
+    assert path.stat().st_mtime_ns == stamp and any("from cache" in s for s in logs)
+    # a seed's student: the stand-in body exactly, the neck/head drawn with the seed
+    a = read_state_dict(ev.student_init("shapes-r18-fcos", path, 0, tmp_path))
+    b = read_state_dict(ev.student_init("shapes-r18-fcos", path, 1, tmp_path))
+    for k, v in trained.items():
+        assert torch.equal(a[f"backbone.body.{k}"], v) and torch.equal(b[f"backbone.body.{k}"], v)
+    heads = [k for k in a if not k.startswith("backbone.body.") and a[k].is_floating_point() and a[k].numel() > 1
+             and "weight" in k]
+    assert heads and any(not torch.equal(a[k], b[k]) for k in heads)
+
+
+def test_evidence_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
+    opts = ev.EvidenceOptions(out=tmp_path / "ev", data=f"coco:{tiny_shapes / 'coco'}", pairs=("fcos",),
+                              methods=("acam",), seeds=1,
+                              budgets={"detection": "2", "segmentation": "2"}, teacher_epochs=1, standin_steps=2,
+                              max_train_images=8, max_val_images=4, device="cpu", workers=0, isolate=False,
+                              command="kdcli bench quality --suite evidence (test)")
+    ev.run_evidence(opts, log=lambda s: None)
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "evidence_runs.csv")))
+    assert [r["method"] for r in rows] == ["baseline", "acam"]
+    assert list(rows[0])[:18] == ev.RUN_COLUMNS[:18] and {"init", "image_size"} <= set(rows[0])
+    for r in rows:
+        assert r["status"] == "ok" and r["image_size"] == "128" and r["steps"] == "2"
+        assert r["init"].startswith("stand-in shapes-r18-fcos-shapescls")
+        assert 0.0 <= float(r["mAP"]) <= 1.0
+    assert rows[1]["init"].endswith("+ inherit") and not rows[0]["init"].endswith("+ inherit")
+    assert rows[1]["taps"] == "fpn:3"
+    cfg = json.loads((tmp_path / "ev" / "runs" / "fcos" / "acam" / "seed0" / "config.json").read_text())
+    cfg = cfg.get("config", cfg)
+    assert cfg["set"] == {"taps": "fpn:3"} and cfg["inherit"] is True
+    assert cfg["student_weights"].endswith("seed0.safetensors")
+    base = json.loads((tmp_path / "ev" / "runs" / "fcos" / "baseline" / "seed0" / "config.json").read_text())
+    base = base.get("config", base)
+    assert base["inherit"] is False and base["student_weights"] == cfg["student_weights"]
+    md = (tmp_path / "ev" / "evidence.md").read_text()
+    assert md.startswith("# Evidence suite") and "--suite evidence (test)" in md and "stand-in" in md
+
+
+def test_cli_unknown_suite_is_one_line():
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "kdcli", "bench", "quality", "--suite", "papers"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and err == ["error: --suite papers: expected evidence"], res.stderr
