@@ -86,11 +86,22 @@ def _run_training(options: dict[str, Any], config: Path | None, resume: Path | N
         cfg = RunConfig.from_dict(base, str(config)) if base else RunConfig()
         cfg = cfg.merged(options)
         folder, metrics = api.train(cfg, log=_echo, explicit=explicit)
-    scores = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     import os
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
-        typer.echo(f"run folder: {folder}\nbest: {scores}")
+        _print_result(folder, metrics)
+
+
+def _print_result(folder: Path, metrics: dict[str, Any]) -> None:
+    """The best epoch's scores as a table and what the run folder holds (stdout)."""
+    from rich.console import Console
+
+    from .report import fmt_bytes, folder_size, scores_table
+
+    epoch = metrics.get("epoch")
+    if any(isinstance(v, float) for v in metrics.values()):
+        Console(soft_wrap=False).print(scores_table(metrics, f"best epoch{f' ({epoch})' if epoch else ''}"))
+    typer.echo(f"run folder: {folder} ({fmt_bytes(folder_size(folder))})")
 
 
 _O = typer.Option
@@ -105,6 +116,8 @@ _SCALE = {
     "zero_loss_steps": _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
     "nproc": _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
     "devices": _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
+    "log_every": _O(None, "--log-every", help="steps between progress lines when stderr is not a terminal "
+                                              "(default: about 10 % of an epoch, and every 30 s)"),
 }
 
 
@@ -131,7 +144,7 @@ def train(
     accumulate: int = _SCALE["accumulate"], channels_last: bool = _SCALE["channels_last"],
     compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
     ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
-    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"],
+    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"], log_every: int = _SCALE["log_every"],
 ) -> None:
     """Train one model (used to make teachers), optionally with a self-KD method or the MCMI objective."""
     from .config import parse_sets
@@ -142,6 +155,8 @@ def train(
                           bn_recal, out)
     opts.update(_scale_options(accumulate, channels_last, compile_, sync_bn, scale_lr, ckpt_every_steps,
                                zero_loss_steps))
+    if log_every is not None:
+        opts["log_every"] = log_every
     if model:
         opts["model"] = model
     elif resume is None and config is None:
@@ -183,7 +198,7 @@ def distill(
     accumulate: int = _SCALE["accumulate"], channels_last: bool = _SCALE["channels_last"],
     compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
     ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
-    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"],
+    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"], log_every: int = _SCALE["log_every"],
 ) -> None:
     """Distil a teacher into a student with a method (self-KD methods need no --teacher)."""
     from .config import parse_sets
@@ -194,6 +209,8 @@ def distill(
                           bn_recal, out)
     opts.update(_scale_options(accumulate, channels_last, compile_, sync_bn, scale_lr, ckpt_every_steps,
                                zero_loss_steps))
+    if log_every is not None:
+        opts["log_every"] = log_every
     given = {"model": student, "teacher": teacher, "method": method}
     opts.update({k: v for k, v in given.items() if v})
     if augment:
@@ -223,25 +240,32 @@ def eval_(
     data: str = _O("shapes", help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml"),
     batch_size: int = _O(8, "--batch-size", "-b"), device: str = _O("auto"),
     max_images: int = _O(0), per_class: bool = _O(False, "--per-class", help="AP / IoU per class"),
-    out: Path = _O(None, help="folder for predictions.json (detection)"), workers: int = _O(2),
+    out: Path = _O(None, help="folder for metrics.json and predictions.json (detection)"), workers: int = _O(2),
     slide: str = _O(None, help="segmentation sliding-window inference: CROP[:STRIDE] as HxW, e.g. 512x1024"),
     write_labelids: Path = _O(None, "--write-labelids", help="write Cityscapes labelId PNGs of the predictions"),
+    json_: bool = _O(False, "--json", help="print the metrics as JSON (stdout) instead of tables"),
 ) -> None:
     """Evaluate a model: COCO box (and mask) AP (detection) or mIoU (segmentation)."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
     from . import api
-    from .report import metrics_table
+    from .report import scores_table
 
     metrics = api.evaluate(model, data, batch_size, device, max_images, out_dir=out, workers=workers,
                            per_class=per_class, slide=slide, write_labelids=write_labelids)
     names = metrics.pop("class_names")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    if json_:
+        typer.echo(json.dumps(metrics, indent=2, default=str))
+        return
     task = "detection" if "mAP" in metrics else "segmentation"
     console = Console()
-    console.print(metrics_table([(model, metrics)], task))
-    if task == "detection":
-        typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    console.print(scores_table(metrics, f"{model} on {data}"))
     if not per_class:
         return
     def fmt(v: float | None) -> str:

@@ -52,6 +52,7 @@ class RunConfig:
     teacher_check_images: int = 50
     skip_teacher_check: bool = False
     eval_every: int = 1
+    log_every: int = 0  # steps between plain progress lines when stderr is not a terminal (0: ~10 % of an epoch)
     # issue 4: `kdcli train --objective mcmi` (adds the teacher-free method `mcmi`); `--augment hard`
     # wraps the method(s) with HARD's augmentor, whose options (`--set hard.k=v`) move to augment_set
     objective: str = "ce"  # ce | mcmi

@@ -668,7 +668,7 @@ def fit(run: Run, resume: bool = False, progress: bool = True, stop_after: int |
 
 
 def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: GracefulStop) -> dict[str, Any]:
-    from ..report import describe_run, epoch_progress
+    from ..report import describe_run, epoch_progress, epoch_summary, run_header
 
     cfg, dist, folder = run.cfg, run.dist, run.folder
     tr = _Training(run)
@@ -688,6 +688,9 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
             folder.mkdir(parents=True, exist_ok=True)
             describe_run(run)
             _record_training(run, tr.lr)
+    if dist.is_main and progress:
+        for line in run_header(run, tr.steps_per_epoch):
+            run.log(line)
     st = tr.st
     metric_name = main_metric(run.task)
     metrics: dict[str, Any] = {}
@@ -701,7 +704,8 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
         if run.sampler is not None:
             run.sampler.set_epoch(epoch, skip=st.pos * cfg.batch_size)
         t0 = time.time()
-        with epoch_progress(run, epoch, batches, enabled=progress and dist.is_main) as advance:
+        with epoch_progress(run, epoch, batches, enabled=progress and dist.is_main, start=st.pos,
+                            lr=lambda: tr.opt.param_groups[0]["lr"]) as advance:
             it = st.pos
             for images, targets in run.train_loader:
                 if run.method is not None:
@@ -747,6 +751,7 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
                 run.sampler.set_epoch(epoch)
             recalibrate_bn(run.student, run.train_loader, cfg.bn_recal, run.device)
             ddp.average_bn_statistics(run.student, dist)
+        t_eval = time.time()
         if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             # the latest predictions go to last/; the best epoch's are copied next to best.safetensors
             shard = ddp.EvalShard(dist, run.val_ds) if dist.enabled else None
@@ -769,7 +774,7 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
             update_results_png(folder, run.log)  # issue 8: a plotting failure is logged, never raised
         st.epoch, st.pos, st.sums, st.n = epoch + 1, 0, {}, 0
         tr.save()
-        run.log(" ".join(f"{key}={v}" for key, v in row.items()))
+        run.log(epoch_summary({**row, "eval_time_s": time.time() - t_eval}, cfg.epochs, metric_name, st.best))
         if epoch + 1 < end and _any_rank(run, stop.requested is not None):
             raise Interrupted(f"interrupted by {stop.requested or 'a signal on another rank'} after epoch "
                               f"{epoch + 1}; checkpoint saved in {folder / 'weights'}. "
