@@ -20,6 +20,14 @@ def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
     return cfg.merged(updates)
 
 
+def resolve_config(cfg: RunConfig, explicit: set[str] | None = None) -> RunConfig:
+    """The config a run would use: the task's defaults for options not in ``explicit``, then
+    ``objective``/``augment`` turned into methods (what ``--print-config`` shows)."""
+    if explicit is not None:
+        cfg = _with_task_defaults(cfg, explicit)
+    return apply_objective_and_augment(cfg)
+
+
 def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[str] | None = None,
           stop_after: int | None = None, command: str | None = None) -> tuple[Path, dict]:
     """Train ``cfg.model`` (no teacher), or distil when ``cfg.teacher``/``cfg.method`` are set.

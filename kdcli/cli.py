@@ -72,10 +72,18 @@ def _maybe_launch(nproc: int | None, devices: str | None) -> None:
         sys.exit(launch(nproc, devices, sys.argv[1:]))
 
 
-def _run_training(options: dict[str, Any], config: Path | None, resume: Path | None) -> None:
+def _run_training(options: dict[str, Any], config: Path | None, resume: Path | None,
+                  print_config: bool = False) -> None:
     from . import api
     from .config import RunConfig, read_config_file
 
+    if print_config:
+        import json
+
+        base = read_config_file(resume if resume is not None else config) if (config or resume) else {}
+        cfg = (RunConfig.from_dict(base, str(config)) if base else RunConfig()).merged(options)
+        typer.echo(json.dumps(api.resolve_config(cfg, set(base) | set(options)).to_dict(), indent=2))
+        return
     if resume is not None:
         if config is not None or set(options) - {"model", "teacher", "method"}:
             _echo("note: --resume continues the run with its recorded config.json; other options are ignored")
@@ -116,6 +124,10 @@ _SCALE = {
     "zero_loss_steps": _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
     "nproc": _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
     "devices": _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
+    "keep": _O(None, "--keep", help="what a finished run keeps: best (best weights only) | last (+ the newest "
+                                    "resumable checkpoint) | all (default)"),
+    "print_config": _O(False, "--print-config", help="print the resolved config (JSON, usable as --config) "
+                                                    "and exit"),
     "log_every": _O(None, "--log-every", help="steps between progress lines when stderr is not a terminal "
                                               "(default: about 10 % of an epoch, and every 30 s)"),
 }
@@ -145,6 +157,7 @@ def train(
     compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
     ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
     nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"], log_every: int = _SCALE["log_every"],
+    keep: str = _SCALE["keep"], print_config: bool = _SCALE["print_config"],
 ) -> None:
     """Train one model (used to make teachers), optionally with a self-KD method or the MCMI objective."""
     from .config import parse_sets
@@ -157,6 +170,8 @@ def train(
                                zero_loss_steps))
     if log_every is not None:
         opts["log_every"] = log_every
+    if keep is not None:
+        opts["keep"] = keep
     if model:
         opts["model"] = model
     elif resume is None and config is None:
@@ -172,7 +187,7 @@ def train(
         opts["student_weights"] = student_weights
     if set_:
         opts["set"] = parse_sets(set_)
-    _run_training(opts, config, resume)
+    _run_training(opts, config, resume, print_config)
 
 
 @app.command()
@@ -199,6 +214,7 @@ def distill(
     compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
     ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
     nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"], log_every: int = _SCALE["log_every"],
+    keep: str = _SCALE["keep"], print_config: bool = _SCALE["print_config"],
 ) -> None:
     """Distil a teacher into a student with a method (self-KD methods need no --teacher)."""
     from .config import parse_sets
@@ -211,6 +227,8 @@ def distill(
                                zero_loss_steps))
     if log_every is not None:
         opts["log_every"] = log_every
+    if keep is not None:
+        opts["keep"] = keep
     given = {"model": student, "teacher": teacher, "method": method}
     opts.update({k: v for k, v in given.items() if v})
     if augment:
@@ -231,7 +249,7 @@ def distill(
         opts["teacher_check_images"] = teacher_check_images
     if student_weights:
         opts["student_weights"] = student_weights
-    _run_training(opts, config, resume)
+    _run_training(opts, config, resume, print_config)
 
 
 @app.command("eval")
@@ -516,6 +534,7 @@ def bench_quality(
     isolate: bool = _O(True, "--isolate/--in-process", help="one child process per run (its own peak memory)"),
     jobs: int = _O(1, help="runs at once, each with cores/jobs threads (CPU: 2 often beats 1)"),
     reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
+    keep: str = _O("best", "--keep", help="what each finished run keeps: best | last | all"),
 ) -> None:
     """Every applicable method on one student at an equal budget over seeds; tables, plot, ranking."""
     from rich.console import Console
@@ -533,7 +552,7 @@ def bench_quality(
                           batch_size=batch_size, lr=lr, optimizer=optimizer, amp=amp, image_size=image_size,
                           max_train_images=max_train_images, max_val_images=max_val_images, device=device,
                           workers=workers, student_weights=student_weights, isolate=isolate, jobs=jobs,
-                          reference=reference, command=_command_line())
+                          reference=reference, command=_command_line(), keep=keep)
     res = run_suite(opts, log=_echo)
     console = Console()
     for pair in chosen:

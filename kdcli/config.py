@@ -52,6 +52,7 @@ class RunConfig:
     teacher_check_images: int = 50
     skip_teacher_check: bool = False
     eval_every: int = 1
+    keep: str = "all"  # best | last | all: what a finished run keeps of its weights (engine/keep.py)
     log_every: int = 0  # steps between plain progress lines when stderr is not a terminal (0: ~10 % of an epoch)
     # issue 4: `kdcli train --objective mcmi` (adds the teacher-free method `mcmi`); `--augment hard`
     # wraps the method(s) with HARD's augmentor, whose options (`--set hard.k=v`) move to augment_set
@@ -75,13 +76,49 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
-            raise ConfigError(f"{where}: unknown option(s) {', '.join(bad)} (valid: {', '.join(sorted(known))})")
-        return cls(**d)
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(_did_you_mean(k, known) for k in bad)} "
+                              f"(valid: {', '.join(sorted(known))})")
+        return cls(**check_types(d, where))
 
     def merged(self, updates: dict[str, Any]) -> RunConfig:
         d = self.to_dict()
         d.update({k: v for k, v in updates.items() if v is not None})
         return RunConfig.from_dict(d, "options")
+
+
+def _did_you_mean(key: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=1, cutoff=0.6)
+    return f"{key} (did you mean {close[0]}?)" if close else key
+
+
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_types(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """``d`` with each value checked against its field's type (ints taken for floats); a wrong type is
+    one line naming the key, the value and the expected type."""
+    kinds = {f.name: str(f.type) for f in fields(RunConfig)}
+    out = dict(d)
+    for key, value in d.items():
+        kind = kinds.get(key, "")
+        optional = kind.endswith("| None")
+        base = kind.split("|")[0].strip()
+        if value is None and optional:
+            continue
+        if base.startswith("dict"):
+            ok = isinstance(value, dict)
+        else:
+            types = _KINDS.get(base)
+            ok = types is None or (isinstance(value, types) and not (base != "bool" and isinstance(value, bool)))
+        if not ok:
+            expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
+                base, "a table of key = value")
+            raise ConfigError(f"{where}: {key} = {value!r}: expected {expected}")
+        if base == "float":
+            out[key] = float(value)
+    return out
 
 
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -94,15 +131,33 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a TOML, YAML or JSON file, or from a run: its folder or its ``config.json``
+    (the recorded ``config`` without ``out``, so that the repeat gets a run folder of its own)."""
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p / "config.json"
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file")
     try:
         if p.suffix == ".json":
-            return json.loads(p.read_text())
-        return tomllib.loads(p.read_text())
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+            d = json.loads(p.read_text())
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(p.read_text()) or {}
+        else:
+            d = tomllib.loads(p.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"--config {p}: {err}") from None
+    except ImportError:
+        raise ConfigError(f"--config {p}: YAML needs PyYAML (pip install pyyaml)") from None
+    except Exception as err:  # yaml.YAMLError: its message spans lines
+        raise ConfigError(f"--config {p}: {' '.join(str(err).split())}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {p}: expected a table of options, got {type(d).__name__}")
+    if isinstance(d.get("config"), dict) and "task" in d:  # a run's record (kdcli.report.describe_run)
+        d = {k: v for k, v in d["config"].items() if k != "out"}
+    return d
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:

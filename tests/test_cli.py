@@ -93,3 +93,64 @@ def test_one_line_strips_worker_traceback():
 def test_listing_commands(args, needle):
     res = kdcli(*args)
     assert res.returncode == 0 and needle in res.stdout
+
+
+# ---------------------------------------------------------------- config files, run folders, --keep
+def test_config_types_yaml_and_did_you_mean(tmp_path: Path):
+    from kdcli.config import RunConfig, read_config_file
+    from kdcli.errors import ConfigError
+
+    (tmp_path / "a.yaml").write_text("model: shapes-r18-fcos\nepochs: 3\nlr: 1\nset:\n  tau: 2\n")
+    cfg = RunConfig.from_dict(read_config_file(tmp_path / "a.yaml"), "a.yaml")
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.set) == ("shapes-r18-fcos", 3, 1.0, {"tau": 2})
+    assert isinstance(cfg.lr, float)
+    with pytest.raises(ConfigError, match=r"^a.toml: epochs = 'one': expected an integer$"):
+        RunConfig.from_dict({"epochs": "one"}, "a.toml")
+    with pytest.raises(ConfigError, match=r"amp = True: expected a string"):
+        RunConfig.from_dict({"amp": True}, "x")
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) epoch \(did you mean epochs\?\), zzz \(valid"):
+        RunConfig.from_dict({"epoch": 2, "zzz": 1}, "x")
+
+
+def test_config_errors_are_one_line(tmp_path: Path):
+    (tmp_path / "c.toml").write_text('epochs = "one"\n')
+    assert_one_line_error(kdcli("train", "-m", "shapes-r18-fcos", "--config", str(tmp_path / "c.toml")),
+                          "c.toml: epochs = 'one': expected an integer")
+    (tmp_path / "c.yaml").write_text("model: [unclosed\n")
+    assert_one_line_error(kdcli("train", "--config", str(tmp_path / "c.yaml")), "c.yaml")
+
+
+def test_print_config_shows_the_resolved_config(tmp_path: Path):
+    (tmp_path / "c.toml").write_text('model = "shapes-r18-deeplabv3"\nepochs = 2\n')
+    res = kdcli("train", "--config", str(tmp_path / "c.toml"), "--lr", "0.5", "--print-config")
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(res.stdout)
+    # file < command line; the segmentation task default (poly) applies where nothing was given
+    assert (cfg["model"], cfg["epochs"], cfg["lr"], cfg["schedule"]) == ("shapes-r18-deeplabv3", 2, 0.5, "poly")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_repeats_from_its_folder_numbered_and_kept(tiny_shapes: Path, tmp_path: Path):
+    first = tmp_path / "first"
+    args = ("--data", f"coco:{tiny_shapes / 'coco'}", "--epochs", "1", "--image-size", "64", "--workers", "0",
+            "-b", "4", "--seed", "3")
+    res = kdcli("train", "-m", "shapes-r18-fcos", "--out", str(first), *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    record = json.loads((first / "config.json").read_text())["config"]
+    # the run's own folder (or its config.json) as --config: the same run, in a numbered default folder
+    for n, src in enumerate([first, first / "config.json"]):
+        extra = ("--keep", "best") if n == 0 else ()
+        res = kdcli("train", "--config", str(src), *extra, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        folder = tmp_path / "runs" / "detection" / ("shapes-r18-fcos" if n == 0 else "shapes-r18-fcos-2")
+        again = json.loads((folder / "config.json").read_text())["config"]
+        assert {k: v for k, v in again.items() if k not in ("out", "keep")} == \
+            {k: v for k, v in record.items() if k not in ("out", "keep")}
+        assert f"run folder: runs/detection/{folder.name} (" in res.stdout
+    kept = sorted(p.name for p in (tmp_path / "runs" / "detection" / "shapes-r18-fcos" / "weights").iterdir())
+    assert kept == ["best.safetensors"]
+    full = sorted(p.name for p in (tmp_path / "runs" / "detection" / "shapes-r18-fcos-2" / "weights").iterdir())
+    assert {"best.safetensors", "last.safetensors", "last_state.pt"} <= set(full)
+    # an explicit --out that holds a run still refuses
+    assert_one_line_error(kdcli("train", "--config", str(first), "--out", str(first), cwd=tmp_path),
+                          "already holds a run")

@@ -109,6 +109,7 @@ class QualityOptions:
     jobs: int = 1  # runs at once, each a child process with (usable cores // jobs) threads
     reference: Path | None = None
     command: str = ""
+    keep: str = "best"  # what each finished run keeps (engine/keep.py): a suite is many runs
 
 
 @dataclass
@@ -408,7 +409,8 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
                     model=pair.student, teacher=teachers[pair.name][0] if needs_teacher(name) else None,
                     method=None if name == BASELINE else name, out=str(folder), seed=seed, epochs=budget.epochs,
                     max_train_images=budget.max_train_images or opts.max_train_images, eval_every=0,
-                    skip_teacher_check=True, student_weights=opts.student_weights, **recipe(task, opts))))
+                    skip_teacher_check=True, student_weights=opts.student_weights, keep=opts.keep,
+                    **recipe(task, opts))))
 
         def one(item: tuple[int, str, RunConfig], pair: Pair = pair, task: str = task) -> dict[str, Any]:
             seed, name, cfg = item

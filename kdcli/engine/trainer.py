@@ -45,6 +45,7 @@ from .amp import flush_denormals, resolve_amp
 from .augment import attach_models, augment_batch  # issue 4
 from .evaluate_model import evaluate_model
 from .guards import GracefulStop, Interrupted, LossGuard, ignore_sigint_in_worker
+from .keep import check_keep
 from .teacher_check import check_teacher_kind, teacher_check
 
 
@@ -275,6 +276,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     from ..methods import build as build_method
 
     _check_speed_options(cfg)
+    check_keep(cfg.keep)
     dist = ddp.init(cfg.device)
     device = dist.device
     if not dist.is_main:
@@ -363,7 +365,8 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     val_sampler = ddp.ShardSampler(len(val_ds), dist.rank, dist.world) if dist.enabled else None
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, sampler=val_sampler,
                                              generator=torch.Generator().manual_seed(cfg.seed), **common)
-    folder = Path(cfg.out or f"runs/{cfg.method + '-' if cfg.method else ''}{Path(cfg.model).name}")
+    # the default folder is numbered when taken; rank 0 picks it so that every rank writes the same one
+    folder = Path(cfg.out) if cfg.out else Path(ddp.broadcast_object(str(default_run_folder(cfg, task)), dist))
     run = Run(cfg, task, folder, student, teacher, method, train_loader, val_loader, val_ds, device, log,
               dist=dist, sampler=sampler, command=command if command in COMMANDS else started_by(cfg))
     if method is not None:
@@ -381,6 +384,24 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
                 f"teaches nothing and the zero-loss guard ignores it ({drop})")
     run.step_module = ddp.wrap(ddp.DistillStep(student, method), dist)
     return run
+
+
+def _ref_name(ref: str) -> str:
+    return ref.rstrip("/").replace(":", "/").split("/")[-1].split("@")[0]
+
+
+def default_run_folder(cfg: RunConfig, task: str, root: Path = Path("runs")) -> Path:
+    """``runs/<task>/<name>``, ``<name>-2``, ``<name>-3``, ... (the first not yet there, as Ultralytics
+    numbers its runs): ``<name>`` is ``[<method>-]<model>[-from-<teacher>]``."""
+    name = (f"{cfg.method.replace('+', '-')}-" if cfg.method else "") + _ref_name(cfg.model)
+    if cfg.teacher:
+        name += f"-from-{_ref_name(cfg.teacher)}"
+    base = root / task / name
+    folder, i = base, 1
+    while folder.exists() and any(folder.iterdir()):
+        i += 1
+        folder = base.with_name(f"{name}-{i}")
+    return folder
 
 
 def _quiet(_msg: str) -> None:
@@ -779,6 +800,10 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
             raise Interrupted(f"interrupted by {stop.requested or 'a signal on another rank'} after epoch "
                               f"{epoch + 1}; checkpoint saved in {folder / 'weights'}. "
                               f"Continue with: {_resume_hint(run)}")
+    if dist.is_main and end == cfg.epochs and cfg.keep != "all":
+        from .keep import prune
+
+        prune(folder, cfg.keep)
     # every rank returns rank 0's record of the best epoch
     return ddp.broadcast_object(ckpt_metrics(folder) if dist.is_main else None, dist) or metrics
 
