@@ -20,6 +20,40 @@ def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
     return cfg.merged(updates)
 
 
+# choices the engine accepts (kdcli.engine.trainer, kdcli.engine.amp), checked here without importing torch
+CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "poly", "step", "constant"),
+           "amp": ("none", "bf16", "fp16", "auto"), "keep": ("best", "last", "all"), "objective": ("ce", "mcmi"),
+           "augment": ("none", "hard")}
+
+
+def check_options(cfg: RunConfig) -> None:
+    """Cheap checks before any data set or model is built (and before torch is imported): choices,
+    method names, ``--set`` keys and value types, and that named files and folders exist."""
+    from .catalog import check_method_spec, check_sets
+
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: expected one of {', '.join(allowed)}")
+    if cfg.method:
+        check_method_spec(cfg.method)
+        check_sets(cfg.method, dict(cfg.set), cfg.objective)
+    elif cfg.set and cfg.objective != "mcmi" and not all(k.startswith("hard.") for k in cfg.set):
+        raise ConfigError(f"--set {next(iter(cfg.set))}: method options need --method")
+    for option, ref in (("--model", cfg.model), ("--teacher", cfg.teacher)):
+        if ref and not ref.startswith("hf-hub:") and ("/" in ref or ref.startswith(".")) and not Path(ref).exists():
+            raise ConfigError(f"{option} {ref}: no such folder")
+    if cfg.student_weights not in (None, "zoo", "backbone") and not Path(cfg.student_weights).is_file():
+        raise ConfigError(f"--student-weights {cfg.student_weights}: no such file")
+    kind, sep, rest = cfg.data.partition(":")
+    if sep and kind in ("coco", "cityscapes", "semantic") and rest:
+        where = Path(rest.partition("?")[0]).expanduser()
+        if not where.is_dir():
+            raise ConfigError(f"--data {cfg.data}: folder {where} does not exist")
+    elif cfg.data.endswith((".toml", ".yaml", ".yml")) and not Path(cfg.data).expanduser().is_file():
+        raise ConfigError(f"--data {cfg.data}: no such file")
+
+
 def resolve_config(cfg: RunConfig, explicit: set[str] | None = None) -> RunConfig:
     """The config a run would use: the task's defaults for options not in ``explicit``, then
     ``objective``/``augment`` turned into methods (what ``--print-config`` shows)."""
@@ -35,6 +69,7 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
     ``command``: the kdcli command that started the run (``train`` or ``distill``), recorded in
     ``config.json`` and named in resume hints; None: this process's kdcli command line, else what the
     config implies (:func:`kdcli.engine.trainer.started_by`)."""
+    check_options(cfg)
     import torch
 
     from .engine import distributed as ddp

@@ -154,3 +154,81 @@ def test_run_repeats_from_its_folder_numbered_and_kept(tiny_shapes: Path, tmp_pa
     # an explicit --out that holds a run still refuses
     assert_one_line_error(kdcli("train", "--config", str(first), "--out", str(first), cwd=tmp_path),
                           "already holds a run")
+
+
+# ---------------------------------------------------------------- names, help, cheap checks
+def no_torch(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
+    """The CLI in a process where importing torch fails: what it does here, it does before torch."""
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['kdcli', *sys.argv[1:]]; "
+            "from kdcli.cli import main; main()")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": str(columns)}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_version_and_completion():
+    from kdcli import __version__
+
+    res = kdcli("--version")
+    assert res.returncode == 0 and res.stdout.strip() == f"kdcli {__version__}"
+    assert "--install-completion" in kdcli("--help").stdout
+
+
+def test_methods_is_fast_and_fits_the_terminal():
+    from kdcli.catalog import _from_registry, methods
+
+    assert methods() == _from_registry()  # the table read from source is the registry's
+    res = no_torch("methods", columns=80)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "cankd" in res.stdout and "uskd" in res.stdout and max(map(len, lines)) <= 80
+    wide = no_torch("methods", columns=200)
+    assert "detection preset" in wide.stdout and "segmentation preset" not in res.stdout
+
+
+def test_train_and_distill_help_show_defaults_and_choices():
+    for cmd in ("train", "distill"):
+        out = " ".join(subprocess.run([sys.executable, "-m", "kdcli", cmd, "--help"], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "200"}).stdout.split())
+        for needle in ("(default: 12)", "sgd | adamw (default: sgd)", "cosine | poly | step | constant",
+                       "--keep", "--log-every", "--print-config"):
+            assert needle in out, (cmd, needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("distill", "--method", "cankd+nope", "-t", "shapes-r34-fcos", "-s", "shapes-r18-fcos"),
+     "--method: unknown method 'nope'"),
+    (("distill", "--method", "cankd", "-t", "shapes-r34-fcos", "-s", "shapes-r18-fcos", "--set", "nope=1"),
+     "--set nope: 'cankd' has no such option"),
+    (("distill", "--method", "kd", "-t", "shapes-r34-fcos", "-s", "shapes-r18-fcos", "--set", "tau=warm"),
+     "--set tau: cannot read 'warm' as float"),
+    (("distill", "--method", "kd+cwd", "-t", "shapes-r34-fcos", "-s", "shapes-r18-fcos", "--set", "tau=2"),
+     "with several methods prefix the option"),
+    (("train", "-m", "shapes-r18-fcos", "--schedule", "linear"), "--schedule linear: expected one of cosine"),
+    (("train", "-m", "shapes-r18-fcos", "--optimizer", "adam"), "--optimizer adam: expected one of sgd, adamw"),
+    (("train", "-m", "shapes-r18-fcos", "--keep", "most"), "--keep most: expected one of best, last, all"),
+    (("train", "-m", "runs/nope"), "--model runs/nope: no such folder"),
+    (("distill", "--method", "kd", "-t", "runs/t", "-s", "shapes-r18-fcos"), "--teacher runs/t: no such folder"),
+    (("train", "-m", "shapes-r18-fcos", "--student-weights", "nope.safetensors"), "nope.safetensors: no such file"),
+    (("train", "-m", "shapes-r18-fcos", "--data", "coco:/nope/coco"), "does not exist"),
+    (("train", "-m", "shapes-r18-fcos", "--method", "kd"), "--method kd: needs a teacher"),
+])
+def test_cheap_checks_come_before_torch(args: tuple[str, ...], needle: str, tmp_path: Path):
+    res = no_torch(*args, "--out", str(tmp_path / "r"))
+    assert_one_line_error(res, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_missing_folder_and_json(tiny_shapes: Path, tmp_path: Path):
+    assert_one_line_error(kdcli("eval", str(tmp_path / "runs" / "x")), "runs/x: no such folder")
+    run = tmp_path / "run"
+    args = ("--data", f"coco:{tiny_shapes / 'coco'}", "--workers", "0")
+    res = kdcli("train", "-m", "shapes-r18-fcos", "--out", str(run), "--epochs", "1", "--image-size", "64", "-b", "4",
+                *args)
+    assert res.returncode == 0, res.stderr
+    res = kdcli("eval", str(run), "--json", "--out", str(tmp_path / "ev"), "--max-val-images", "4", *args)
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads(res.stdout)
+    assert set(metrics) >= {"mAP", "AP50", "AP75"} and all(isinstance(metrics[k], float) for k in ("mAP", "AP50"))
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == metrics
+    old = kdcli("eval", str(run), "--json", "--max-images", "4", *args)  # the old option name still works
+    assert old.returncode == 0 and json.loads(old.stdout) == metrics

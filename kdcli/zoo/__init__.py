@@ -212,4 +212,6 @@ def resolve_ref(ref: str) -> ModelRef:
                 f"{p}: not a kdcli run folder (model.json) or exported model (config.json)"
             )
         raise ZooError(f"{p}: expected a run or export folder, or a zoo name")
+    if "/" in ref or ref.startswith("."):  # zoo names have no slash: this was meant as a folder
+        raise ZooError(f"{ref}: no such folder (a run or exported model folder; zoo names: `kdcli zoo list`)")
     return ModelRef(get_spec(ref), None, ref)
