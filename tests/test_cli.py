@@ -21,9 +21,13 @@ def kdcli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str, after_header: bool = False) -> None:
+    """One error line on stderr, no traceback; ``after_header``: a run that failed once started may have
+    printed its header (kdcli.report.run_header) before it."""
     assert res.returncode != 0
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    if after_header and err and err[0].startswith("run "):
+        err = [ln for ln in err if not ln.startswith(("run ", "  "))]
     assert len(err) == 1, res.stderr
     assert err[0].startswith("error: ") and "Traceback" not in res.stderr
     for n in needles:
@@ -72,7 +76,7 @@ def test_undecodable_image_named(tiny_shapes: Path, tmp_path: Path):
     bad.write_bytes(b"not a jpeg")
     res = kdcli("train", "-m", "shapes-r18-fcos", "--data", f"coco:{root}", "--out", str(tmp_path / "r"),
                 "--epochs", "1", "--workers", "1", "--image-size", "64")
-    assert_one_line_error(res, bad.name)
+    assert_one_line_error(res, bad.name, after_header=True)
 
 
 def test_teacher_without_weights_is_named(tiny_shapes: Path, tmp_path: Path):
