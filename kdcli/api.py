@@ -62,13 +62,46 @@ def resolve_config(cfg: RunConfig, explicit: set[str] | None = None) -> RunConfi
     return apply_objective_and_augment(cfg)
 
 
-def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[str] | None = None,
-          stop_after: int | None = None, command: str | None = None) -> tuple[Path, dict]:
-    """Train ``cfg.model`` (no teacher), or distil when ``cfg.teacher``/``cfg.method`` are set.
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config_from(options: dict[str, Any], config: str | Path | None) -> tuple[RunConfig, set[str]]:
+    """``config`` (a file or run folder, as ``--config``) overridden by keyword ``options``; with the
+    keys given (the task's defaults fill the others)."""
+    from .config import read_config_file
+
+    base = read_config_file(config) if config is not None else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    cfg = RunConfig.from_dict({**base, **given}, str(config) if config is not None else "options")
+    return cfg, set(base) | set(given)
+
+
+def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = None,
+          explicit: set[str] | None = None, stop_after: int | None = None, command: str | None = None,
+          *, config: str | Path | None = None, **options: Any) -> tuple[Path, dict]:
+    """Train a model (no teacher), or distil when the config has a teacher/method; returns the run
+    folder and the best epoch's metrics.
+
+    ``kdcli.train("shapes-r18-fcos", epochs=2, data="shapes")``: a model and run options (the keys of
+    :class:`~kdcli.config.RunConfig`), optionally over a ``config`` file or run folder; options not
+    given take the task's defaults. Or a whole :class:`RunConfig` (``explicit``: the keys the user
+    set, the others take the task's defaults; None: the config as it is).
 
     ``command``: the kdcli command that started the run (``train`` or ``distill``), recorded in
     ``config.json`` and named in resume hints; None: this process's kdcli command line, else what the
-    config implies (:func:`kdcli.engine.trainer.started_by`)."""
+    config implies (:func:`kdcli.engine.trainer.started_by`). ``log``: progress and log lines
+    (default: stderr)."""
+    if not isinstance(cfg, RunConfig):
+        if cfg is not None:
+            options["model"] = cfg
+        cfg, given = _config_from(options, config)
+        explicit = given if explicit is None else explicit
+    elif options or config is not None:
+        raise ConfigError("kdcli.train: give a RunConfig or keyword options, not both")
+    log = log or _stderr
     check_options(cfg)
     import torch
 
@@ -87,6 +120,16 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
     finally:
         ddp.finish(run.dist if ok else ddp.DistInfo(), ok)
     return run.folder, metrics
+
+
+def distill(method: str, teacher: str | None = None, student: str | None = None, *,
+            config: str | Path | None = None, log: Any = None, **options: Any) -> tuple[Path, dict]:
+    """Distil ``teacher`` into ``student`` with ``method`` (``"cwd+fgd"`` combines; a self-KD method
+    needs no teacher); run options as for :func:`train`. Returns the run folder and the best metrics."""
+    cfg, given = _config_from({**options, "method": method, "teacher": teacher, "model": student}, config)
+    if not cfg.model:
+        raise ConfigError("kdcli.distill: name the student (student=...)")
+    return train(cfg, log=log, explicit=given, command="distill")
 
 
 def resume(folder: str | Path, log: Any = print) -> tuple[Path, dict]:
