@@ -777,7 +777,8 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
             # the latest predictions go to last/; the best epoch's are copied next to best.safetensors
             shard = ddp.EvalShard(dist, run.val_ds) if dist.enabled else None
             metrics = evaluate_model(run.student, run.val_loader, run.val_ds, run.device,
-                                     out_dir=folder / "last" if dist.is_main else None, amp=cfg.amp, shard=shard)
+                                     out_dir=folder / "last" if dist.is_main else None, amp=cfg.amp, shard=shard,
+                                     progress=progress)
             row.update({f"val/{key}": round(v, 5) for key, v in metrics.items() if isinstance(v, float)})
             score = float(metrics.get(metric_name, -1.0))
             if score > st.best:
