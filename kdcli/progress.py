@@ -33,11 +33,17 @@ def fmt_rate(rate: float | None) -> str:
     return f"{rate:.1f} it/s" if rate >= 1 else f"{1 / rate:.1f} s/it"
 
 
+# short names of torchvision's task losses for the terminal line (log lines keep the full names)
+SHORT = {"classification": "cls", "bbox_regression": "box", "bbox_ctrness": "ctr", "loss_classifier": "cls",
+         "loss_box_reg": "box", "loss_objectness": "obj", "loss_rpn_box_reg": "rpn_box", "loss_mask": "mask"}
+
+
 def fmt_losses(values: dict[str, float]) -> str:
-    """``loss 2.31 = cls 1.13 + box 0.998 + ...`` style text of the loss terms (3 significant digits)."""
+    """``loss 18.5 | cls 1.13 box 0.999 ctr 0.718 cankd.p3 5.28 ...``: the total, then each term
+    (3 significant digits, task terms under short names) for the terminal's second line."""
     if not values:
         return ""
-    parts = " ".join(f"{k} {v:.3g}" for k, v in values.items())
+    parts = " ".join(f"{SHORT.get(k, k)} {v:.3g}" for k, v in values.items())
     total = sum(values.values())
     return f"loss {total:.4g} | {parts}" if len(values) > 1 else parts
 
