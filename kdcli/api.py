@@ -165,6 +165,13 @@ def evaluate(ref: str, data: str = "shapes", batch_size: int = 8, device: str = 
     window = parse_slide(slide) if slide else None
     if r.spec.task == "detection" and (window or write_labelids):
         raise ConfigError("--slide / --write-labelids are for segmentation models")
+    if data == "shapes":  # the class check before the (possibly long) generation of the shapes set
+        from .zoo import class_names
+
+        want = class_names("shapes", r.spec.task)
+        if r.spec.classes != want:
+            raise KdcliError(f"{ref}: predicts {len(r.spec.classes)} classes but --data shapes has {len(want)}; "
+                             "give the data it was trained on with --data")
     ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False, hints=data_hints(r.spec))
     if list(ds.classes) != r.spec.classes:
         raise KdcliError(f"{ref}: predicts {len(r.spec.classes)} classes but --data {data} has {len(ds.classes)}")

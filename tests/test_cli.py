@@ -236,3 +236,11 @@ def test_eval_missing_folder_and_json(tiny_shapes: Path, tmp_path: Path):
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text()) == metrics
     old = kdcli("eval", str(run), "--json", "--max-images", "4", *args)  # the old option name still works
     assert old.returncode == 0 and json.loads(old.stdout) == metrics
+
+
+def test_eval_checks_classes_before_making_shapes(tmp_path: Path):
+    env_home = {"KDCLI_HOME": str(tmp_path / "home")}
+    res = subprocess.run([sys.executable, "-m", "kdcli", "eval", "r50-fcos"], capture_output=True, text=True,
+                         env={**os.environ, **env_home, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert_one_line_error(res, "r50-fcos: predicts 90 classes but --data shapes has 3")
+    assert not (tmp_path / "home" / "data").exists()  # no shapes set was generated first
