@@ -51,6 +51,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..progress import fmt_time
 
 BASELINE = "baseline"
 
@@ -394,6 +395,9 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
         if resolve_ref(pair.teacher).spec.task != task:
             raise ConfigError(f"--teacher {pair.teacher} and --student {pair.student}: different tasks")
         plans[pair.name] = (task, method_names(task, opts.methods), Budget(0, 0, 0, ""))
+    # suite progress: runs done of all, and the ETA from the mean run time so far (runs at once: --jobs)
+    counter = {"done": 0, "run_s": 0.0, "total": sum(opts.seeds * len(p[1]) for p in plans.values())}
+    count_lock = threading.Lock()
     for pair in opts.pairs:
         task, names, _ = plans[pair.name]
         teachers[pair.name] = prepare_teacher(pair, task, opts, log)
@@ -423,8 +427,14 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
                 rec = {"config": cfg.to_dict(), "status": f"failed: {type(err).__name__}: {err}"}
             main = METRICS[task][0]
             score = rec.get("metrics", {}).get(main)
-            log(f"[{pair.name}] seed {seed} {name}: " + (f"{main} {score:.4f}" if score is not None else rec["status"])
-                + f" ({time.time() - t0:.0f}s)")
+            with count_lock:
+                counter["done"] += 1
+                counter["run_s"] += time.time() - t0
+                done, total = int(counter["done"]), int(counter["total"])
+                eta = counter["run_s"] / done * (total - done) / opts.jobs
+            log(f"[{pair.name}] [{done}/{total}] seed {seed} {name}: "
+                + (f"{main} {score:.4f}" if score is not None else rec["status"])
+                + f" ({time.time() - t0:.0f}s); suite eta {fmt_time(eta)}")
             return rec
 
         if opts.jobs > 1:  # child processes: the threads only wait for them
