@@ -20,16 +20,92 @@ def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
     return cfg.merged(updates)
 
 
-def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[str] | None = None,
-          stop_after: int | None = None, command: str | None = None) -> tuple[Path, dict]:
-    """Train ``cfg.model`` (no teacher), or distil when ``cfg.teacher``/``cfg.method`` are set.
+# choices the engine accepts (kdcli.engine.trainer, kdcli.engine.amp), checked here without importing torch
+CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "poly", "step", "constant"),
+           "amp": ("none", "bf16", "fp16", "auto"), "keep": ("best", "last", "all"), "objective": ("ce", "mcmi"),
+           "augment": ("none", "hard")}
+
+
+def check_options(cfg: RunConfig) -> None:
+    """Cheap checks before any data set or model is built (and before torch is imported): choices,
+    method names, ``--set`` keys and value types, and that named files and folders exist."""
+    from .catalog import check_method_spec, check_sets
+
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: expected one of {', '.join(allowed)}")
+    if cfg.method:
+        check_method_spec(cfg.method)
+        check_sets(cfg.method, dict(cfg.set), cfg.objective)
+    elif cfg.set and cfg.objective != "mcmi" and not all(k.startswith("hard.") for k in cfg.set):
+        raise ConfigError(f"--set {next(iter(cfg.set))}: method options need --method")
+    for option, ref in (("--model", cfg.model), ("--teacher", cfg.teacher)):
+        if ref and not ref.startswith("hf-hub:") and ("/" in ref or ref.startswith(".")) and not Path(ref).exists():
+            raise ConfigError(f"{option} {ref}: no such folder")
+    if cfg.student_weights not in (None, "zoo", "backbone") and not Path(cfg.student_weights).is_file():
+        raise ConfigError(f"--student-weights {cfg.student_weights}: no such file")
+    kind, sep, rest = cfg.data.partition(":")
+    if sep and kind in ("coco", "cityscapes", "semantic") and rest:
+        where = Path(rest.partition("?")[0]).expanduser()
+        if not where.is_dir():
+            raise ConfigError(f"--data {cfg.data}: folder {where} does not exist")
+    elif cfg.data.endswith((".toml", ".yaml", ".yml")) and not Path(cfg.data).expanduser().is_file():
+        raise ConfigError(f"--data {cfg.data}: no such file")
+
+
+def resolve_config(cfg: RunConfig, explicit: set[str] | None = None) -> RunConfig:
+    """The config a run would use: the task's defaults for options not in ``explicit``, then
+    ``objective``/``augment`` turned into methods (what ``--print-config`` shows)."""
+    if explicit is not None:
+        cfg = _with_task_defaults(cfg, explicit)
+    return apply_objective_and_augment(cfg)
+
+
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config_from(options: dict[str, Any], config: str | Path | None) -> tuple[RunConfig, set[str]]:
+    """``config`` (a file or run folder, as ``--config``) overridden by keyword ``options``; with the
+    keys given (the task's defaults fill the others)."""
+    from .config import read_config_file
+
+    base = read_config_file(config) if config is not None else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    cfg = RunConfig.from_dict({**base, **given}, str(config) if config is not None else "options")
+    return cfg, set(base) | set(given)
+
+
+def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = None,
+          explicit: set[str] | None = None, stop_after: int | None = None, command: str | None = None,
+          *, config: str | Path | None = None, **options: Any) -> tuple[Path, dict]:
+    """Train a model (no teacher), or distil when the config has a teacher/method; returns the run
+    folder and the best epoch's metrics.
+
+    ``kdcli.train("shapes-r18-fcos", epochs=2, data="shapes")``: a model and run options (the keys of
+    :class:`~kdcli.config.RunConfig`), optionally over a ``config`` file or run folder; options not
+    given take the task's defaults. Or a whole :class:`RunConfig` (``explicit``: the keys the user
+    set, the others take the task's defaults; None: the config as it is).
 
     ``command``: the kdcli command that started the run (``train`` or ``distill``), recorded in
     ``config.json`` and named in resume hints; None: this process's kdcli command line, else what the
-    config implies (:func:`kdcli.engine.trainer.started_by`)."""
+    config implies (:func:`kdcli.engine.trainer.started_by`). ``log``: progress and log lines
+    (default: stderr)."""
     import os
     from contextlib import nullcontext
 
+    if not isinstance(cfg, RunConfig):
+        if cfg is not None:
+            options["model"] = cfg
+        cfg, given = _config_from(options, config)
+        explicit = given if explicit is None else explicit
+    elif options or config is not None:
+        raise ConfigError("kdcli.train: give a RunConfig or keyword options, not both")
+    log = log or _stderr
+    check_options(cfg)
     import torch
 
     from .engine import distributed as ddp
@@ -39,8 +115,10 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
     if explicit is not None:
         cfg = _with_task_defaults(cfg, explicit)
     cfg = apply_objective_and_augment(cfg)  # issue 4: --objective mcmi, --augment hard
-    folder = run_folder(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes (and locks) the folder
+    folder = run_folder(cfg)
+    if main_rank and not cfg.out:  # the numbered default folder, fixed before it is locked and built
+        cfg = cfg.merged({"out": str(folder)})
     if main_rank:  # an --out that cannot be written is refused before anything is built
         check_writable(folder)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -57,6 +135,16 @@ def train(cfg: RunConfig, resume: bool = False, log: Any = print, explicit: set[
         finally:
             ddp.finish(run.dist if ok else ddp.DistInfo(), ok)
     return run.folder, metrics
+
+
+def distill(method: str, teacher: str | None = None, student: str | None = None, *,
+            config: str | Path | None = None, log: Any = None, **options: Any) -> tuple[Path, dict]:
+    """Distil ``teacher`` into ``student`` with ``method`` (``"cwd+fgd"`` combines; a self-KD method
+    needs no teacher); run options as for :func:`train`. Returns the run folder and the best metrics."""
+    cfg, given = _config_from({**options, "method": method, "teacher": teacher, "model": student}, config)
+    if not cfg.model:
+        raise ConfigError("kdcli.distill: name the student (student=...)")
+    return train(cfg, log=log, explicit=given, command="distill")
 
 
 def resume(folder: str | Path, log: Any = print) -> tuple[Path, dict]:
@@ -107,6 +195,13 @@ def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str
     window = parse_slide(slide) if slide else None
     if r.spec.task == "detection" and (window or write_labelids):
         raise ConfigError("--slide / --write-labelids are for segmentation models")
+    if data == "shapes":  # the class check before the (possibly long) generation of the shapes set
+        from .zoo import class_names
+
+        want = class_names("shapes", r.spec.task)
+        if r.spec.classes != want:
+            raise KdcliError(f"{ref}: predicts {len(r.spec.classes)} classes but --data shapes has {len(want)}; "
+                             "give the data it was trained on with --data")
     ds = build_dataset(data, r.spec.task, "val", image_size_of(r.spec), train=False,
                        hints=data_hints(r.spec, fixed_head=True))
     if list(ds.classes) != r.spec.classes:

@@ -16,6 +16,9 @@ from typing import Any
 from kdcli.weights import hub_offline
 
 PACKAGES = ("torch", "torchvision", "timm", "huggingface_hub", "faster-coco-eval", "safetensors", "numpy")
+# optional features and the packages they need (pyproject's extras and lazily imported modules)
+EXTRAS = {"export": ("onnx", "onnxruntime", "onnxscript"), "yaml configs": ("pyyaml",),
+          "viz": ("matplotlib",), "reference COCO eval": ("pycocotools",)}
 OFFLINE_VARS = ("KDCLI_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -71,10 +74,47 @@ def collect() -> dict[str, dict[str, Any]]:
     # the same rule `kdcli zoo fetch` applies (environment now or huggingface_hub's import-time flag)
     hf_offline = hub_offline()
 
+    resources = _resources(kdcli_home())
+    from .engine.amp import cpu_has_native_bf16, resolve_amp
+
+    resources["native bf16 on cpu"] = cpu_has_native_bf16()
+    picks = [f"cpu: {resolve_amp('auto', torch.device('cpu'))[0]}"]
+    if torch.cuda.is_available():
+        picks.append(f"cuda: {resolve_amp('auto', torch.device('cuda'))[0]}")
+    resources["--amp auto picks"] = ", ".join(picks)
+    extras = {f"{extra} ({pkg})": _version(pkg) for extra, pkgs in EXTRAS.items() for pkg in pkgs}
+
     offline: dict[str, Any] = {k: os.environ.get(k, "(unset)") for k in OFFLINE_VARS}
     offline["hub reachable by kdcli"] = "no (offline mode)" if hf_offline is True else "yes, when the network is"
-    return {"versions": versions, "devices": devices, "cuda": cuda, "distributed backends": backends,
-            "cache folders": caches, "offline": offline}
+    return {"versions": versions, "devices": devices, "resources": resources, "cuda": cuda,
+            "distributed backends": backends, "cache folders": caches, "optional extras": extras, "offline": offline}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _resources(home: Any) -> dict[str, Any]:
+    """Memory (``/proc/meminfo`` where there is one) and free disk where runs and caches are written."""
+    import shutil
+    from pathlib import Path
+
+    out: dict[str, Any] = {}
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        kb = {k: int(v.split()[0]) * 1024 for k, v in info.items() if k in ("MemTotal", "MemAvailable")}
+        out["RAM"] = f"{_gib(kb['MemAvailable'])} available of {_gib(kb['MemTotal'])}"
+    except (OSError, KeyError, ValueError):
+        try:
+            out["RAM"] = _gib(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            out["RAM"] = "unknown"
+    for label, where in (("free disk (here)", Path.cwd()), ("free disk (KDCLI_HOME)", Path(home))):
+        p = where
+        while not p.exists() and p != p.parent:  # KDCLI_HOME may not exist yet: its nearest parent
+            p = p.parent
+        out[label] = f"{_gib(shutil.disk_usage(p).free)} ({where})"
+    return out
 
 
 def format_report(sections: dict[str, dict[str, Any]]) -> str:

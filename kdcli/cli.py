@@ -14,7 +14,7 @@ import typer
 
 from .errors import ConfigError, KdcliError, UserInterrupt
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for dense prediction on torchvision/timm models.")
 zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: list, show, fetch weights, import checkpoints.")
 data_app = typer.Typer(no_args_is_help=True, help="Embedded data sets.")
@@ -28,11 +28,21 @@ def _echo(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"kdcli {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global(offline: bool = typer.Option(False, "--offline", help="no downloads at all (also KDCLI_OFFLINE=1); "
                                           "sets HF_HUB_OFFLINE before huggingface_hub is imported"),
             zoo: list[Path] = typer.Option(None, "--zoo", help="your own zoo entries: a TOML of the manifest's form "
-                                           "(also KDCLI_ZOO, several joined by the path separator)")) -> None:
+                                           "(also KDCLI_ZOO, several joined by the path separator)"),
+            version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                         help="print the version and exit")) -> None:
     """Knowledge distillation for dense prediction on torchvision/timm models."""
     import os
 
@@ -73,16 +83,26 @@ def _scale_options(accumulate: int | None, channels_last: bool | None, compile_:
 
 def _maybe_launch(nproc: int | None, devices: str | None) -> None:
     """``--nproc N`` / ``--devices 0,1``: re-run this command under torch.distributed.run (one machine)."""
+    if not (devices or (nproc or 1) > 1):
+        return  # one process: torch is not imported before the cheap option checks
     from .engine.distributed import launch, launched_by_torchrun
 
-    if (devices or (nproc or 1) > 1) and not launched_by_torchrun():
+    if not launched_by_torchrun():
         sys.exit(launch(nproc, devices, sys.argv[1:]))
 
 
-def _run_training(options: dict[str, Any], config: Path | None, resume: Path | None) -> None:
+def _run_training(options: dict[str, Any], config: Path | None, resume: Path | None,
+                  print_config: bool = False) -> None:
     from . import api
     from .config import RunConfig, read_config_file
 
+    if print_config:
+        import json
+
+        base = read_config_file(resume if resume is not None else config) if (config or resume) else {}
+        cfg = (RunConfig.from_dict(base, str(config)) if base else RunConfig()).merged(options)
+        typer.echo(json.dumps(api.resolve_config(cfg, set(base) | set(options)).to_dict(), indent=2))
+        return
     if resume is not None:
         if config is not None or set(options) - {"model", "teacher", "method"}:
             _echo("note: --resume continues the run with its recorded config.json; other options are ignored")
@@ -93,11 +113,22 @@ def _run_training(options: dict[str, Any], config: Path | None, resume: Path | N
         cfg = RunConfig.from_dict(base, str(config)) if base else RunConfig()
         cfg = cfg.merged(options)
         folder, metrics = api.train(cfg, log=_echo, explicit=explicit)
-    scores = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     import os
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
-        typer.echo(f"run folder: {folder}\nbest: {scores}")
+        _print_result(folder, metrics)
+
+
+def _print_result(folder: Path, metrics: dict[str, Any]) -> None:
+    """The best epoch's scores as a table and what the run folder holds (stdout)."""
+    from rich.console import Console
+
+    from .report import fmt_bytes, folder_size, scores_table
+
+    epoch = metrics.get("epoch")
+    if any(isinstance(v, float) for v in metrics.values()):
+        Console(soft_wrap=False).print(scores_table(metrics, f"best epoch{f' ({epoch})' if epoch else ''}"))
+    typer.echo(f"run folder: {folder} ({fmt_bytes(folder_size(folder))})")
 
 
 _O = typer.Option
@@ -112,33 +143,70 @@ _SCALE = {
     "zero_loss_steps": _O(None, help="stop if a distillation loss is exactly 0 N steps in a row (0: off)"),
     "nproc": _O(None, "--nproc", help="processes on this machine (DDP via torch.distributed.run)"),
     "devices": _O(None, "--devices", help="CUDA devices, e.g. 0,1,2,3 (one process each)"),
+    "keep": _O(None, "--keep", help="what a finished run keeps: best (best weights only) | last (+ the newest "
+                                    "resumable checkpoint) | all (default)"),
+    "print_config": _O(False, "--print-config", help="print the resolved config (JSON, usable as --config) "
+                                                    "and exit"),
+    "log_every": _O(None, "--log-every", help="steps between progress lines when stderr is not a terminal "
+                                              "(default: about 10 % of an epoch, and every 30 s)"),
+}
+
+
+def _dflt(text: str, default: Any) -> str:
+    return f"{text} (default: {default})" if text else f"(default: {default})"
+
+
+# training options shared by `train` and `distill`: None = not given (the --config file, then the task's
+# defaults, then RunConfig's decide); the help states the default a run gets (kdcli.config)
+_TRAIN = {
+    "data": _O(None, help=_dflt("shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml",
+                                "shapes")),
+    "epochs": _O(None, help=_dflt("", 12)),
+    "batch_size": _O(None, "--batch-size", "-b", help=_dflt("images per step and process", 8)),
+    "lr": _O(None, help=_dflt("learning rate", 0.01)),
+    "optimizer": _O(None, help=_dflt("sgd | adamw", "sgd")),
+    "weight_decay": _O(None, help=_dflt("", "1e-4")),
+    "schedule": _O(None, help=_dflt("cosine | poly | step | constant", "cosine; poly for segmentation")),
+    "warmup_iters": _O(None, help=_dflt("linear warm-up steps", 100)),
+    "grad_clip": _O(None, help=_dflt("L2 max-norm, 0 disables", 35)),
+    "seed": _O(None, help=_dflt("", 0)),
+    "workers": _O(None, help=_dflt("data loader processes", 2)),
+    "image_size": _O(None, help=_dflt("input side", "the model's size")),
+    "device": _O(None, help=_dflt("auto | cpu | cuda[:i]", "auto")),
+    "amp": _O(None, help=_dflt("none | bf16 | fp16 | auto (bf16 where the hardware has native bf16)", "none")),
+    "max_train_images": _O(None, help=_dflt("train on the first N images", "0: all")),
+    "max_val_images": _O(None, help=_dflt("validate on the first N images", "0: all")),
+    "bn_recal": _O(None, help=_dflt("batches to re-estimate BN statistics before evaluation", 10)),
+    "out": _O(None, help=_dflt("run folder (refused if it holds a run)",
+                               "runs/<task>/<method>-<student>-from-<teacher>, numbered -2, -3... when taken")),
+    "config": _O(None, help="TOML, YAML or JSON options file, or a run folder / its config.json (repeat a run)"),
+    "resume": _O(None, help="continue this run folder"),
+    "student_weights": _O(None, help=_dflt("initial weights: zoo | backbone (ImageNet backbone only) | FILE",
+                                           "from scratch")),
+    "set": _O(None, "--set", help="method option key=value (method.key=value when combined); see `kdcli methods`"),
 }
 
 
 @app.command()
 def train(
     model: str = _O(None, "--model", "-m", help="zoo name, run folder, exported folder or hf-hub:org/name"),
-    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml "
-                              "(default shapes)"),
-    epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
-    optimizer: str = _O(None, help="sgd | adamw"), weight_decay: float = _O(None),
-    schedule: str = _O(None, help="cosine | poly | step | constant"), warmup_iters: int = _O(None),
-    grad_clip: float = _O(None, help="L2 max-norm, 0 disables"), seed: int = _O(None), workers: int = _O(None),
-    image_size: int = _O(None), device: str = _O(None, help="auto | cpu | cuda[:i]"),
-    amp: str = _O(None, help="none | bf16 | fp16 | auto (bf16 where the hardware has native bf16)"),
-    max_train_images: int = _O(None),
-    max_val_images: int = _O(None), bn_recal: int = _O(None, help="batches to re-estimate BN stats"),
-    out: Path = _O(None, help="run folder"), config: Path = _O(None, help="TOML/JSON config file"),
-    resume: Path = _O(None, help="continue this run folder"),
+    data: str = _TRAIN["data"], epochs: int = _TRAIN["epochs"], batch_size: int = _TRAIN["batch_size"],
+    lr: float = _TRAIN["lr"], optimizer: str = _TRAIN["optimizer"], weight_decay: float = _TRAIN["weight_decay"],
+    schedule: str = _TRAIN["schedule"], warmup_iters: int = _TRAIN["warmup_iters"],
+    grad_clip: float = _TRAIN["grad_clip"], seed: int = _TRAIN["seed"], workers: int = _TRAIN["workers"],
+    image_size: int = _TRAIN["image_size"], device: str = _TRAIN["device"], amp: str = _TRAIN["amp"],
+    max_train_images: int = _TRAIN["max_train_images"], max_val_images: int = _TRAIN["max_val_images"],
+    bn_recal: int = _TRAIN["bn_recal"], out: Path = _TRAIN["out"], config: Path = _TRAIN["config"],
+    resume: Path = _TRAIN["resume"],
     method: str = _O(None, "--method", help="teacher-free (self-KD) method(s) only, e.g. pskd or uskd"),
-    objective: str = _O(None, "--objective", help="ce | mcmi (MCMI teacher fine-tuning: CE − 0.15·CMI)"),
-    student_weights: str = _O(None, help="initial weights: zoo | backbone (ImageNet backbone only) | FILE; "
-                                         "default: from scratch"),
-    set_: list[str] = _O(None, "--set", help="method option key=value (method.key=value when combined)"),
+    objective: str = _O(None, "--objective", help=_dflt("ce | mcmi (MCMI teacher fine-tuning: CE − 0.15·CMI)",
+                                                        "ce")),
+    student_weights: str = _TRAIN["student_weights"], set_: list[str] = _TRAIN["set"],
     accumulate: int = _SCALE["accumulate"], channels_last: bool = _SCALE["channels_last"],
     compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
     ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
-    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"],
+    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"], log_every: int = _SCALE["log_every"],
+    keep: str = _SCALE["keep"], print_config: bool = _SCALE["print_config"],
 ) -> None:
     """Train one model (used to make teachers), optionally with a self-KD method or the MCMI objective."""
     from .config import parse_sets
@@ -149,6 +217,10 @@ def train(
                           bn_recal, out)
     opts.update(_scale_options(accumulate, channels_last, compile_, sync_bn, scale_lr, ckpt_every_steps,
                                zero_loss_steps))
+    if log_every is not None:
+        opts["log_every"] = log_every
+    if keep is not None:
+        opts["keep"] = keep
     if model:
         opts["model"] = model
     elif resume is None and config is None:
@@ -164,7 +236,7 @@ def train(
         opts["student_weights"] = student_weights
     if set_:
         opts["set"] = parse_sets(set_)
-    _run_training(opts, config, resume)
+    _run_training(opts, config, resume, print_config)
 
 
 @app.command()
@@ -172,25 +244,27 @@ def distill(
     method: str = _O(None, "--method", help="method name, or several joined by + (cwd+fgd)"),
     teacher: str = _O(None, "--teacher", "-t", help="zoo name, run folder, exported folder or hf-hub:org/name"),
     student: str = _O(None, "--student", "-s", help="zoo name, run folder, exported folder or hf-hub:org/name"),
-    set_: list[str] = _O(None, "--set", help="method option key=value (method.key=value when combined)"),
+    set_: list[str] = _TRAIN["set"],
     inherit: bool = _O(False, "--inherit", help="initialise the student's neck/head from the teacher"),
     skip_teacher_check: bool = _O(False, "--skip-teacher-check",
                                   help="do not stop when the teacher scores far below its reported metric"),
-    teacher_check_images: int = _O(None, help="validation images for the teacher check (default 50, 0: skip)"),
-    student_weights: str = _O(None, help="zoo | backbone (ImageNet backbone only) | FILE; default: from scratch"),
-    data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml "
-                              "(default shapes)"),
-    epochs: int = _O(None), batch_size: int = _O(None, "--batch-size", "-b"), lr: float = _O(None),
-    optimizer: str = _O(None), weight_decay: float = _O(None), schedule: str = _O(None),
-    warmup_iters: int = _O(None), grad_clip: float = _O(None), seed: int = _O(None), workers: int = _O(None),
-    image_size: int = _O(None), device: str = _O(None), amp: str = _O(None), max_train_images: int = _O(None),
-    max_val_images: int = _O(None), bn_recal: int = _O(None), out: Path = _O(None),
-    config: Path = _O(None), resume: Path = _O(None),
-    augment: str = _O(None, "--augment", help="none | hard (HARD's learned augmentations; --set hard.k=v)"),
+    teacher_check_images: int = _O(None, help=_dflt("validation images for the teacher check (0: skip)", 50)),
+    student_weights: str = _TRAIN["student_weights"],
+    data: str = _TRAIN["data"], epochs: int = _TRAIN["epochs"], batch_size: int = _TRAIN["batch_size"],
+    lr: float = _TRAIN["lr"], optimizer: str = _TRAIN["optimizer"], weight_decay: float = _TRAIN["weight_decay"],
+    schedule: str = _TRAIN["schedule"], warmup_iters: int = _TRAIN["warmup_iters"],
+    grad_clip: float = _TRAIN["grad_clip"], seed: int = _TRAIN["seed"], workers: int = _TRAIN["workers"],
+    image_size: int = _TRAIN["image_size"], device: str = _TRAIN["device"], amp: str = _TRAIN["amp"],
+    max_train_images: int = _TRAIN["max_train_images"], max_val_images: int = _TRAIN["max_val_images"],
+    bn_recal: int = _TRAIN["bn_recal"], out: Path = _TRAIN["out"], config: Path = _TRAIN["config"],
+    resume: Path = _TRAIN["resume"],
+    augment: str = _O(None, "--augment", help=_dflt("none | hard (HARD's learned augmentations; --set hard.k=v)",
+                                                    "none")),
     accumulate: int = _SCALE["accumulate"], channels_last: bool = _SCALE["channels_last"],
     compile_: bool = _SCALE["compile"], sync_bn: bool = _SCALE["sync_bn"], scale_lr: bool = _SCALE["scale_lr"],
     ckpt_every_steps: int = _SCALE["ckpt_every_steps"], zero_loss_steps: int = _SCALE["zero_loss_steps"],
-    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"],
+    nproc: int = _SCALE["nproc"], devices: str = _SCALE["devices"], log_every: int = _SCALE["log_every"],
+    keep: str = _SCALE["keep"], print_config: bool = _SCALE["print_config"],
 ) -> None:
     """Distil a teacher into a student with a method (self-KD methods need no --teacher)."""
     from .config import parse_sets
@@ -201,6 +275,10 @@ def distill(
                           bn_recal, out)
     opts.update(_scale_options(accumulate, channels_last, compile_, sync_bn, scale_lr, ckpt_every_steps,
                                zero_loss_steps))
+    if log_every is not None:
+        opts["log_every"] = log_every
+    if keep is not None:
+        opts["keep"] = keep
     given = {"model": student, "teacher": teacher, "method": method}
     opts.update({k: v for k, v in given.items() if v})
     if augment:
@@ -221,7 +299,7 @@ def distill(
         opts["teacher_check_images"] = teacher_check_images
     if student_weights:
         opts["student_weights"] = student_weights
-    _run_training(opts, config, resume)
+    _run_training(opts, config, resume, print_config)
 
 
 @app.command("eval")
@@ -230,27 +308,38 @@ def eval_(
     data: str = _O(None, help="shapes | coco:/path | cityscapes:/path | semantic:/path | data.toml/.yaml "
                               "(default: a run's own data, else shapes)"),
     batch_size: int = _O(8, "--batch-size", "-b"), device: str = _O("auto"),
-    max_images: int = _O(None, help="default: a run's --max-val-images, else all (0)"),
+    max_val_images: int = _O(None, "--max-val-images", help="evaluate the first N validation images "
+                             "(0: all; default: a run's own --max-val-images, else all)"),
+    max_images: int = _O(None, "--max-images", hidden=True),  # the old name of --max-val-images
     per_class: bool = _O(False, "--per-class", help="AP / IoU per class"),
-    out: Path = _O(None, help="folder for predictions.json (detection)"), workers: int = _O(2),
+    out: Path = _O(None, help="folder for metrics.json and predictions.json (detection)"), workers: int = _O(2),
     slide: str = _O(None, help="segmentation sliding-window inference: CROP[:STRIDE] as HxW, e.g. 512x1024"),
     write_labelids: Path = _O(None, "--write-labelids", help="write Cityscapes labelId PNGs of the predictions"),
+    json_: bool = _O(False, "--json", help="print the metrics as JSON (stdout) instead of tables"),
 ) -> None:
     """Evaluate a model: COCO box (and mask) AP (detection) or mIoU (segmentation)."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
     from . import api
-    from .report import metrics_table
+    from .report import scores_table
 
-    metrics = api.evaluate(model, data, batch_size, device, max_images, out_dir=out, workers=workers,
+    if max_images is not None:
+        max_val_images = max_images
+    metrics = api.evaluate(model, data, batch_size, device, max_val_images, out_dir=out, workers=workers,
                            per_class=per_class, slide=slide, write_labelids=write_labelids)
     names = metrics.pop("class_names")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    if json_:
+        typer.echo(json.dumps(metrics, indent=2, default=str))
+        return
     task = "detection" if "mAP" in metrics else "segmentation"
     console = Console()
-    console.print(metrics_table([(model, metrics)], task))
-    if task == "detection":
-        typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    console.print(scores_table(metrics, f"{model} on {data or 'its own data'}"))
     if not per_class:
         return
     def fmt(v: float | None) -> str:
@@ -339,27 +428,39 @@ def methods() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .methods import available
+    from .catalog import methods as catalog  # read from source: no torch import, as fast as --help
 
-    table = Table()
-    for col in ("method", "paper", "tasks", "teacher", "detection preset", "segmentation preset"):
-        table.add_column(col, overflow="fold")
-    for name, cls in available().items():
+    console = Console()
+    wide = console.width >= 140  # the presets need room; a narrow terminal gets the short table
+    table = Table(caption=("self-KD methods run with `kdcli train --method` or `kdcli distill` without --teacher; "
+                           "`--augment hard` wraps any method that has a teacher"
+                           + ("" if wide else "; presets: `kdcli methods` in a terminal >= 140 columns")))
+    cols = ["method", "tasks", "teacher", "paper"] + (["detection preset", "segmentation preset"] if wide else [])
+    for col in cols:
+        if wide:
+            table.add_column(col, overflow="fold")
+        elif col == "paper":  # the paper gives way: one line each, cut with an ellipsis
+            table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1)
+        else:
+            table.add_column(col, no_wrap=col != "teacher", max_width=14 if col == "teacher" else None)
+    table.expand = not wide
+    for name, info in catalog().items():
         # a teacher-free class may say what it is instead (MCMI: a teacher-training objective)
-        role = "yes" if cls.needs_teacher else getattr(cls, "teacher_note", "no (self-KD)")
-        table.add_row(name, cls.paper, ", ".join(cls.tasks), role,
-                      _fmt(cls.presets.get("detection")), _fmt(cls.presets.get("segmentation")))
-    table.caption = ("self-KD methods run with `kdcli train --method` or `kdcli distill` without --teacher; "
-                     "`--augment hard` (HARD's learned augmentations) wraps any method that has a teacher")
-    Console(width=160).print(table)
+        role = "yes" if info.needs_teacher else (info.teacher_note or "no (self-KD)")
+        tasks = ", ".join("det" if t == "detection" else "seg" if t == "segmentation" else t for t in info.tasks)
+        row = [name, tasks, role, info.paper]
+        if wide:
+            row += [_fmt(info.presets.get("detection")), _fmt(info.presets.get("segmentation"))]
+        table.add_row(*row)
+    console.print(table)
 
 
 def _check_teacher_free(spec: str) -> None:
-    """`kdcli train --method`: only methods that need no teacher (issue 4)."""
-    from .methods import get
+    """`kdcli train --method`: only methods that need no teacher."""
+    from .catalog import check_method_spec, methods
 
-    for name in (n.strip() for n in spec.split("+") if n.strip()):
-        if get(name).needs_teacher:
+    for name in check_method_spec(spec):
+        if methods()[name].needs_teacher:
             raise ConfigError(f"--method {name}: needs a teacher; use `kdcli distill --teacher ...` "
                               "(`kdcli train --method` takes self-KD methods only, see `kdcli methods`)")
 
@@ -497,7 +598,8 @@ def bench_quality(
     pairs: str = _O("all", help="shapes suite pairs: all or some of fcos,retina,deeplabv3,lraspp"),
     teacher_epochs: int = _O(0, help="epochs to train an untrained zoo teacher once (0: 16 detection, 8 segm.)"),
     data: str = _O("shapes", help="shapes | coco:/path | cityscapes:/path | semantic:/path | data file"),
-    methods: str = _O("all", help="all, or a,b,c (the baseline always runs)"),
+    method: str = _O("all", "--method", help="all, or a+b+c (a,b,c too; the baseline always runs)"),
+    methods: str = _O(None, "--methods", hidden=True),  # the old name of --method
     budget: str = _O("2e", help="per run, equal for every method: epochs (2e) or optimizer steps (300)"),
     seeds: int = _O(3), out: Path = _O(Path("runs/bench-quality"), help="suite folder (reruns reuse its runs)"),
     batch_size: int = _O(8, "--batch-size", "-b"), lr: float = _O(1e-3), optimizer: str = _O("adamw"),
@@ -510,6 +612,7 @@ def bench_quality(
     reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
     suite: str = _O("", help="evidence: the fixed paper-like suite (docs/results/evidence.md); --out, "
                     "--device, --workers apply, its own pairs, seeds and budgets"),
+    keep: str = _O("best", "--keep", help="what each finished run keeps: best | last | all"),
 ) -> None:
     """Every applicable method on one student at an equal budget over seeds; tables, plot, ranking."""
     if suite:
@@ -533,11 +636,12 @@ def bench_quality(
         chosen = [Pair(Path(student).name.replace("/", "_"), teacher, student, teacher_epochs)]
     else:
         chosen = [Pair(p.name, p.teacher, p.student, teacher_epochs or p.teacher_epochs) for p in pairs_from(pairs)]
+    methods = (methods or method).replace("+", ",")
     opts = QualityOptions(chosen, data=data, methods=methods, budget=budget, seeds=seeds, out=out,
                           batch_size=batch_size, lr=lr, optimizer=optimizer, amp=amp, image_size=image_size,
                           max_train_images=max_train_images, max_val_images=max_val_images, device=device,
                           workers=workers, student_weights=student_weights, isolate=isolate, jobs=jobs,
-                          reference=reference, command=_command_line())
+                          reference=reference, command=_command_line(), keep=keep)
     res = run_suite(opts, log=_echo)
     console = Console()
     for pair in chosen:
@@ -559,10 +663,12 @@ def bench_quality(
 @bench_app.command("speed")
 def bench_speed(
     teacher: str = _O("shapes-r34-fcos", "--teacher", "-t"), student: str = _O("shapes-r18-fcos", "--student", "-s"),
-    size: str = _O("128", help="input size: H (square) or HxW, e.g. 800x1333"),
-    batch: int = _O(8), steps: int = _O(10, help="timed pairs"),
+    image_size: str = _O("128", "--image-size", help="input size: H (square) or HxW, e.g. 800x1333"),
+    batch_size: int = _O(8, "--batch-size", "-b"), steps: int = _O(10, help="timed pairs"),
+    size: str = _O(None, "--size", hidden=True), batch: int = _O(None, "--batch", hidden=True),  # old names
     amp: str = _O("auto", help="none | bf16 | auto (bf16 where the hardware has native bf16)"),
-    methods: str = _O("all"),
+    method: str = _O("all", "--method", help="all, or a+b+c (a,b,c too)"),
+    methods: str = _O(None, "--methods", hidden=True),  # the old name of --method
     device: str = _O("all", help="all (CPU, and CUDA when available) | cpu | cuda"),
     clock: str = _O("wall", help="wall | cpu (process CPU time: steadier on a shared machine, with --threads 1)"),
     threads: int = _O(0, help="torch.set_num_threads (0: default)"),
@@ -574,6 +680,9 @@ def bench_speed(
     from .bench.speed import SpeedOptions, markdown, run_speed
     from .config import parse_sets
 
+    size = image_size if size is None else size
+    batch = batch_size if batch is None else batch
+    methods = (methods or method).replace("+", ",")
     opts = SpeedOptions(teacher=teacher, student=student, size=size, batch=batch, steps=steps, amp=amp,
                         methods=methods, device=device, clock=clock, threads=threads, memory=memory,
                         sets=parse_sets(set_), out=out, command=_command_line())

@@ -53,6 +53,8 @@ class RunConfig:
     teacher_check_images: int = 50
     skip_teacher_check: bool = False
     eval_every: int = 1
+    keep: str = "all"  # best | last | all: what a finished run keeps of its weights (engine/keep.py)
+    log_every: int = 0  # steps between plain progress lines when stderr is not a terminal (0: ~10 % of an epoch)
     # issue 4: `kdcli train --objective mcmi` (adds the teacher-free method `mcmi`); `--augment hard`
     # wraps the method(s) with HARD's augmentor, whose options (`--set hard.k=v`) move to augment_set
     objective: str = "ce"  # ce | mcmi
@@ -75,14 +77,23 @@ class RunConfig:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
-            raise ConfigError(f"{where}: unknown option(s) {', '.join(bad)} (valid: {', '.join(sorted(known))})")
+            raise ConfigError(f"{where}: unknown option(s) {', '.join(_did_you_mean(k, known) for k in bad)} "
+                              f"(valid: {', '.join(sorted(known))})")
         check_values(d, where)
-        return cls(**d)
+        floats = {f.name for f in fields(cls) if str(f.type) == "float"}
+        return cls(**{k: float(v) if k in floats else v for k, v in d.items()})  # `lr = 1` is 1.0
 
     def merged(self, updates: dict[str, Any]) -> RunConfig:
         d = self.to_dict()
         d.update({k: v for k, v in updates.items() if v is not None})
         return RunConfig.from_dict(d, "options")
+
+
+def _did_you_mean(key: str, known: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(known), n=1, cutoff=0.6)
+    return f"{key} (did you mean {close[0]}?)" if close else key
 
 
 # Lower bounds of numeric options, checked before anything is built: a wrong value must not start a run
@@ -140,15 +151,33 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a TOML, YAML or JSON file, or from a run: its folder or its ``config.json``
+    (the recorded ``config`` without ``out``, so that the repeat gets a run folder of its own)."""
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p / "config.json"
     if not p.is_file():
         raise ConfigError(f"--config {p}: no such file")
     try:
         if p.suffix == ".json":
-            return json.loads(p.read_text())
-        return tomllib.loads(p.read_text())
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+            d = json.loads(p.read_text())
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(p.read_text()) or {}
+        else:
+            d = tomllib.loads(p.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"--config {p}: {err}") from None
+    except ImportError:
+        raise ConfigError(f"--config {p}: YAML needs PyYAML (pip install pyyaml)") from None
+    except Exception as err:  # yaml.YAMLError: its message spans lines
+        raise ConfigError(f"--config {p}: {' '.join(str(err).split())}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config {p}: expected a table of options, got {type(d).__name__}")
+    if isinstance(d.get("config"), dict) and "task" in d:  # a run's record (kdcli.report.describe_run)
+        d = {k: v for k, v in d["config"].items() if k != "out"}
+    return d
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:

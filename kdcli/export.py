@@ -30,7 +30,9 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,3 +468,15 @@ def export(src: str | Path, out: str | Path | None = None, formats: str | list[s
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return result
+
+
+class _CallableModule(types.ModuleType):
+    """``kdcli.export(run, ...)``: importing this submodule binds it as the package's ``export``
+    attribute, so the module itself answers the call of the Python API (docs/api.md)."""
+
+    def __call__(self, run: str | Path, out: str | Path | None = None, formats: str | list[str] | None = None,
+                 image_size: int | None = None, onnx_exporter: str = "dynamo") -> Path:
+        return export(run, out, formats, image_size, onnx_exporter).folder
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -66,26 +66,68 @@ def describe_run(run: Run) -> None:
 
 
 @contextmanager
-def epoch_progress(run: Run, epoch: int, total: int, enabled: bool = True) -> Iterator[Callable[[dict], None]]:
-    """A rich progress bar showing each loss term; silent when output is not a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def epoch_progress(run: Run, epoch: int, total: int, enabled: bool = True, start: int = 0,
+                   lr: Callable[[], float] | None = None) -> Iterator[Callable[[dict], None]]:
+    """The progress of one training epoch (:class:`kdcli.progress.Progress`): a bar with the epoch's
+    and the run's ETA on a terminal, a plain line every ``--log-every`` steps otherwise."""
+    from .progress import Progress
 
-    console = Console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield lambda values: None
-        return
-    with Progress(
-        TextColumn(f"epoch {epoch + 1}/{run.cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console, transient=True,
-    ) as bar:
-        task = bar.add_task("train", total=total, losses="")
+    cfg = run.cfg
+    info = (lambda: f"lr {lr():.3g}") if lr is not None else None
+    with Progress(f"epoch {epoch + 1}/{cfg.epochs}", total, start=start, after=(cfg.epochs - epoch - 1) * total,
+                  log=run.log, every=getattr(cfg, "log_every", 0), info=info, enabled=enabled) as bar:
+        yield bar.advance
 
-        def advance(values: dict[str, float]) -> None:
-            text = " ".join(f"{k}={v:.3f}" for k, v in values.items())
-            bar.update(task, advance=1, losses=text)
 
-        yield advance
+def run_header(run: Run, steps_per_epoch: int) -> list[str]:
+    """What a run is, said once at its start: folder, device and precision, models, data, steps."""
+    cfg = run.cfg
+    what = cfg.model if run.teacher is None else f"{cfg.teacher} -> {cfg.model}"
+    if cfg.method:
+        what += f" with {cfg.method}"
+    n_train = getattr(run.train_loader, "dataset", None)
+    n_train_s = f"{len(n_train)}" if n_train is not None else "?"
+    world = f" x {run.dist.world} processes" if run.dist.world > 1 else ""
+    return [
+        f"run {run.folder}  ({run.task})",
+        f"  model   {what}",
+        f"  data    {cfg.data}: {n_train_s} train / {len(run.val_ds)} val images",
+        f"  device  {run.device}{world}, precision {'fp32' if cfg.amp == 'none' else cfg.amp}",
+        f"  budget  {cfg.epochs} epochs x {steps_per_epoch} steps (batch {cfg.batch_size}"
+        f"{f' x {cfg.accumulate} accumulated' if cfg.accumulate > 1 else ''}), {cfg.optimizer} lr {cfg.lr:g}, "
+        f"{cfg.schedule}",
+    ]
+
+
+def epoch_summary(row: dict[str, Any], epochs: int, metric: str, best: float) -> str:
+    """Two lines per epoch: the validation score (and best so far), lr and times; then the losses."""
+    losses = {k[5:]: float(v) for k, v in row.items() if k.startswith("loss/")}
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    key = f"val/{metric}"
+    if key in row:
+        parts.append(f"{metric} {float(row[key]):.4f} (best {best:.4f})")
+    parts.append(f"lr {float(row['lr']):.3g}")
+    times = f"train {row['train_time_s']:.0f}s"
+    if "eval_time_s" in row:
+        times += f" eval {row['eval_time_s']:.0f}s"
+    parts.append(times)
+    text = " | ".join(parts)
+    if losses:
+        text += f"\n  loss {sum(losses.values()):.4g}: " + ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+    return text
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes under ``folder``."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def metrics_table(rows: list[tuple[str, dict[str, Any]]], task: str, title: str = "") -> Any:
@@ -98,6 +140,22 @@ def metrics_table(rows: list[tuple[str, dict[str, Any]]], task: str, title: str 
         table.add_column(c, justify="right")
     for name, m in rows:
         table.add_row(name, *(f"{float(m.get(c, float('nan'))):.4f}" for c in cols))
+    return table
+
+
+def scores_table(metrics: dict[str, Any], title: str = "", per_row: int = 3) -> Any:
+    """The float metrics as metric/value pairs, ``per_row`` side by side: a dozen COCO metrics fit
+    80 columns (one column per metric does not)."""
+    from rich.table import Table
+
+    table = Table(title=title or None, title_justify="left", show_header=False)
+    for _ in range(per_row):
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+    items = [(k, f"{v:.4f}") for k, v in metrics.items() if isinstance(v, float)]
+    for i in range(0, len(items), per_row):
+        chunk = items[i:i + per_row]
+        table.add_row(*(x for kv in chunk for x in kv), *([""] * (2 * (per_row - len(chunk)))))
     return table
 
 

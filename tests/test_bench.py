@@ -344,3 +344,24 @@ def test_speed_refuses_a_batch_the_floor_cannot_train(tmp_path: Path):
     with pytest.raises(ConfigError, match="--batch 1 --size 64x64: the plain step of shapes-r18-deeplabv3 fails"):
         run_speed(opts, log=lambda s: None)
     assert not any(tmp_path.iterdir())
+
+
+def test_suite_reports_runs_done_and_its_eta(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    clock = [100.0]
+    monkeypatch.setattr(q.time, "time", lambda: clock[0])
+
+    def fake_run_one(cfg, isolate, log, jobs=1, stop=None):
+        clock[0] += 10.0  # each run takes 10 s
+        return {"config": cfg.to_dict(), "status": "ok", "metrics": {"mIoU": 0.5, "pixel_acc": 0.9},
+                "run_s": 10.0, "train_s": 9.0, "peak_mem_mb": 1.0, "loss_ratio": 0.0}
+
+    monkeypatch.setattr(q, "run_one", fake_run_one)
+    monkeypatch.setattr(q, "prepare_teacher", lambda pair, task, opts, log: ("teacher-dir", {"mIoU": 0.6}))
+    monkeypatch.setattr(q, "train_size", lambda pair, task, opts: 16)
+    monkeypatch.setattr(q, "write_outputs", lambda *a, **k: [])
+    lines: list[str] = []
+    pair = q.Pair("lraspp", "shapes-mbv3-lraspp", "shapes-mbv3-lraspp")
+    q.run_suite(q.QualityOptions([pair], methods="kd", budget="1", seeds=2, out=tmp_path / "s"), log=lines.append)
+    runs = [ln for ln in lines if "suite eta" in ln]
+    assert [ln.split()[1] for ln in runs] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert runs[0].endswith("(10s); suite eta 0:00:30") and runs[-1].endswith("suite eta 0:00:00")

@@ -247,5 +247,5 @@ def test_train_and_eval_on_mini_coco(coco: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["eval", str(run), "--data", f"coco:{coco}", "--per-class", "--workers", "0",
                                    "--device", "cpu", "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    assert "toothbrush" in res.output and "stop sign" in res.output and "mAP=" in res.output
+    assert "toothbrush" in res.output and "stop sign" in res.output and "mAP" in res.output
     assert (tmp_path / "ev" / "predictions.json").is_file()

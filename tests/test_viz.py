@@ -252,3 +252,27 @@ def test_segmentation_viz_masks(tiny_shapes: Path, tmp_path: Path):
     assert _png(tmp_path / "v" / "predictions.png") == (1000, 500)
     assert _png(tmp_path / "v" / "internals" / "dmkd.c5.spatial_mask.png") == (500, 500)
     assert any(p.name == "dmkd.c5.channel_mask.png" for p in res.files)
+
+
+def test_box_labels_name_the_right_class():
+    """Detection labels start at 1 (0 is background): label k is classes[k - 1], also for COCO's slots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.models import _meta
+
+    from kdcli.viz.viz import _draw_boxes, detection_label_name
+    from kdcli.zoo import class_names
+
+    shapes = class_names("shapes", "detection")  # circle, square, triangle
+    det = {"boxes": torch.tensor([[2.0, 2, 20, 20], [30, 30, 60, 50], [5, 40, 15, 60]]),
+           "labels": torch.tensor([1, 3, 2]), "scores": torch.tensor([0.9, 0.8, 0.1])}
+    fig, ax = plt.subplots()
+    assert _draw_boxes(ax, det, shapes, score=0.3) == 2
+    assert sorted(t.get_text() for t in ax.texts) == ["circle 0.90", "triangle 0.80"]
+    plt.close(fig)
+    coco = class_names("coco", "detection")
+    for label in (1, 3, 12, 13, 90):  # person, car, N/A (no category 12), stop sign, toothbrush
+        assert detection_label_name(label, coco) == _meta._COCO_CATEGORIES[label]
+    assert detection_label_name(13, coco) == "stop sign" and detection_label_name(0, coco) == "0"

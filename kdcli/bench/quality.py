@@ -51,6 +51,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..progress import fmt_time
 from .stats import ALPHA, holm, paired_test, verdict
 
 BASELINE = "baseline"
@@ -110,6 +111,7 @@ class QualityOptions:
     jobs: int = 1  # runs at once, each a child process with (usable cores // jobs) threads
     reference: Path | None = None
     command: str = ""
+    keep: str = "best"  # what each finished run keeps (engine/keep.py): a suite is many runs
 
 
 @dataclass
@@ -395,6 +397,9 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
         if resolve_ref(pair.teacher).spec.task != task:
             raise ConfigError(f"--teacher {pair.teacher} and --student {pair.student}: different tasks")
         plans[pair.name] = (task, method_names(task, opts.methods), Budget(0, 0, 0, ""))
+    # suite progress: runs done of all, and the ETA from the mean run time so far (runs at once: --jobs)
+    counter = {"done": 0, "run_s": 0.0, "total": sum(opts.seeds * len(p[1]) for p in plans.values())}
+    count_lock = threading.Lock()
     for pair in opts.pairs:
         task, names, _ = plans[pair.name]
         teachers[pair.name] = prepare_teacher(pair, task, opts, log)
@@ -410,7 +415,8 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
                     model=pair.student, teacher=teachers[pair.name][0] if needs_teacher(name) else None,
                     method=None if name == BASELINE else name, out=str(folder), seed=seed, epochs=budget.epochs,
                     max_train_images=budget.max_train_images or opts.max_train_images, eval_every=0,
-                    skip_teacher_check=True, student_weights=opts.student_weights, **recipe(task, opts))))
+                    skip_teacher_check=True, student_weights=opts.student_weights, keep=opts.keep,
+                    **recipe(task, opts))))
 
         def one(item: tuple[int, str, RunConfig], pair: Pair = pair, task: str = task) -> dict[str, Any]:
             seed, name, cfg = item
@@ -423,8 +429,14 @@ def run_suite(opts: QualityOptions, log: Any = print) -> SuiteResult:
                 rec = {"config": cfg.to_dict(), "status": f"failed: {type(err).__name__}: {err}"}
             main = METRICS[task][0]
             score = rec.get("metrics", {}).get(main)
-            log(f"[{pair.name}] seed {seed} {name}: " + (f"{main} {score:.4f}" if score is not None else rec["status"])
-                + f" ({time.time() - t0:.0f}s)")
+            with count_lock:
+                counter["done"] += 1
+                counter["run_s"] += time.time() - t0
+                done, total = int(counter["done"]), int(counter["total"])
+                eta = counter["run_s"] / done * (total - done) / opts.jobs
+            log(f"[{pair.name}] [{done}/{total}] seed {seed} {name}: "
+                + (f"{main} {score:.4f}" if score is not None else rec["status"])
+                + f" ({time.time() - t0:.0f}s); suite eta {fmt_time(eta)}")
             return rec
 
         if opts.jobs > 1:  # child processes: the threads only wait for them

@@ -30,13 +30,18 @@ Window = tuple[tuple[int, int], tuple[int, int]]  # ((crop_h, crop_w), (stride_h
 def evaluate_model(
     model: TapModel, loader: Any, dataset: Any, device: torch.device, out_dir: Path | None = None,
     amp: str = "none", shard: Any = None, *, per_class: bool = False, slide: Window | None = None,
-    label_ids_dir: Path | None = None,
+    label_ids_dir: Path | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """``shard`` (a :class:`~kdcli.engine.distributed.EvalShard`): ``loader`` holds this rank's share of
     the images; results are merged across ranks and every rank returns the same metrics.
     ``per_class`` adds per-category AP (detection); ``label_ids_dir`` writes Cityscapes labelId
-    PNGs of the predictions (segmentation, single process)."""
+    PNGs of the predictions (segmentation, single process). ``progress``: a bar on a terminal, a
+    line every 30 s in a log (:func:`kdcli.progress.track`)."""
+    from ..progress import track
     from .trainer import autocast_ctx
+
+    if progress and (shard is None or shard.is_main):
+        loader = _Tracked(loader, track)
 
     was = model.training
     model.eval()
@@ -47,6 +52,19 @@ def evaluate_model(
         return evaluate_segmentation(fn, loader, dataset, device, shard, slide, label_ids_dir)
     finally:
         model.train(was)
+
+
+class _Tracked:
+    """``loader`` iterated with a progress display; its length unchanged."""
+
+    def __init__(self, loader: Any, track: Callable[..., Any]) -> None:
+        self.loader, self.track = loader, track
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        return iter(self.track(self.loader, "eval"))
 
 
 def _detection(model: TapModel, loader: Any, dataset: Any, device: torch.device, out_dir: Path | None,

@@ -47,6 +47,7 @@ from .amp import flush_denormals, resolve_amp
 from .augment import attach_models, augment_batch  # issue 4
 from .evaluate_model import evaluate_model
 from .guards import GracefulStop, Interrupted, LossGuard, ignore_sigint_in_worker
+from .keep import check_keep
 from .teacher_check import check_teacher_kind, teacher_check
 
 
@@ -299,8 +300,12 @@ def degenerate_terms(method: nn.Module | None, maps: dict[str, tuple[int, int]])
 
 
 def run_folder(cfg: RunConfig) -> Path:
-    """The run folder: ``--out``, else ``runs/<method>-<model>``."""
-    return Path(cfg.out or f"runs/{cfg.method + '-' if cfg.method else ''}{Path(cfg.model).name}")
+    """The run folder: ``--out``, else the first free ``runs/<task>/<name>[-N]`` (:func:`default_run_folder`)."""
+    if cfg.out:
+        return Path(cfg.out)
+    from ..zoo import resolve_ref
+
+    return default_run_folder(cfg, resolve_ref(cfg.model).spec.task)
 
 
 def existing_run(folder: Path) -> str | None:
@@ -335,6 +340,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     from ..methods import build as build_method
 
     _check_speed_options(cfg)
+    check_keep(cfg.keep)
     check_writable(run_folder(cfg))
     dist = ddp.init(cfg.device)
     device = dist.device
@@ -431,7 +437,8 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     val_sampler = ddp.ShardSampler(len(val_ds), dist.rank, dist.world) if dist.enabled else None
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, sampler=val_sampler,
                                              generator=torch.Generator().manual_seed(cfg.seed), **common)
-    folder = run_folder(cfg)
+    # rank 0's folder for every rank: a default folder is numbered when taken (default_run_folder)
+    folder = Path(ddp.broadcast_object(str(run_folder(cfg)), dist))
     run = Run(cfg, task, folder, student, teacher, method, train_loader, val_loader, val_ds, device, log,
               dist=dist, sampler=sampler, command=command if command in COMMANDS else started_by(cfg))
     # images used of each split (a card must not present a subset's score as the split's)
@@ -452,6 +459,24 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
                 f"teaches nothing and the zero-loss guard ignores it ({drop})")
     run.step_module = ddp.wrap(ddp.DistillStep(student, method), dist)
     return run
+
+
+def _ref_name(ref: str) -> str:
+    return ref.rstrip("/").replace(":", "/").split("/")[-1].split("@")[0]
+
+
+def default_run_folder(cfg: RunConfig, task: str, root: Path = Path("runs")) -> Path:
+    """``runs/<task>/<name>``, ``<name>-2``, ``<name>-3``, ... (the first not yet there, as Ultralytics
+    numbers its runs): ``<name>`` is ``[<method>-]<model>[-from-<teacher>]``."""
+    name = (f"{cfg.method.replace('+', '-')}-" if cfg.method else "") + _ref_name(cfg.model)
+    if cfg.teacher:
+        name += f"-from-{_ref_name(cfg.teacher)}"
+    base = root / task / name
+    folder, i = base, 1
+    while folder.exists() and any(folder.iterdir()):
+        i += 1
+        folder = base.with_name(f"{name}-{i}")
+    return folder
 
 
 def _quiet(_msg: str) -> None:
@@ -773,7 +798,7 @@ def write_failure(err: BaseException, folder: Path) -> str | None:
 
 
 def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: GracefulStop) -> dict[str, Any]:
-    from ..report import describe_run, epoch_progress
+    from ..report import describe_run, epoch_progress, epoch_summary, run_header
 
     cfg, dist, folder = run.cfg, run.dist, run.folder
     tr = _Training(run)
@@ -793,6 +818,9 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
             folder.mkdir(parents=True, exist_ok=True)
             describe_run(run)
             _record_training(run, tr.lr)
+    if dist.is_main and progress:
+        for line in run_header(run, tr.steps_per_epoch):
+            run.log(line)
     st = tr.st
     metric_name = main_metric(run.task)
     metrics: dict[str, Any] = {}
@@ -806,7 +834,8 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
         if run.sampler is not None:
             run.sampler.set_epoch(epoch, skip=st.pos * cfg.batch_size)
         t0 = time.time()
-        with epoch_progress(run, epoch, batches, enabled=progress and dist.is_main) as advance:
+        with epoch_progress(run, epoch, batches, enabled=progress and dist.is_main, start=st.pos,
+                            lr=lambda: tr.opt.param_groups[0]["lr"]) as advance:
             it = st.pos
             for images, targets in run.train_loader:
                 if run.method is not None:
@@ -852,11 +881,13 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
                 run.sampler.set_epoch(epoch)
             recalibrate_bn(run.student, run.train_loader, cfg.bn_recal, run.device)
             ddp.average_bn_statistics(run.student, dist)
+        t_eval = time.time()
         if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             # the latest predictions go to last/; the best epoch's are copied next to best.safetensors
             shard = ddp.EvalShard(dist, run.val_ds) if dist.enabled else None
             metrics = evaluate_model(run.student, run.val_loader, run.val_ds, run.device,
-                                     out_dir=folder / "last" if dist.is_main else None, amp=cfg.amp, shard=shard)
+                                     out_dir=folder / "last" if dist.is_main else None, amp=cfg.amp, shard=shard,
+                                     progress=progress)
             row.update({f"val/{key}": round(v, 5) for key, v in metrics.items() if isinstance(v, float)})
             score = float(metrics.get(metric_name, -1.0))
             if score > st.best:
@@ -874,11 +905,15 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
             update_results_png(folder, run.log)  # issue 8: a plotting failure is logged, never raised
         st.epoch, st.pos, st.sums, st.n = epoch + 1, 0, {}, 0
         tr.save()
-        run.log(" ".join(f"{key}={v}" for key, v in row.items()))
+        run.log(epoch_summary({**row, "eval_time_s": time.time() - t_eval}, cfg.epochs, metric_name, st.best))
         if epoch + 1 < end and _any_rank(run, stop.requested is not None):
             raise Interrupted(f"interrupted by {stop.requested or 'a signal on another rank'} after epoch "
                               f"{epoch + 1}; checkpoint saved in {folder / 'weights'}. "
                               f"Continue with: {_resume_hint(run)}")
+    if dist.is_main and end == cfg.epochs and cfg.keep != "all":
+        from .keep import prune
+
+        prune(folder, cfg.keep)
     # every rank returns rank 0's record of the best epoch
     return ddp.broadcast_object(ckpt_metrics(folder) if dist.is_main else None, dist) or metrics
 

@@ -338,6 +338,13 @@ def draw_predictions(path: Path, img: Any, loaded: Loaded, s_out: Any, t_out: An
     return _save(fig, path)
 
 
+def detection_label_name(label: int, classes: list[str]) -> str:
+    """The class name of a detector's label: labels start at 1 (0 is background) and a detection
+    model's class list holds the foreground classes, so label ``k`` is ``classes[k - 1]`` (for
+    ``coco``, torchvision's category-id slots 1..90)."""
+    return classes[label - 1] if 1 <= label <= len(classes) else str(label)
+
+
 def _draw_boxes(ax: Any, det: dict[str, Any], classes: list[str], score: float, limit: int = 50) -> int:
     from matplotlib.patches import Rectangle
 
@@ -347,7 +354,7 @@ def _draw_boxes(ax: Any, det: dict[str, Any], classes: list[str], score: float, 
         label = int(det["labels"][i])
         colour = PALETTE[1 + (label % (len(PALETTE) - 1))]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=1.8))
-        name = classes[label] if 0 <= label < len(classes) else str(label)
+        name = detection_label_name(label, classes)
         ax.text(x0, y0, f"{name} {float(det['scores'][i]):.2f}", fontsize=7, color="white", va="bottom",
                 bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "edgecolor": "none"})
     return len(keep)

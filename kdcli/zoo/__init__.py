@@ -44,8 +44,10 @@ SHAPES_SEG = ["background", *SHAPES_DET]
 
 
 def class_names(classes: str | list[str], task: str) -> list[str]:
-    """Class names for a named set. Detection lists foreground classes only (torchvision adds
-    background at index 0), except ``coco`` which keeps torchvision's 91-slot layout."""
+    """Class names for a named set. Detection lists foreground classes only: the model's label ``k``
+    (``k >= 1``; torchvision's label 0 is background) is ``names[k - 1]``. ``coco`` keeps torchvision's
+    category-id layout: slots 1..90 with ``"N/A"`` where COCO has no category (91 outputs with
+    background)."""
     if isinstance(classes, list):
         return list(classes)
     if classes == "shapes":
@@ -263,6 +265,8 @@ def resolve_ref(ref: str, role: str = "model") -> ModelRef:
                 f"{p}: not a kdcli run folder (model.json) or exported model (config.json)"
             )
         raise ZooError(f"{p}: expected a run or export folder, or a zoo name")
+    if "/" in ref or ref.startswith("."):  # zoo names have no slash: this was meant as a folder
+        raise ZooError(f"{ref}: no such folder (a run or exported model folder; zoo names: `kdcli zoo list`)")
     spec = get_spec(ref)
     if ROLES.get(role) and spec.convert:
         from ..weights import converted_model
