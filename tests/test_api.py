@@ -28,7 +28,7 @@ def test_import_kdcli_is_light_and_checks_come_first():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == "False" and out[-1] == "False", out
     assert out[1].startswith("--method: unknown method 'nope'")
-    assert out[2] == "options: epochs = 'one': expected an integer"
+    assert out[2] == "--epochs 'one': expected an integer"
     assert "optimiser (did you mean optimizer?)" in out[3]
 
 

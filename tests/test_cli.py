@@ -26,8 +26,8 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str, after
     printed its header (kdcli.report.run_header) before it."""
     assert res.returncode != 0
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    if after_header and err and err[0].startswith("run "):
-        err = [ln for ln in err if not ln.startswith(("run ", "  "))]
+    if after_header and err and err[0].startswith("run "):  # the header, and progress lines (stderr is a file)
+        err = [ln for ln in err if not ln.startswith(("run ", "  ", "epoch "))]
     assert len(err) == 1, res.stderr
     assert err[0].startswith("error: ") and "Traceback" not in res.stderr
     for n in needles:
@@ -239,7 +239,11 @@ def test_eval_missing_folder_and_json(tiny_shapes: Path, tmp_path: Path):
 
 
 def test_eval_checks_classes_before_making_shapes(tmp_path: Path):
-    env_home = {"KDCLI_HOME": str(tmp_path / "home")}
+    env_home = {"KDCLI_HOME": str(tmp_path / "home"), "TORCH_HOME": str(tmp_path / "torch")}
+    # the weights file is there (checked first, also before any data): never read, the class check stops first
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / "fcos_resnet50_fpn_coco-99b0c9b7.pth"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not read")
     res = subprocess.run([sys.executable, "-m", "kdcli", "eval", "r50-fcos"], capture_output=True, text=True,
                          env={**os.environ, **env_home, "PYTHONWARNINGS": "ignore"}, timeout=300)
     assert_one_line_error(res, "r50-fcos: predicts 90 classes but --data shapes has 3")

@@ -299,7 +299,7 @@ def test_cli_file_size_limit_is_one_line(tiny_shapes: Path, tmp_path: Path):
                           "--device", "cpu", "--ckpt-every-steps", "1"],
                          capture_output=True, text=True, env=env, timeout=300, preexec_fn=limit)
     assert_one_line_error(res, f"--out {tmp_path / 'r'}: cannot write (File too large)",
-                          "no checkpoint had been written yet")
+                          "no checkpoint had been written yet", after_header=True)
 
 
 def test_one_writer_per_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
