@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from kdcli.bench.quality import main
+from kdcli.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.argv = [sys.argv[0], "bench", "quality", *sys.argv[1:]]  # the CLI's options, errors and exit codes
+    main()

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from kdcli.engine.distributed import DistillStep
-from kdcli.engine.trainer import autocast_ctx, compile_student
+from kdcli.engine.trainer import compile_student
 from kdcli.methods import build
 from kdcli.models import build_model
+from kdcli.runtime import autocast_ctx
 from kdcli.zoo import get_spec
 
 FEATURES: dict[str, dict[str, Any]] = {

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import hub  # noqa: F401 - registers the hf-hub: scheme with the zoo (no torch at import)
 from .config import TASK_DEFAULTS, RunConfig, apply_objective_and_augment
 from .errors import ConfigError, KdcliError
 
@@ -20,7 +21,7 @@ def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
     return cfg.merged(updates)
 
 
-# choices the engine accepts (kdcli.engine.trainer, kdcli.engine.amp), checked here without importing torch
+# choices the engine accepts (kdcli.engine.trainer, kdcli.runtime), checked here without importing torch
 CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "poly", "step", "constant"),
            "amp": ("none", "bf16", "fp16", "auto"), "keep": ("best", "last", "all"), "objective": ("ce", "mcmi"),
            "augment": ("none", "hard")}
@@ -111,6 +112,7 @@ def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = N
     from .engine import distributed as ddp
     from .engine.runlock import RunLock
     from .engine.trainer import build_run, check_writable, existing_run, fit, run_folder, started_by
+    from .viz.plots import update_results_png
 
     if explicit is not None:
         cfg = _with_task_defaults(cfg, explicit)
@@ -130,6 +132,7 @@ def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = N
                               f"`kdcli {command or started_by(cfg)} --resume {folder}` or choose another --out")
         try:
             run = build_run(cfg, log=log, command=command)
+            run.epoch_end.append(update_results_png)  # a plotting failure is logged, never raised
             metrics = fit(run, resume=resume, stop_after=stop_after)
             ok = True
         finally:
@@ -189,7 +192,7 @@ def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str
     amp = amp or str(run_cfg.get("amp") or "none")
     dev = pick_device(device)
     if amp == "auto":
-        from .engine.amp import resolve_amp
+        from .runtime import resolve_amp
 
         amp = resolve_amp(amp, dev)[0]
     window = parse_slide(slide) if slide else None

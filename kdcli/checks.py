@@ -34,7 +34,7 @@ def collect() -> dict[str, dict[str, Any]]:
     import torch
     import torch.distributed as dist
 
-    from . import __version__
+    from ._version import __version__
     from .weights import kdcli_home
 
     versions = {"kdcli": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
@@ -75,7 +75,7 @@ def collect() -> dict[str, dict[str, Any]]:
     hf_offline = hub_offline()
 
     resources = _resources(kdcli_home())
-    from .engine.amp import cpu_has_native_bf16, resolve_amp
+    from .runtime import cpu_has_native_bf16, resolve_amp
 
     resources["native bf16 on cpu"] = cpu_has_native_bf16()
     picks = [f"cpu: {resolve_amp('auto', torch.device('cpu'))[0]}"]

@@ -30,7 +30,7 @@ def _echo(msg: str) -> None:
 
 def _show_version(value: bool) -> None:
     if value:
-        from . import __version__
+        from ._version import __version__
 
         typer.echo(f"kdcli {__version__}")
         raise typer.Exit()

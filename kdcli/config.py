@@ -41,7 +41,7 @@ class RunConfig:
     workers: int = 2
     image_size: int = 0  # 0: the model's preprocess size
     device: str = "auto"
-    amp: str = "none"  # none | bf16 | fp16 | auto (engine/amp.py)
+    amp: str = "none"  # none | bf16 | fp16 | auto (kdcli/runtime.py)
     max_train_images: int = 0  # 0: all
     max_val_images: int = 0
     bn_recal: int = 10  # batches used to re-estimate BatchNorm statistics before evaluation
@@ -175,7 +175,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config {p}: {' '.join(str(err).split())}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"--config {p}: expected a table of options, got {type(d).__name__}")
-    if isinstance(d.get("config"), dict) and "task" in d:  # a run's record (kdcli.report.describe_run)
+    if isinstance(d.get("config"), dict) and "task" in d:  # a run's record (kdcli.engine.record.describe_run)
         d = {k: v for k, v in d["config"].items() if k != "out"}
     return d
 

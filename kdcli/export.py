@@ -96,8 +96,7 @@ def load_source(path: str | Path) -> Source:
     """A run folder (``model.json`` + ``weights/best.safetensors``) or an export folder
     (``config.json`` + ``model.safetensors``). The tensors are loaded strictly into the built model,
     which proves they are the student alone (an adapter or teacher key would be unexpected)."""
-    from . import __version__
-    from .hub import public_id
+    from ._version import __version__
     from .models import build_model
     from .weights import load_strict, read_checkpoint
     from .zoo import load_model_config
@@ -417,7 +416,7 @@ def export(src: str | Path, out: str | Path | None = None, formats: str | list[s
            image_size: int | None = None, onnx_exporter: str = "dynamo") -> ExportResult:
     """Write the requested formats of the student in ``src`` (run or export folder) into ``out``
     (default ``RUN/export``, or the export folder itself)."""
-    from .engine.checkpoint import save_json, save_tensors
+    from .io import save_json, save_tensors
 
     fmts = parse_formats(formats or "safetensors")
     if onnx_exporter not in EXPORTERS:
@@ -480,3 +479,28 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+DATA_KINDS = ("coco", "cityscapes", "semantic")  # --data kinds that name a local folder
+
+
+def public_id(value: str | None) -> str | None:
+    """A model or data reference as it may be published: zoo names, ``hf-hub:`` ids and ``shapes`` as
+    they are; a local path (a run or export folder, a weights file, a data folder) by its last name
+    only, ``local run (name)``, since an absolute path would publish a home directory's layout."""
+    if not value:
+        return value
+    text = str(value)
+    if text.startswith("hf-hub:") or text == "shapes":
+        return text
+    kind, sep, rest = text.partition(":")
+    if sep and kind in DATA_KINDS:
+        return f"{kind} (local folder {Path(rest.rstrip('/')).name or rest})"
+    from .zoo import names
+
+    if text in names():
+        return text
+    p = Path(text)
+    what = "run" if (p / "model.json").is_file() else "export" if (p / "config.json").is_file() else \
+        "folder" if p.is_dir() else "file"
+    return f"local {what} ({p.name or text})"

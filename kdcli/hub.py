@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import KdcliError, ZooError
+from .io import _scrub, is_kdcli_config
+from .zoo import register_scheme
 
 if TYPE_CHECKING:
     from .zoo import ModelRef
@@ -169,10 +171,6 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-def _scrub(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
-
-
 # -- pull ----------------------------------------------------------------------------------------------
 def resolve_hub_ref(ref: str) -> ModelRef:
     """A pushed kdcli model from the Hugging Face cache only (no network): spec + local weights."""
@@ -191,26 +189,6 @@ def resolve_hub_ref(ref: str) -> ModelRef:
     if not is_kdcli_config(found["config.json"], ref):
         raise ZooError(f"{ref}: config.json has no kdcli model spec; not a kdcli model")
     return ModelRef(load_model_config(found["config.json"]), found["model.safetensors"], ref)
-
-
-def is_kdcli_config(path: Path, where: str = "") -> bool:
-    """Whether a ``config.json`` is a kdcli export's (it holds the model spec under ``model``). An
-    unreadable file is an error when ``where`` names it, else simply not a kdcli config."""
-    try:
-        config = _read_config(path, where or str(path))
-    except ZooError:
-        if where:
-            raise
-        return False
-    return isinstance(config.get("model"), dict)
-
-
-def _read_config(path: Path, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ZooError(f"{where}: cannot read config.json ({err})") from None
-    return data if isinstance(data, dict) else {}
 
 
 def fetch(ref: str, command: str = "kdcli pull") -> Path:
@@ -234,29 +212,6 @@ def fetch(ref: str, command: str = "kdcli pull") -> Path:
     return path.parent
 
 
-DATA_KINDS = ("coco", "cityscapes", "semantic")
-
-
-def public_id(value: str | None) -> str | None:
-    """A model or data reference as it may be published: zoo names, ``hf-hub:`` ids and ``shapes`` as
-    they are; a local path (a run or export folder, a weights file, a data folder) by its last name
-    only, ``local run (name)``, since an absolute path would publish a home directory's layout."""
-    if not value:
-        return value
-    text = str(value)
-    if text.startswith("hf-hub:") or text == "shapes":
-        return text
-    kind, sep, rest = text.partition(":")
-    if sep and kind in DATA_KINDS:
-        return f"{kind} (local folder {Path(rest.rstrip('/')).name or rest})"
-    from .zoo import names
-
-    if text in names():
-        return text
-    p = Path(text)
-    what = "run" if (p / "model.json").is_file() else "export" if (p / "config.json").is_file() else \
-        "folder" if p.is_dir() else "file"
-    return f"local {what} ({p.name or text})"
 
 
 # -- the model card --------------------------------------------------------------------------------------
@@ -347,6 +302,8 @@ def _subset_text(subsets: dict[str, tuple[int, int | None]]) -> str:
 def public_record(record: dict[str, Any]) -> dict[str, Any]:
     """A run's config.json as it may be uploaded: local paths (data, out, teacher, student weights)
     replaced by :func:`public_id` names."""
+    from .export import public_id
+
     out = json.loads(json.dumps(record))
     cfg = out.get("config") or {}
     for key in ("model", "teacher", "data", "student_weights"):
@@ -366,6 +323,7 @@ def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Pa
     the evaluated metrics) and a body with the distillation recipe, results and loading code."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from .export import public_id
     from .zoo import ModelSpec
 
     spec = ModelSpec.from_dict(export_config["model"], "config.json")
@@ -479,8 +437,8 @@ def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Pa
 def stage_push(run: Path, repo: str, formats: str | list[str] | None = None, baseline: Path | None = None,
                dataset: str | None = None, license: str | None = None, base_model: str | None = None) -> Path:
     """A temporary folder with everything that will be uploaded."""
-    from .engine.checkpoint import save_json
     from .export import export
+    from .io import save_json
 
     if not (run / "model.json").is_file():
         raise KdcliError(f"{run}: not a kdcli run folder (model.json missing)")
@@ -539,3 +497,7 @@ def push(run: str | Path, repo: str, private: bool = False, revision: str | None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return str(info.pr_url or info.commit_url)
+
+
+# the zoo and the weight fetcher sit below this module: they find its hf-hub code through these registrations
+register_scheme(PREFIX, resolve_hub_ref, fetch)

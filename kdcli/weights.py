@@ -19,6 +19,7 @@ a one-line error naming the missing file and the fetch command. Offline mode (``
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -174,7 +175,6 @@ def entry_size(spec) -> str:  # noqa: ANN001
 
 
 def recorded_sha256() -> dict[str, str]:
-    import json
 
     path = zoo_dir() / SHA_FILE
     if not path.is_file():
@@ -187,7 +187,6 @@ def recorded_sha256() -> dict[str, str]:
 
 
 def record_sha256(fname: str, digest: str) -> None:
-    import json
 
     found = recorded_sha256()
     if found.get(fname) != digest:
@@ -315,7 +314,6 @@ def converted_model(spec, flag: str) -> Path:  # noqa: ANN001
     """The cached converted folder of a ``convert`` entry, or a one-line error naming the fetch
     command and the download size. A folder converted from a file whose sha256 is not the expected
     one is refused."""
-    import json
 
     folder = converted_folder(spec.name)
     cfg = folder / "config.json"
@@ -359,7 +357,6 @@ def user_pins() -> dict[str, str]:
     path = pins_path()
     if not path.is_file():
         return {}
-    import json
 
     try:
         data = json.loads(path.read_text())
@@ -402,7 +399,7 @@ def _record_pin(repo: str, rev: str | None, log: Callable[[str], None]) -> None:
     old = pins.get(repo)
     pins[repo] = str(rev)
     path = pins_path()
-    from .engine.checkpoint import save_json  # the project's atomic writer (fsync, then rename)
+    from .io import save_json  # the project's atomic writer (fsync, then rename)
 
     save_json(path, dict(sorted(pins.items())))
     was = f" (was {old})" if old else ""
@@ -454,7 +451,7 @@ def _hf_fetched(repo: str, rev: str | None) -> Path | None:
     both files). Offline, the weight file alone answers."""
     from huggingface_hub import try_to_load_from_cache
 
-    from .hub import is_kdcli_config
+    from .io import is_kdcli_config
 
     weights_path = _hf_cached(repo, rev)
     if weights_path is None:
@@ -548,7 +545,8 @@ def _fetch_hf(source: str, repo: str, rev: str | None, log: Callable[[str], None
         RevisionNotFoundError,
     )
 
-    from . import hub
+    from .io import _scrub, is_kdcli_config
+    from .zoo import scheme_fetch
 
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: the process may have changed it
     for fname in ("config.json", *HF_FILES):
@@ -564,12 +562,12 @@ def _fetch_hf(source: str, repo: str, rev: str | None, log: Callable[[str], None
             from huggingface_hub import get_token  # the implicit token must never reach a message
 
             first = (str(err).splitlines() or [type(err).__name__])[0]
-            raise ZooError(f"{source}: download failed ({hub._scrub(first, get_token())})") from None
+            raise ZooError(f"{source}: download failed ({_scrub(first, get_token())})") from None
         commit = path.parent.name  # snapshots/<commit>/<file>
         if fname == "config.json":
-            if hub.is_kdcli_config(path):  # a pushed kdcli model: one code path with `kdcli pull`
-                ref = f"{hub.PREFIX}{repo}" + (f"@{rev}" if rev else "")
-                folder = hub.fetch(ref, command="kdcli zoo fetch")
+            if is_kdcli_config(path):  # a pushed kdcli model: one code path with `kdcli pull`
+                ref = f"hf-hub:{repo}" + (f"@{rev}" if rev else "")
+                folder = scheme_fetch("hf-hub:")(ref, command="kdcli zoo fetch")
                 log(f"{source}: kdcli model (config.json, model.safetensors) at commit {folder.name} in {folder}; "
                     f"name it as {ref}")
                 return folder / "model.safetensors"

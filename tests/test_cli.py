@@ -23,7 +23,7 @@ def kdcli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str, after_header: bool = False) -> None:
     """One error line on stderr, no traceback; ``after_header``: a run that failed once started may have
-    printed its header (kdcli.report.run_header) before it."""
+    printed its header (kdcli.engine.record.run_header) before it."""
     assert res.returncode != 0
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
     if after_header and err and err[0].startswith("run "):  # the header, and progress lines (stderr is a file)

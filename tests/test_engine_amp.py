@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli.engine import amp as amp_mod
-from kdcli.engine.amp import resolve_amp
+from kdcli import runtime as amp_mod
 from kdcli.errors import ConfigError
+from kdcli.runtime import resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -59,7 +59,7 @@ def test_a_run_records_the_precision_auto_chose(tiny_shapes: Path, tmp_path: Pat
     folder, _ = api.train(cfg, log=logs.append)
     assert json.loads((folder / "config.json").read_text())["config"]["amp"] == "none"
     assert "--amp auto: none on cpu" in logs
-    # and the CPU run flushed subnormals to zero (engine/amp.py flush_denormals): 1e-39 now reads as 0
+    # and the CPU run flushed subnormals to zero (kdcli/runtime.py flush_denormals): 1e-39 now reads as 0
     assert (torch.tensor([1e-39]) * 1.0).item() == 0.0
 
 

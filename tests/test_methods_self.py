@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdcli import api
+from kdcli.augment.hard import HardAugment, frozen_bn_stats, stability
+from kdcli.augment.ops import Bounds, apply, mix, squash
 from kdcli.config import RunConfig, apply_objective_and_augment
-from kdcli.engine.augment import Bounds, apply, mix, squash
 from kdcli.errors import ConfigError
 from kdcli.methods import build
-from kdcli.methods.hard import HardAugment, frozen_bn_stats, stability
 from kdcli.methods.mcmi import cmi
 from kdcli.methods.pskd import alpha_schedule, location_targets, normalise_like_task, soft_focal, soft_target_ce
 from kdcli.models import build_model

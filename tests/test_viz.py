@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from kdcli import api
 from kdcli.cli import app
 from kdcli.config import RunConfig
+from kdcli.engine.monitor import MaskStats, mask_statistics
 from kdcli.methods import build
 from kdcli.methods.cankd import nonlocal_aggregate
 from kdcli.models.taps import ModelOutput, TapInfo
 from kdcli.viz import plots
-from kdcli.viz.stats import MaskStats, mask_statistics
 from kdcli.viz.viz import SINGLE, visualise
 
 C = 16

@@ -100,7 +100,7 @@ class QualityOptions:
     batch_size: int = 8
     lr: float = 1e-3
     optimizer: str = "adamw"
-    amp: str = "auto"  # bf16 where the hardware has native bf16 (engine/amp.py)
+    amp: str = "auto"  # bf16 where the hardware has native bf16 (kdcli/runtime.py)
     image_size: int = 0
     max_train_images: int = 0
     max_val_images: int = 0
@@ -663,7 +663,7 @@ def _loadavg() -> float:
 def markdown(opts: QualityOptions, res: SuiteResult, teachers: dict[str, tuple[str, dict[str, Any]]],
              plans: dict[str, tuple[str, list[str], Budget]], agreement: dict[str, tuple[float, int]],
              load: tuple[float, float]) -> str:
-    from ..report import versions
+    from ..engine.record import versions
 
     v = versions()
     lines = ["# Quality benchmark (`kdcli bench quality`)", ""]
@@ -799,14 +799,12 @@ def write_outputs(out: Path, opts: QualityOptions, res: SuiteResult, teachers: d
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m kdcli.bench.quality --child JOB`` only: the suite itself is ``kdcli bench quality``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--child":
         return _child_main(argv[1])
-    from ..cli import main as cli_main
-
-    sys.argv = [sys.argv[0], "bench", "quality", *argv]  # the CLI's options, errors and exit codes
-    cli_main()
-    return 0
+    print("usage: python -m kdcli.bench.quality --child JOB (the suite: kdcli bench quality)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import gc
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +47,7 @@ class SpeedOptions:
     size: int | str | tuple[int, int] = 128  # H (square) or "HxW" / (H, W): parse_size
     batch: int = 8
     steps: int = 10
-    amp: str = "auto"  # bf16 where the hardware has native bf16 (engine/amp.py)
+    amp: str = "auto"  # bf16 where the hardware has native bf16 (kdcli/runtime.py)
     methods: str = "all"
     device: str = "all"  # all | cpu | cuda
     clock: str = "wall"  # wall | cpu
@@ -286,8 +285,8 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     """Time (and measure the memory of) every method's step against the floor on each device."""
     import torch
 
-    from ..engine.amp import flush_denormals, resolve_amp
     from ..methods import build
+    from ..runtime import flush_denormals, resolve_amp
 
     hw = parse_size(opts.size)
     if opts.steps < 1 or opts.batch < 1:
@@ -299,9 +298,9 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     res = SpeedResult()
     all_opts = opts
     for dev in devices(all_opts.device):
-        # auto: bf16 only where the hardware has native bf16 kernels (engine/amp.py); this bench has no fp16
+        # auto: bf16 only where the hardware has native bf16 kernels (kdcli/runtime.py); this bench has no fp16
         amp, warning = resolve_amp(all_opts.amp, dev)
-        flush_denormals(dev)  # as the trainer does (engine/amp.py)
+        flush_denormals(dev)  # as the trainer does (kdcli/runtime.py)
         opts = replace(all_opts, amp=amp if amp == "bf16" else "none")
         if warning:
             log(f"warning: {warning}")
@@ -358,7 +357,7 @@ def precision(amp: str) -> str:
 
 
 def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
-    from ..report import versions
+    from ..engine.record import versions
     from .quality import machine
 
     v = versions()
@@ -402,16 +401,3 @@ def write_outputs(out: Path, opts: SpeedOptions, res: SpeedResult) -> list[Path]
     md = out / "speed.md"
     md.write_text(markdown(opts, res.rows))
     return [write_csv(out / "speed.csv", res.rows, list(COLUMNS)), md]
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    from ..cli import main as cli_main
-
-    sys.argv = [sys.argv[0], "bench", "speed", *argv]  # the CLI's options, errors and exit codes
-    cli_main()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

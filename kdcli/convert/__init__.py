@@ -118,7 +118,7 @@ def import_checkpoint(path: str | Path, arch: str, out: str | Path | None = None
     defaults): ``resnet_style`` (pytorch|caffe), ``bgr`` (bool), ``mean``/``std`` (0-255, network
     channel order), ``fcos_centerness`` (reg|cls), ``fcos_regression`` (relu|exp),
     ``relu_before_extra_convs`` (bool), ``name``."""
-    from ..engine.checkpoint import save_json, save_tensors
+    from ..io import save_json, save_tensors
     from ..models import build_model
     from ..weights import read_checkpoint, sha256
 

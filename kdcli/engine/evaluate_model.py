@@ -38,7 +38,7 @@ def evaluate_model(
     PNGs of the predictions (segmentation, single process). ``progress``: a bar on a terminal, a
     line every 30 s in a log (:func:`kdcli.progress.track`)."""
     from ..progress import track
-    from .trainer import autocast_ctx
+    from ..runtime import autocast_ctx
 
     if progress and (shard is None or shard.is_main):
         loader = _Tracked(loader, track)

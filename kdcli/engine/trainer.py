@@ -18,7 +18,6 @@ import dataclasses
 import errno
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,39 +33,23 @@ from ..errors import ConfigError, KdcliError, TrainingError
 from ..models import TapModel, build_model
 from ..models.build import imagenet_source, required_file
 from ..models.taps import TapInfo
-from ..viz.plots import update_results_png  # issue 8: results.png after each epoch
-from ..viz.stats import checkpoint_state as mask_stats_state
-from ..viz.stats import epoch_columns as mask_columns  # issue 8: mask/... columns of results.csv
-from ..viz.stats import observe as observe_internals
-from ..viz.stats import restore_state as restore_mask_stats
+from ..runtime import autocast_ctx, flush_denormals, resolve_amp, seed_everything
 from ..zoo import ModelSpec, resolve_ref
 from . import checkpoint as ckpt
 from . import distributed as ddp
-from .amp import flush_denormals, resolve_amp
 from .augment import attach_models, augment_batch  # issue 4
 from .evaluate_model import evaluate_model
 from .guards import GracefulStop, Interrupted, LossGuard, ignore_sigint_in_worker
 from .keep import check_keep
+from .monitor import checkpoint_state as mask_stats_state
+from .monitor import epoch_columns as mask_columns  # mask/... columns of results.csv
+from .monitor import observe as observe_internals
+from .monitor import restore_state as restore_mask_stats
 from .teacher_check import check_teacher_kind, teacher_check
 
 
 def pick_device(name: str) -> torch.device:
     return ddp.pick_device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast_ctx(device: torch.device, amp: str) -> Any:
-    if amp == "none":
-        return nullcontext()
-    if amp not in ("bf16", "fp16"):  # "auto" is resolved in build_run
-        raise ConfigError(f"--amp {amp}: expected none, bf16, fp16 or auto")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def lr_lambda(cfg: RunConfig, total_iters: int) -> Callable[[int], float]:
@@ -140,6 +122,9 @@ class Run:
     command: str = "train"  # the kdcli command that started the run (resume hints; see started_by)
     # (method, tap) groups whose term is exactly 0 for any input at this run's map sizes, with the reason
     degenerate: dict[str, str] = field(default_factory=dict)
+    # called on the main rank after each epoch's results.csv row, with the run folder and the log; the
+    # engine never draws or publishes anything itself (the API wires results.png here)
+    epoch_end: list[Callable[[Path, Callable[[str], None]], Any]] = field(default_factory=list)
 
     @property
     def wrapped(self) -> nn.Module:
@@ -349,7 +334,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
     amp, warning = resolve_amp(cfg.amp, device)
     if warning:
         log(f"warning: {warning}")
-    flush_denormals(device)  # subnormals slow CPU arithmetic many times over (engine/amp.py)
+    flush_denormals(device)  # subnormals slow CPU arithmetic many times over (kdcli/runtime.py)
     if amp != cfg.amp:  # "auto": the run (and config.json, so a resume) uses the precision chosen here
         log(f"--amp {cfg.amp}: {amp} on {device}")
         cfg = dataclasses.replace(cfg, amp=amp)
@@ -798,7 +783,7 @@ def write_failure(err: BaseException, folder: Path) -> str | None:
 
 
 def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: GracefulStop) -> dict[str, Any]:
-    from ..report import describe_run, epoch_progress, epoch_summary, run_header
+    from .record import describe_run, epoch_progress, epoch_summary, run_header
 
     cfg, dist, folder = run.cfg, run.dist, run.folder
     tr = _Training(run)
@@ -874,7 +859,7 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": tr.opt.param_groups[0]["lr"],
                                "train_time_s": round(train_time, 2)}
         row.update({f"loss/{key}": round(v / max(st.n, 1), 6) for key, v in st.sums.items()})
-        row.update(mask_columns(run))  # issue 8: mask/<method>.<tap>.<mask>.<stat> (kdcli/viz/stats.py)
+        row.update(mask_columns(run))  # mask/<method>.<tap>.<mask>.<stat> (kdcli/engine/monitor.py)
         last_epoch = epoch + 1 == cfg.epochs
         if cfg.bn_recal > 0:
             if run.sampler is not None:
@@ -902,7 +887,8 @@ def _fit(run: Run, resume: bool, progress: bool, stop_after: int | None, stop: G
                             os.replace(latest, folder / name)
         if dist.is_main:
             _write_csv(folder / "results.csv", row)
-            update_results_png(folder, run.log)  # issue 8: a plotting failure is logged, never raised
+            for callback in run.epoch_end:  # e.g. results.png (kdcli.viz.plots, wired by kdcli.api)
+                callback(folder, run.log)
         st.epoch, st.pos, st.sums, st.n = epoch + 1, 0, {}, 0
         tr.save()
         run.log(epoch_summary({**row, "eval_time_s": time.time() - t_eval}, cfg.epochs, metric_name, st.best))

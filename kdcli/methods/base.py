@@ -95,7 +95,7 @@ class Method(nn.Module):
         Keys are ``<tap>.<map>``; values are float tensors of shape (N, H, W) (one spatial map per image),
         (N, K, H, W) (K spatial maps), (N, C) (one channel weighting) or (N, K, C). A name ending in ``mask``
         is a mask: its mean, entropy and Dice between its K maps are logged during training
-        (:mod:`kdcli.viz.stats`). A name ending in ``query_attention`` is the attention row of the map
+        (:mod:`kdcli.engine.monitor`). A name ending in ``query_attention`` is the attention row of the map
         position nearest ``query`` = (y, x), given as fractions of the map's height and width
         (:meth:`query_index`). Called under ``torch.no_grad()``; must not change the method's state (the
         caller forks the random streams). Default: no internals.

@@ -11,7 +11,7 @@ Panels (each :data:`PANEL` inches at :data:`DPI` dpi, so the PNG is 500·panels 
    (``loss/<method>.<tap>...`` → ``<method> (sum)``) and the total, log scale when all are positive;
 2. validation: the headline ``val/*`` metrics (:data:`HEADLINE`: mAP, AP50, AP75 or mIoU, pixel accuracy; values
    outside [0, 1] such as COCO's −1 "no such objects" are left out), at the epochs that were evaluated;
-3. masks (only when the run logged ``mask/...`` columns, :mod:`kdcli.viz.stats`): each statistic of each
+3. masks (only when the run logged ``mask/...`` columns, :mod:`kdcli.engine.monitor`): each statistic of each
    method mask, averaged over the taps.
 """
 

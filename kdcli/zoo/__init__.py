@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -236,6 +237,25 @@ ROLES = {"model": "", "student": "", "teacher": "--teacher", "eval": "kdcli eval
          "student-zoo": "--student-weights zoo: --student"}
 
 
+# Reference schemes resolved by higher layers, registered when those are imported (kdcli.hub: ``hf-hub:``):
+# the zoo looks them up here instead of importing upwards.
+_SCHEMES: dict[str, Callable[[str], ModelRef]] = {}
+_FETCHERS: dict[str, Callable[..., Path]] = {}
+
+
+def register_scheme(prefix: str, resolve: Callable[[str], ModelRef], fetch: Callable[..., Path] | None = None) -> None:
+    """``resolve(ref)`` for references starting with ``prefix``; ``fetch(ref, command=...)`` downloads one."""
+    _SCHEMES[prefix] = resolve
+    if fetch is not None:
+        _FETCHERS[prefix] = fetch
+
+
+def scheme_fetch(prefix: str) -> Callable[..., Path]:
+    if prefix not in _FETCHERS:
+        raise ZooError(f"{prefix} downloads are made by kdcli.hub: import kdcli.api (or kdcli.hub) first")
+    return _FETCHERS[prefix]
+
+
 def resolve_ref(ref: str, role: str = "model") -> ModelRef:
     """Zoo name → spec (+ weights source); run folder or export folder → spec + local weights;
     ``hf-hub:org/name[@rev]`` → a pushed kdcli model from the Hugging Face cache (no download).
@@ -245,10 +265,11 @@ def resolve_ref(ref: str, role: str = "model") -> ModelRef:
     the converted folder ``kdcli zoo fetch`` cached (its own spec: the mmdet/mmseg layout), or a
     one-line error naming the fetch command and the download size. ``student``/``model``: the
     manifest's spec (torchvision layout), whatever is cached."""
+    for prefix, resolve in _SCHEMES.items():
+        if ref.startswith(prefix):
+            return resolve(ref)
     if ref.startswith("hf-hub:"):
-        from ..hub import resolve_hub_ref
-
-        return resolve_hub_ref(ref)
+        raise ZooError(f"{ref}: hf-hub references are resolved by kdcli.hub: import kdcli.api (or kdcli.hub) first")
     p = Path(ref)
     if p.exists():
         if p.is_dir():

@@ -8,7 +8,7 @@ What the paper states [abstract]: an augmentation model generates inputs on whic
 *disagree*; distilling on them transfers invariances that plain KD misses; augmentors range from
 spatial transformations to VAE-latent edits. kdcli implements the spatial + colour variant.
 
-Augmentor (:mod:`kdcli.engine.augment`): a distribution over bounded affine + colour parameters,
+Augmentor (:mod:`kdcli.augment.ops`): a distribution over bounded affine + colour parameters,
 ``u = μ + exp(log σ) ⊙ ε``, ``ε ~ N(0, I)``, ``value = bound ⊙ tanh(u)`` (8 numbers per image). The
 learnable state is ``μ, log σ ∈ R⁸`` (shared by all images; the noise makes each image's transform
 different). It is applied consistently to images, boxes (corners → hull → clip), label maps and
@@ -67,9 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..engine.augment import PARAMS, Bounds, apply, mix, squash, warp
 from ..errors import ConfigError
-from .base import coerce
+from ..methods.base import coerce
+from ..runtime import autocast_ctx
+from .ops import PARAMS, Bounds, apply, mix, squash, warp
 
 HARD_DEFAULTS: dict[str, Any] = {
     "fraction": 0.5,  # share of each batch replaced by augmented samples
@@ -250,8 +251,6 @@ class HardAugment(nn.Module):
 
     def ascent(self, batch: Any) -> None:
         """One Adam *ascent* step on ``D − λ·S`` with respect to ``μ`` and ``log σ`` only."""
-        from ..engine.trainer import autocast_ctx
-
         mu = self.mu.detach().clone().requires_grad_(True)
         log_sigma = self.log_sigma.detach().clone().requires_grad_(True)
         n = batch.images.shape[0]

@@ -58,7 +58,7 @@ def mask_statistics(name: str, mask: Tensor) -> dict[str, Tensor]:
 @contextmanager
 def forked_random_streams(module: Any, device: torch.device | None = None):
     """Run a block without moving any random stream: global CPU/CUDA and the module's own generators."""
-    from ..engine.checkpoint import module_generators
+    from .checkpoint import module_generators
 
     gens = module_generators(module)
     saved = {k: g.get_state() for k, g in gens.items()}

@@ -1,4 +1,5 @@
-"""Which autocast precision a run uses: ``--amp none | bf16 | fp16 | auto``.
+"""Run-time settings below every other layer: the autocast precision (``--amp none | bf16 | fp16 | auto``),
+the autocast context, seeding and CPU flush-to-zero.
 
 bf16 autocast only pays on hardware with native bf16 kernels. On a CPU without AVX-512 BF16 or AMX,
 oneDNN has no bf16 convolution and PyTorch falls back to im2col + emulated bf16 GEMM: measured on
@@ -14,9 +15,13 @@ with a warning.
 
 from __future__ import annotations
 
+import random
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 CHOICES = ("none", "bf16", "fp16", "auto")
 
@@ -59,3 +64,19 @@ def flush_denormals(device: torch.device) -> bool:
     already flushes them in its fast paths; nothing is changed there.
     """
     return device.type == "cpu" and bool(torch.set_flush_denormal(True))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_ctx(device: torch.device, amp: str) -> AbstractContextManager:
+    """The autocast context of a resolved ``amp`` (``auto`` is resolved by :func:`resolve_amp` first)."""
+    if amp == "none":
+        return nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ConfigError(f"--amp {amp}: expected none, bf16, fp16 or auto")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
