@@ -1,7 +1,7 @@
 r"""ACAM-KD — Adaptive and Cooperative Attention Masking for knowledge distillation (Lan & Tian, ICCV 2025,
-arXiv 2503.06307). **Reconstructed: there is no official code.** Spec: shared/methods/feature-methods.md §2
-and masked-methods.md §3 (which supersedes the former where they differ). The equations come from secondary
-summaries of the paper (tags [C2]/[S1] in the spec); the gaps are filled by analogy with MasKD, the method's
+arXiv 2503.06307). **Reconstructed: there is no official code.** Method page: docs/methods/acam.md
+(equations, assumptions, tag legend). The equations come from secondary summaries of the paper ([C2] = two
+or more independent summaries, [S1] = one); the gaps are filled by analogy with MasKD, the method's
 direct ancestor (hunto/MasKD, tag [ANC]) or by our choice ([INF]). Nothing here has been checked against the
 authors' code or the paper's PDF, and no reported number has been reproduced with it.
 
@@ -19,7 +19,7 @@ C_q = ⌊C/2⌋):
     L_div = D(M^s) + D(M^c),  D = mean_{n, i≠j} 2⟨X_i, X_j⟩ / (‖X_i‖² + ‖X_j‖² + 2·1e-12)  [ANC MasKD]
     loss  = α (L^c + L^s)  → key ``acam.<tap>``;   λ L_div → key ``acam.<tap>.div``        [S1: α = λ = 1]
 
-The engine sums the keys, i.e. the level losses are summed (masked-methods.md §3.2 step 10, [INF/ANC]).
+The engine sums the keys, i.e. the level losses are summed ([INF/ANC]: MasKD sums its levels).
 The masked terms never form the N×M×C×P tensor: ``‖M_m ⊙ Δ‖²`` is factorised through E_c / E_s. The
 attention uses :func:`torch.nn.functional.scaled_dot_product_attention` (one head; head dims zero-padded so
 that a fused kernel applies — CUDA memory-efficient, CPU flash — and the P×P matrix is never formed, neither by
@@ -30,41 +30,42 @@ attention's O(P²·C) FLOPs dominate at 800×1333 (docs/methods/acam.md, Compute
 in bf16 than in float32. It changes the values by the autocast dtype's round-off; without autocast it is the
 float32 computation.
 
-Assumptions (every one [INF] or [ANC] in the spec; the switch is named where the spec offers one):
+Assumptions (each tagged in docs/methods/acam.md; the switch is named where there is one):
 
-- A1 taps: all FPN neck outputs, one independent module set per level (feature-methods §2.1,
-  masked §3.3) — ``taps`` (default ``fpn``; e.g. ``fpn:4``). Segmentation: the main logits (§2.1 [NOTES],
-  masked §3.4) — ``taps=seg_logits``.
+- A1 taps: all FPN neck outputs, one independent module set per level — ``taps`` (default ``fpn``; e.g.
+  ``fpn:4``). Segmentation: the main logits (the summaries' "predicted segmentation maps") —
+  ``taps=seg_logits``.
 - A2 ``f_align`` (PyTorch default init) is applied even for equal channels on FPN features, as MasKD's
-  detection code (feature §2.2.1) — ``align = always | auto``. Segmentation preset ``auto``: logits of equal
+  detection code does — ``align = always | auto``. Segmentation preset ``auto``: logits of equal
   class counts are compared as they are (S̃ = S), as MasKD's segmentation loss does (hunto/MasKD
   segmentation/losses/maskd.py has no align conv) [ANC]. A randomly initialised 1×1 conv on logits lets the
   student match W·S + b to the teacher with S a channel mix of the teacher's logits: measured on shapes, one
   seed in three of each segmentation pair collapsed with ``always`` (docs/methods/acam.md).
-- A3 K/V come from the aligned student S̃, not the raw student the notes write (masked §3.2 step 2) —
+- A3 K/V come from the aligned student S̃, not the raw student the summaries write —
   ``kv_input = aligned | raw`` (raw needs C_S = C_T).
-- A4 W_q, W_k, W_v: 1×1 convs with bias, PyTorch default init (feature §2.2.2). Note that the key bias
+- A4 W_q, W_k, W_v: 1×1 convs with bias, PyTorch default init. Note that the key bias
   b_k cancels in the softmax (it adds Qᵀb_k to every logit of a row), so it never receives a gradient.
-- A5 no residual, output projection or normalisation in the fusion (feature §2.2.2, masked §3.2 step 4).
-  The spec offers no switch.
-- A6 C_q = ⌊C/2⌋ (at least 1); for 19-channel logits C_q = 9, scale 1/√9 (masked §3.4) — ``c_q`` (0 = this
+- A5 no residual, output projection or normalisation in the fusion (none is
+  described). No switch.
+- A6 C_q = ⌊C/2⌋ (at least 1); for 19-channel logits C_q = 9, scale 1/√9 — ``c_q`` (0 = this
   rule, else the value given).
 - A7 selection units m^s, m^c ~ N(0, 0.01²) (MasKD's token init; masks start ≈ 0.5) — ``mask_init_std``.
 - A8 the loss normalisers 1/(P·Σ_k M^c) and 1/(C·Σ_p M^s) with the mask squared in the numerator (only the
-  first factor is legible in the sources; feature §2.3, masked §3.2 step 8); ε = 1e-6 on each mask mass
-  (``mask_eps``) — ``mask_power = 2 | 1`` (1: Σ M·E / Σ M, scale-invariant, masked §3.5 R1).
+  first factor is legible in the sources); ε = 1e-6 on each mask mass
+  (``mask_eps``) — ``mask_power = 2 | 1`` (1: Σ M·E / Σ M, scale-invariant, against the scale collapse
+  described under the collapse monitor).
 - A9 per-image terms, mean over masks and batch (MasKD).
 - A10 Dice per ordered pair with ε = 1e-12 on each squared norm (MasKD code), not the printed global-sum
   form — ``div_form = pairwise | global`` (global = Σ_{i≠j}⟨X_i,X_j⟩ / Σ_i‖X_i‖², which is M−1, not 1, for
-  identical masks; masked §3.2 step 9).
+  identical masks).
 - A11 Dice on both the spatial and the channel masks, the two terms summed — ``div_on = both | spatial |
   channel``.
 - A12 masks receive gradients from L^c, L^s and L_div (the paper's "by optimising the two losses, the
   adaptive masks dynamically adjust", [S1]) — ``mask_grad = full | detach | detach_mass``: ``detach``
-  (feature §2.4; = masked §3.5 ``div_only``) feeds the masked terms detached masks, so mask units, W_q, W_k
-  and W_v learn from L_div alone; ``detach_mass`` (§3.5 R1) detaches only the normaliser Σ M.
+  feeds the masked terms detached masks, so mask units, W_q, W_k
+  and W_v learn from L_div alone; ``detach_mass`` detaches only the normaliser Σ M.
 - A13 the channel selection unit is one scalar per mask as printed ([C2]), so the M channel masks are
-  monotone re-scalings of the same pooled vector (§3.5 R3) — ``channel_units = scalar | vector``
+  monotone re-scalings of the same pooled vector — ``channel_units = scalar | vector``
   (vector: m^c ∈ R^{M×C}, element-wise).
 - A14 query from the teacher ([C2], Table 9) — ``query_source = teacher | student``; ``student`` swaps the
   roles: Q = W_q S̃, K = W_k T, V = W_v T (the ablation row "query from student"; which side gives V there
@@ -76,10 +77,12 @@ Assumptions (every one [INF] or [ANC] in the spec; the switch is named where the
 - The ACAM parameters are trained by the student's optimizer with the same LR and weight decay [INF]; the
   inheriting strategy and the 2x schedule are engine settings, not part of this module.
 
-Not offered: MasKD's 0.4× auxiliary-logit term (masked §3.4, default 0 there; kdcli exposes no aux logits),
-a regression-head KD term (feature §2.6, off by default there).
+Not offered: MasKD's 0.4× auxiliary-logit term (unknown for ACAM; kdcli exposes no aux logits), a
+MasKD-style regression-head KD term (nothing says ACAM uses one).
 
-Collapse monitor (masked §3.5 R1/R2): after each forward, :attr:`ACAM.last_stats` holds per tap the mask
+Collapse monitor (squared masks over a linear mass: a common scale s of a mask group scales its loss by s,
+so the masks can shrink; and a mask-weighted mean of Δ² favours regions the student already matches; Dice
+stops neither): after each forward, :attr:`ACAM.last_stats` holds per tap the mask
 means, the normalised entropies of the masks seen as distributions, the pairwise Dice of each mask group,
 the unweighted L^s, L^c and their ratio to mean(Δ²) (0.5 at init with ``mask_power=2``; a steady fall means
 the masks are shrinking).
