@@ -1,11 +1,11 @@
 r"""DMKD — Dual Masked Knowledge Distillation (Yang, Tang, Wu, Li, Xu, Wan; ICASSP 2024, arXiv 2309.02719).
 
-**Reconstructed from the abstract: there is no official code and the method text was not available.** Spec:
-shared/methods/masked-methods.md §4 (the template implemented here, [INF] throughout) and
-feature-methods.md §4. What the abstract gives ([ABS]): two masking branches, one guided by spatial and one
-by channel attention; each reconstructs the teacher feature from the masked student feature; the two
-reconstructions are fused with a "self-adjustable weighting strategy" before the loss. Everything
-quantitative below is the spec's template built from verified MGD/FGD primitives, not DMKD's own maths.
+**Reconstructed from the abstract: there is no official code and the method text was not available.** Method
+page: docs/methods/dmkd.md (kdcli's template, [INF] throughout; tag legend there). What the abstract gives
+([ABS]): two masking branches, one guided by spatial and one by channel attention; each reconstructs the
+teacher feature from the masked student feature; the two reconstructions are fused with a "self-adjustable
+weighting strategy" before the loss. Everything quantitative below is kdcli's template built from MGD/FGD
+primitives checked against their official code, not DMKD's own maths.
 No number of the paper has been reproduced with it.
 
 Per tap (teacher T, N×C×H×W; student S; P = H·W):
@@ -20,31 +20,33 @@ Per tap (teacher T, N×C×H×W; student S; P = H·W):
     R = w_s R_s + w_c R_c
     loss = α · Σ_{n,c,h,w} (R − T)² / N          MGD sum-MSE/N; key ``dmkd.<tap>``                D6
 
-Assumptions (all [INF] in masked-methods §4.2/§4.4; the switch is named where the spec offers one):
+Assumptions (all [INF], our inference; the switch is named where there is one):
 
-- D1 ``align = auto | always``: the adapter only when channels differ (MGD, §4.2 step 1). PyTorch default
+- D1 ``align = auto | always``: the adapter only when channels differ (as MGD). PyTorch default
   init. A student map of another H×W is resized to the teacher's after it (bilinear).
-- D2 FGD attention with τ = 0.5 (§2, §4.2 step 2) — ``temperature``. The ranking uses the logits
+- D2 FGD attention with τ = 0.5 (FGD's value) — ``temperature``. The ranking uses the logits
   mean|T| directly (softmax is monotone; this avoids ties from underflow), so τ only matters for
   ``loss_weight=attention``.
-- D3 hard ranked masks, zeroing the *most* attended positions/channels (§4.4: the AMD abstract says
+- D3 hard ranked masks, zeroing the *most* attended positions/channels (disputed: the AMD abstract says
   "important regions", a DFMSD review says the "less important") — ``mask_select = top | bottom``;
   ``mask_mode = ranked | random`` (random: MGD's Bernoulli mask, zero where u > 1 − ρ, u ~ U[0,1) drawn on
-  the CPU from :attr:`DMKD.generator`, None = global RNG; §4.2 "degenerate checks"). ⌈ρ·n⌉ is taken with a
-  1e-6 guard against round-off (0.65·20 = 13.000000000000002 → 13).
-- D4 two separate MGD generators (conv3×3 → ReLU → conv3×3, C→C, default init) (§4.2 step 5, §4.4 open).
+  the CPU from :attr:`DMKD.generator`, None = global RNG; with ρ = 0 the loss is MGD without masking). ⌈ρ·n⌉
+  is taken with a 1e-6 guard against round-off (0.65·20 = 13.000000000000002 → 13).
+- D4 two separate MGD generators (conv3×3 → ReLU → conv3×3, C→C, default init); whether DMKD shares
+  one generator is unknown.
   No switch.
-- D5 fusion (§4.2 step 6) — ``fusion = softmax | sigmoid | free``: softmax(θ), θ ∈ R² init 0 (w sums to 1);
-  sigmoid gate w_s = σ(θ_0), w_c = 1 − w_s (θ_0 init 0); free: unconstrained scalars init (½, ½). The
-  spec's fourth alternative (a 1×1 conv over the concatenation) is not offered. Per tap, not global.
+- D5 fusion (the abstract's "self-adjustable weighting") — ``fusion = softmax | sigmoid | free``:
+  softmax(θ), θ ∈ R² init 0 (w sums to 1);
+  sigmoid gate w_s = σ(θ_0), w_c = 1 − w_s (θ_0 init 0); free: unconstrained scalars init (½, ½). A
+  fourth reading (a 1×1 conv over the concatenation) is not offered. Per tap, not global.
 - D6 plain sum-MSE/N (MGD), α = 2e-5, ρ_s = ρ_c = 0.65 (one-stage MGD values; two-stage: α = 5e-7,
-  ρ = 0.45 via ``--set``) (§4.2 defaults) — ``loss_weight = none | attention`` (attention: FGD-style
-  weight A^S·A^C per element, §4.4 open point).
+  ρ = 0.45 via ``--set``) — ``loss_weight = none | attention`` (attention: FGD-style
+  weight A^S·A^C per element; whether DMKD weights its loss is unknown).
 - D7 taps: all FPN levels (``fpn``; MGD uses P3–P7 one-stage, P2–P5 two-stage: ``fpn:4``).
 - D8 segmentation is a kdcli extension (the paper is detection only): MGD's segmentation tap and values
-  (``c5``, α = 2e-5, ρ = 0.75; feature-methods §9.3) [ASSUMPTION].
+  (``c5``, α = 2e-5, ρ = 0.75; MGD's official configs) [ASSUMPTION].
 
-Reusable pieces (``samkd`` is built on them, masked §5.2 step 4): :func:`teacher_attention`,
+Reusable pieces (``samkd`` is built on them): :func:`teacher_attention`,
 :func:`ranked_keep_mask`, :class:`DualReconstruction`, :func:`reconstruction_loss`.
 
 Randomness is injectable: ``mask_mode=random`` draws from :attr:`DMKD.generator`; any mask can be passed
@@ -288,7 +290,7 @@ class DMKD(Method):
     name = "dmkd"
     paper = (
         "Yang et al., DMKD: Dual Masked Knowledge Distillation (ICASSP 2024, arXiv 2309.02719) — "
-        "reconstructed from the abstract (spec template), no official code"
+        "reconstructed from the abstract (kdcli template), no official code"
     )
     tasks = ("detection", "segmentation")
     needs_targets = False
@@ -299,9 +301,9 @@ class DMKD(Method):
             "ratio_spatial": 0.65,  # [ASSUMPTION] MGD λ (two-stage 0.45)
             "ratio_channel": 0.65,  # [ASSUMPTION] MGD λ
             "temperature": 0.5,  # [ASSUMPTION] FGD τ
-            "mask_select": "top",  # [ASSUMPTION] AMD abstract "important regions"; conflicting (§4.4)
+            "mask_select": "top",  # [ASSUMPTION] AMD abstract "important regions"; conflicting sources
             "mask_mode": "ranked",  # [ASSUMPTION] template; random = MGD Bernoulli
-            "fusion": "softmax",  # [ASSUMPTION] template §4.2 step 6
+            "fusion": "softmax",  # [ASSUMPTION] kdcli template (D5)
             "align": "auto",  # [ASSUMPTION] as MGD
             "loss_weight": "none",  # [ASSUMPTION] MGD sum-MSE/N
         },

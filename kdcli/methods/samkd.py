@@ -1,12 +1,12 @@
 r"""SAMKD — Spatial-aware Adaptive Masking KD (Zhang, Li, Li, Xu; arXiv 2501.07101 v2).
 
-**Reconstructed from the abstract: there is no official code and the method text was not available.** Spec:
-shared/methods/masked-methods.md §5 (the template implemented here, [INF] throughout; it builds on the DMKD
-template of §4, see :mod:`kdcli.methods.dmkd`) and feature-methods.md §3. What the abstract and summaries
-give ([ABS]/[SS]): SFD, coarse-to-fine spatial-pyramid masking of student features guided by dual (spatial
-+ channel) teacher attention, the masked features reconstructing the teacher's; and SLD, logit
-distillation guided by region-specific teacher–student feature differences. Every number and equation
-below is the spec's template, not the paper's. Do not attribute SAMKD's reported numbers to this module.
+**Reconstructed from the abstract: there is no official code and the method text was not available.** Method
+page: docs/methods/samkd.md (kdcli's template, [INF] throughout; it builds on the DMKD template, see
+:mod:`kdcli.methods.dmkd`). What the abstract ([ABS]) and secondary summaries give: SFD, coarse-to-fine
+spatial-pyramid masking of student features guided by dual (spatial + channel) teacher attention, the masked
+features reconstructing the teacher's; and SLD, logit distillation guided by region-specific teacher–student
+feature differences. Every number and equation below is kdcli's template, not the paper's. Do not attribute
+SAMKD's reported numbers to this module.
 
 Per tap (teacher T, N×C×H×W; student S; S̃ = f_align(S); Δ = T − S̃), for each grid g ∈ 𝒢:
 
@@ -27,25 +27,24 @@ SLD, on the same tap's dense classification logits (detection: the level's slice
     kl[n,p] = Σ_{anchors, classes} binary KL(σ(z^T/t) ‖ σ(z^S/t))   (segmentation: softmax KL over classes)
     L_SLD   = γ · mean_n Σ_p ω kl                                    → key ``samkd.<tap>.sld``       S7
 
-Assumptions (all [INF] in masked-methods §5.2 / feature-methods §3.2; the switch is named where the spec
-offers one):
+Assumptions (all [INF], our inference; the switch is named where there is one):
 
 - S1 cells partition the map by ⌊h·g/H⌋, which equals adaptive pooling's floor/ceil boundaries when g
-  divides H (§5.2 step 1); when it does not, adaptive-pooling cells overlap and a mask needs a partition.
+  divides H; when it does not, adaptive-pooling cells overlap and a mask needs a partition.
   A grid larger than the map is clamped to the map (min(g, H) × min(g, W)). No switch.
 - S2 hard ranked masks zeroing the most attended positions/channels of each cell — ``mask_select = top |
-  bottom`` (§4.4 conflict); ``mask_mode = ranked | random`` (random: MGD Bernoulli from
+  bottom`` (the sources conflict, see dmkd D3); ``mask_mode = ranked | random`` (random: MGD Bernoulli from
   :attr:`SAMKD.generator`, per grid, channel masks drawn per cell); ⌈·⌉ with a 1e-6 round-off guard;
-  ``grids`` (default 1, 2, 4; §5.2 step 1); ``ratio_spatial`` = ``ratio_channel`` = 0.65 (MGD/DMKD values).
+  ``grids`` (default 1, 2, 4); ``ratio_spatial`` = ``ratio_channel`` = 0.65 (MGD/DMKD values).
 - S3 one DMKD reconstruction module (f_align only if channels differ, two MGD generators, softmax(θ) fusion
-  — ``fusion``, ``align`` as in dmkd) per tap, *shared by all grids* (§5.2 step 4: "for g = 1 this is
-  exactly the DMKD template"). No switch. ``loss_weight = none | attention``: feature-methods §3.2 weights
-  the sum-MSE by the global FGD attention A^S·A^C (τ = ``temperature``); masked §5.2 (default) does not.
-- S4 β_g = 1/|𝒢| (masked §5.2) — ``grid_weight = mean | sum`` (feature §3.2: "sum over g").
-- S5 "coarse-to-fine" — ``pyramid_mode = joint | progressive`` (§5.2 step 5): joint uses every grid every
+  — ``fusion``, ``align`` as in dmkd) per tap, *shared by all grids* (for g = 1 this is exactly the DMKD
+  template). No switch. ``loss_weight = none | attention``: ``attention`` weights the sum-MSE by the global
+  FGD attention A^S·A^C (τ = ``temperature``); ``none`` (default) does not.
+- S4 β_g = 1/|𝒢| — ``grid_weight = mean | sum`` (sum: β_g = 1).
+- S5 "coarse-to-fine" — ``pyramid_mode = joint | progressive``: joint uses every grid every
   step; progressive ("g switches 1 → 2 → 4 at fixed epoch fractions") uses only grid
-  i = min(⌊progress·|𝒢| + 10⁻⁹⌋, |𝒢| − 1) with β = 1, i.e. equal fractions of the run per grid (the spec
-  gives no fractions). ``progress`` ∈ [0, 1) is the engine's training fraction (:meth:`Method.set_progress`,
+  i = min(⌊progress·|𝒢| + 10⁻⁹⌋, |𝒢| − 1) with β = 1, i.e. equal fractions of the run per grid (no
+  source gives the fractions). ``progress`` ∈ [0, 1) is the engine's training fraction (:meth:`Method.set_progress`,
   called before every step: (epoch + it / iters_per_epoch) / epochs), so with a number of epochs divisible by
   |𝒢| the switches fall on epoch boundaries (24 epochs: grid 1 for epochs 0–7, 2 for 8–15, 4 for 16–23), and
   short runs switch mid-epoch rather than never reaching the finest grid. The 10⁻⁹ guards k/|𝒢| against
@@ -54,7 +53,7 @@ offers one):
   per-image normalisation then batch mean. For segmentation the region weights, computed on the feature
   tap's grid, are resized (nearest) to the logits' size. The discrepancy uses S̃ of the same tap, detached.
 - S7 binary KL per class (sigmoid heads), t = ``sld_tau`` = 1, no t² factor, summed over classes and
-  anchors; γ = ``sld_weight`` = 1.0 has no source (§5.2: "start so that L_SLD ≈ L_SFD at iteration 0");
+  anchors; γ = ``sld_weight`` = 1.0 has no source (a starting point: tune so that L_SLD ≈ L_SFD at iteration 0);
   ``sld_weight=0`` switches SLD off (and the logits are then not requested).
 - S8 α = 2e-5 (MGD RetinaNet), τ = 0.5 (FGD), taps: all FPN levels, each a level of the dense head
   (RetinaNet/FCOS; for two-stage detectors use ``sld_weight=0`` and e.g. ``taps=fpn:4``).
@@ -186,29 +185,29 @@ class SAMKD(Method):
     name = "samkd"
     paper = (
         "Zhang, Li, Li & Xu, SAMKD: Spatial-aware Adaptive Masking KD (arXiv 2501.07101) — "
-        "reconstructed from the abstract (spec template), no official code"
+        "reconstructed from the abstract (kdcli template), no official code"
     )
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "detection": {
             "taps": "fpn",  # [ASSUMPTION] all FPN levels of the dense head (MGD levels)
-            "grids": (1, 2, 4),  # masked §5.2 step 1 [ASSUMPTION]
+            "grids": (1, 2, 4),  # [ASSUMPTION] S1
             "alpha": 2e-5,  # [ASSUMPTION] MGD RetinaNet value
             "ratio_spatial": 0.65,  # [ASSUMPTION] MGD λ
             "ratio_channel": 0.65,  # [ASSUMPTION] MGD λ
             "temperature": 0.5,  # [ASSUMPTION] FGD τ (only for loss_weight=attention)
-            "mask_select": "top",  # [ASSUMPTION] conflicting sources (masked §4.4)
+            "mask_select": "top",  # [ASSUMPTION] conflicting sources (dmkd D3)
             "mask_mode": "ranked",  # [ASSUMPTION] template
             "fusion": "softmax",  # [ASSUMPTION] DMKD template
             "align": "auto",  # [ASSUMPTION] as MGD
-            "loss_weight": "none",  # [ASSUMPTION] masked §5.2 (feature §3.2: attention)
-            "grid_weight": "mean",  # masked §5.2 β_g = 1/|G| [ASSUMPTION]
-            "pyramid_mode": "joint",  # masked §5.2 step 5 default [ASSUMPTION]
+            "loss_weight": "none",  # [ASSUMPTION] S3 (alternative: attention)
+            "grid_weight": "mean",  # β_g = 1/|G| [ASSUMPTION] S4
+            "pyramid_mode": "joint",  # [ASSUMPTION] S5
             "sld_weight": 1.0,  # γ [ASSUMPTION] no source value
-            "sld_keep": 0.5,  # κ masked §5.2 [ASSUMPTION]
+            "sld_keep": 0.5,  # κ [ASSUMPTION] S6
             "sld_region": "top",  # [ASSUMPTION]
-            "sld_tau": 1.0,  # t masked §5.2 [ASSUMPTION]
+            "sld_tau": 1.0,  # t [ASSUMPTION] S7
             "sld_logits": "cls_logits",  # dense classification logits [ASSUMPTION]
             "generator_precision": "amp",  # kdcli: generators in the training's autocast dtype (speed)
         },
