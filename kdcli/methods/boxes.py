@@ -1,8 +1,8 @@
 r"""Ground-truth boxes → foreground / background masks on one FPN level, for a whole batch at once.
 
 This is FGD's box → level mapping (Yang et al., CVPR 2022; official code yzd-v/FGD
-``mmdet/distillation/losses/fgd.py``, ``FeatureLoss.forward``). Spec: shared/methods/
-feature-methods.md §8.3, reproduced exactly. For image ``i`` and a level of H×W cells:
+``mmdet/distillation/losses/fgd.py``, ``FeatureLoss.forward``), reproduced exactly (docs/methods/fgd.md,
+"Box → level masks"). For image ``i`` and a level of H×W cells:
 
 1. **Scale** each box ``(x1, y1, x2, y2)`` (resized-input pixels) to the level grid::
 

@@ -1,9 +1,10 @@
 r"""FGD — Focal and Global Knowledge Distillation for Detectors (Yang, Li, Jiang, Wang, Wang, Yuan,
 Xu; CVPR 2022; official code yzd-v/FGD, ``mmdet/distillation/losses/fgd.py``, ``FeatureLoss``).
-Spec: shared/methods/feature-methods.md §8, followed exactly (official reductions included).
+Method page: docs/methods/fgd.md (equations, official defaults, parity); the official code is followed
+exactly, its reductions included.
 
 Per distilled FPN level, with F_S the (aligned) student map, F_T the teacher map (detached), both
-(N, C, H, W), T the temperature and the box masks M_fg, M_bg of :mod:`kdcli.methods.boxes` (§8.3)::
+(N, C, H, W), T the temperature and the box masks M_fg, M_bg of :mod:`kdcli.methods.boxes`::
 
     S(F)   = H·W · softmax_{hw}( mean_c |F| / T )                      (N, H, W)        (1)
     Cat(F) = C · softmax_c( mean_{hw} |F| / T )                        (N, C)           (2)
@@ -15,8 +16,8 @@ Per distilled FPN level, with F_S the (aligned) student map, F_T the teacher map
     L_glb  = Σ (out_s − out_t)² / N                                                      (8)
     L      = α L_fg + β L_bg + γ L_at + λ L_glb                                          (9)
 
-Only the teacher's attention weights (3)–(4). (1)–(2) are the spec's §8.2, (3)–(5) and (8) its
-§8.4; "/ N" is the batch size (mmdet ``MSELoss(reduction="sum") / len(...)``), so the losses are
+Only the teacher's attention weights (3)–(4). (1)–(2) are the paper's attention maps, (3)–(5) and (8)
+its losses; "/ N" is the batch size (mmdet ``MSELoss(reduction="sum") / len(...)``), so the losses are
 sums over C·H·W — the official weights below only make sense with this reduction. The official
 code multiplies both maps by √(M·S·Cat) before a sum-MSE; (3)–(4) are the same quantity.
 ``channel_add_conv_b`` is conv1×1(C→C/2) → LayerNorm([C/2, 1, 1]) → ReLU → conv1×1(C/2→C): a
@@ -30,8 +31,8 @@ start out_b = F and L_glb = Σ (F_S − F_T)² / N; the other layers (and ``alig
 defaults. With the zero last conv only that conv (and ``align``) gets gradient at first; the
 rest of the GcBlocks start learning once it has moved.
 
-Presets (§8.5; constant, no schedule). ``recipe`` selects an official config row, applied to
-the weights you do not ``--set``:
+Presets (official configs, yzd-v/FGD ``configs/distillers/fgd/*``; constant, no schedule). ``recipe``
+selects an official config row, applied to the weights you do not ``--set``:
 
 =============  ======  =======  ========  ========  ======  ====================================
 recipe         T       α        β         γ         λ       official config
@@ -48,14 +49,14 @@ models put on every tap (``TapInfo.family``): ``retinanet`` → retinanet, ``fco
 ``fasterrcnn`` / ``maskrcnn`` → faster_rcnn (the official Mask R-CNN configs use the Faster R-CNN
 values). Taps without a family (hand-made tap info) fall back to ``faster_rcnn`` for an FPN that
 starts at P2 and ``retinanet`` otherwise. The class default γ of the official code is 1e-3; every
-config uses the values above. ``taps="auto"`` (default) takes the official levels (§1.2): every FPN
+config uses the values above. ``taps="auto"`` (default) takes the official levels: every FPN
 level (P3–P7) of a one-stage student, every level but the last (the max-pool P6; P2–P5 on a ResNet
 FPN) of a two-stage one. ``box_scaling`` is ``"img_shape"`` (official: boxes
 scaled by the level size over the *unpadded* resized image size), or ``"input"`` / ``"stride"``
 (see :mod:`kdcli.methods.boxes`). ``init_student=True`` of the official configs is the
-"inheriting strategy" (§1.4), an engine option, not part of this loss.
+"inheriting strategy" (the student starts from the teacher's neck and head), an engine option, not part of this loss.
 
-Parity layout (§8.6): ``levels[tap]`` has exactly the official ``FeatureLoss`` parameters —
+Parity layout: ``levels[tap]`` has exactly the official ``FeatureLoss`` parameters —
 ``align`` (only when channels differ: 1×1 conv student→teacher channels with bias, PyTorch
 default init), ``conv_mask_s``, ``conv_mask_t``, ``channel_add_conv_s.{0,1,3}``,
 ``channel_add_conv_t.{0,1,3}`` — so an official state dict loads without renaming:
@@ -91,7 +92,7 @@ from .common import build_adapter, check_pair, float32_region, match_spatial, up
 
 WEIGHTS = ("temp", "alpha", "beta", "gamma", "lambda")
 _RETINA = {"temp": 0.5, "alpha": 1e-3, "beta": 5e-4, "gamma": 5e-4, "lambda": 5e-6}
-# feature-methods.md §8.5 (yzd-v/FGD configs/distillers/fgd/*)
+# the official configs (yzd-v/FGD configs/distillers/fgd/*)
 RECIPES: dict[str, dict[str, float]] = {
     "retinanet": dict(_RETINA),
     "gfl": dict(_RETINA),
@@ -101,7 +102,7 @@ RECIPES: dict[str, dict[str, float]] = {
 }
 
 
-# detector family (TapInfo.family, set by kdcli's detection models) → official config row (§8.5); the
+# detector family (TapInfo.family, set by kdcli's detection models) → official config row; the
 # official Mask R-CNN configs (R101 → R50, Cascade X101 → R50) use the Faster R-CNN values
 FAMILY_RECIPES = {"retinanet": "retinanet", "fcos": "fcos", "fasterrcnn": "faster_rcnn", "maskrcnn": "faster_rcnn"}
 TWO_STAGE = ("fasterrcnn", "maskrcnn")
@@ -124,7 +125,7 @@ def two_stage(student: dict[str, TapInfo]) -> bool:
 
 
 def auto_taps(student: dict[str, TapInfo]) -> list[str]:
-    """The official FGD levels (§1.2): every FPN level of a one-stage student (P3–P7); for a two-stage
+    """The official FGD levels: every FPN level of a one-stage student (P3–P7); for a two-stage
     student every level but the last, the max-pool P6 (P2–P5 on a ResNet FPN)."""
     levels = fpn_taps(student)
     return levels[:-1] if two_stage(student) and len(levels) > 1 else levels
@@ -239,7 +240,7 @@ class FGD(Method):
         return hp
 
     def tap_spec(self, hp: dict[str, Any], student: dict[str, TapInfo]) -> Any:
-        # "auto": P3–P7 for one-stage students, P2–P5 for two-stage ones (§1.2)
+        # "auto": P3–P7 for one-stage students, P2–P5 for two-stage ones (official configs)
         return auto_taps(student) if hp["taps"] == "auto" else hp["taps"]
 
     def __init__(
@@ -333,7 +334,7 @@ class FGD(Method):
 
     def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
                   query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
-        """Per tap (kdcli viz, mask statistics): the box masks ``fg_mask``/``bg_mask`` (§8.3), the teacher's and
+        """Per tap (kdcli viz, mask statistics): the box masks ``fg_mask``/``bg_mask`` (boxes.py), the teacher's and
         the student's spatial attention S(F) (Eq. 1), the teacher's channel attention Cat(F_T) (Eq. 2) and the
         teacher branch's global-context weights softmax_hw(conv_mask_t(F_T)) (Eq. 6)."""
         out: dict[str, Tensor] = {}
