@@ -2,7 +2,7 @@ r"""Pieces shared by the logit methods (``kd``, ``dkd``, ``nkd``, ``uskd``, ``bc
 
 Method pages: docs/methods/kd.md (reductions), docs/methods/dkd.md, nkd.md, uskd.md, bckd.md. Three jobs:
 
-1. **Dense outputs → samples** (§1.3). Every loss here works on ``(M, K)`` rows (one class
+1. **Dense outputs → samples**. Every loss here works on ``(M, K)`` rows (one class
    distribution per row, classes last) plus a per-row weight:
 
    - segmentation (:func:`pixel_samples`): one row per pixel of the ``(N, K, h, w)`` logits. The two
@@ -15,11 +15,11 @@ Method pages: docs/methods/kd.md (reductions), docs/methods/dkd.md, nkd.md, uskd
      :func:`kdcli.models.detection.match_locations`): RetinaNet's IoU matcher (positive at IoU ≥ 0.5
      plus low-quality best matches, background < 0.4, ignored in between) and FCOS's centre-sampling
      and scale-range rule (no ignored locations). With ``positives=True`` only matched locations are
-     kept (S1 of §1.4, the only faithful way to run a softmax/target decomposition on a sigmoid head)
+     kept (the only faithful way to run a softmax/target decomposition on a sigmoid head)
      and torchvision's background column 0 — never a target, no class of its own — is dropped, so the
      softmax runs over the C−1 real classes and a label ``y`` (1..C−1) becomes column ``y−1``.
 
-2. **Target / non-target decomposition** (:func:`target_split`, §2.2/§2.4): for logits ``z``,
+2. **Target / non-target decomposition** (:func:`target_split`; NKD and DKD): for logits ``z``,
    label ``y`` and temperature τ, ``log p_y``, ``log(1 − p_y)`` and the non-target log-softmax
    ``log p̂_i = z_i/τ − logsumexp_{j≠y} z_j/τ``. ``1 − p_y`` is taken as
    ``exp(logsumexp_{j≠y} − logsumexp_all)`` (no cancellation when ``p_y → 1``); removing the target

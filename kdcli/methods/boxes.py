@@ -21,8 +21,8 @@ This is FGD's box → level mapping (Yang et al., CVPR 2022; official code yzd-v
      the boxes and the feature map really share. With torchvision's padding to a multiple of 32
      this is exactly ``x / stride`` on P2–P5; on P6/P7 (whose sizes are rounded up) it spreads
      the small mismatch evenly over the map.
-   - ``"stride"``: ``x ← x / stride`` with the level's nominal stride (the spec's "correct
-     alternative"): cell ``j`` covers input pixels ``[j·stride, (j+1)·stride)``.
+   - ``"stride"``: ``x ← x / stride`` with the level's nominal stride (the geometrically
+     consistent alternative): cell ``j`` covers input pixels ``[j·stride, (j+1)·stride)``.
 
 2. **Round outwards**: ``wmin = ⌊x1⌋``, ``wmax = ⌈x2⌉``, ``hmin = ⌊y1⌋``, ``hmax = ⌈y2⌉`` (as
    int32, like the official ``.int()``). The box then covers rows ``hmin..hmax`` and columns
@@ -49,8 +49,8 @@ batch: each box gets its row and column intervals as (K, H) and (K, W) indicator
 per-pixel maximum is taken with one ``scatter_reduce_(…, "amax")`` into the (N, H, W) mask. Peak
 memory is K·H·W mask-dtype values (K = boxes in the batch), about 27 MB in float32 for 400 boxes
 on a 100×168 P3 map. No gradient flows through the masks. (The first public version of the
-official code indexed ``M_fg[wmin:wmax+1, hmin:hmax+1]``, rows and columns swapped; the version
-the spec was read from, and this module, index rows with ``h``.)
+official code indexed ``M_fg[wmin:wmax+1, hmin:hmax+1]``, rows and columns swapped; the later
+version, and this module, index rows with ``h``.)
 """
 
 from __future__ import annotations

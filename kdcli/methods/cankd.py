@@ -1,6 +1,6 @@
 r"""CanKD — Cross-Attention-based Non-local Knowledge Distillation (Sun & Ohyama, arXiv 2511.21503,
 WACV 2026; official code tori-hotaru/CanKD, ``mmrazor/models/losses/nlkd_IN_loss.py``,
-``NLKD_IN_Loss``). Spec: shared/methods/feature-methods.md §5, followed exactly.
+``NLKD_IN_Loss``), followed exactly. Method page: docs/methods/cankd.md.
 
 Modules per tap (C = teacher channels, C_i = max(⌊C/2⌋, 1); all convs 1×1 with bias, PyTorch
 default init):
@@ -9,7 +9,7 @@ default init):
     g: conv C→C_i, then MaxPool 2×2 s2 on the teacher
     W: conv C_i→C then BatchNorm2d(C) with γ = β = 0 at init
 
-Equations (numbered as the steps of spec §5.3, not as in the paper; dot-product non-local
+Equations (numbered as computation steps, not as in the paper; dot-product non-local
 cross-attention)::
 
     f   = θ(F_S)ᵀ φ(F_T) / N_k             (HW × N_k, N_k = ⌊H/2⌋·⌊W/2⌋, no softmax)    (1)
@@ -43,7 +43,7 @@ Deviations:
   Here the attention branch is skipped for that tap (Z_S = F_S, i.e. the loss of γ = 0), and a
   1×1 map normalises to 0 under IN instead of raising.
 
-Presets (official configs, §5.4): detection — neck outputs 0..3 (``taps="fpn:4"``: P3–P6 for
+Presets (official configs): detection — neck outputs 0..3 (``taps="fpn:4"``: P3–P6 for
 RetinaNet/FCOS, P2–P5 for Faster R-CNN), w = 10 per level; segmentation — ``backbone.layer4``
 (``taps="c5"``), w = 10 (the PSPNet-R101 → DeepLabV3-R18 config uses 20).
 

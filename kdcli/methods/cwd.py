@@ -2,7 +2,7 @@ r"""CWD — Channel-wise Distillation (Shu et al., "Channel-wise Knowledge Disti
 for Dense Prediction", ICCV 2021, arXiv 2011.13256). Official code: irfanICMLL/TorchDistiller
 ``SemSeg-distill`` (segmentation), pppppM/mmdetection-distiller (detection); parity reference
 open-mmlab/mmrazor ``mmrazor/models/losses/cwd.py`` (``ChannelWiseDivergence``).
-Spec: shared/methods/feature-methods.md §7 and logit-methods.md §2.8.1, followed exactly.
+Followed exactly. Method page: docs/methods/cwd.md.
 
 Equation implemented, per tap (the paper's channel-wise KL: a spatial softmax turns every channel into a
 distribution over its H·W positions, and the KL divergence between teacher and student

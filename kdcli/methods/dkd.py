@@ -1,7 +1,7 @@
 r"""DKD — Decoupled Knowledge Distillation (Zhao, Cui, Song, Qiu & Liang, CVPR 2022, arXiv 2203.08679).
 
-Official code: megvii-research/mdistiller, ``mdistiller/distillers/DKD.py`` (spec:
-shared/methods/logit-methods.md §2.4). Per sample, with ``p = softmax(z/τ)``, ``b = [p_y, 1 − p_y]``
+Official code: megvii-research/mdistiller, ``mdistiller/distillers/DKD.py`` (method
+page: docs/methods/dkd.md). Per sample, with ``p = softmax(z/τ)``, ``b = [p_y, 1 − p_y]``
 and the non-target distribution ``p̂_i = p_i / (1 − p_y)`` (i ≠ y)::
 
     TCKD = τ² · KL(b_t ‖ b_s)          NCKD = τ² · KL(p̂_t ‖ p̂_s)
@@ -12,11 +12,11 @@ size; ``sample_reduction=sum`` gives mmrazor's batch sum). KD = TCKD + (1 − p_
 KD with the non-target weight freed. The decomposition is shared with NKD
 (:class:`kdcli.methods._logits.DecoupledKD`).
 
-Samples (spec §1.3, [adaptation]):
+Samples (kdcli's dense mapping, [adaptation]; see :mod:`kdcli.methods._logits`):
 
 - segmentation: every pixel whose label ≠ ``ignore_index`` (255), at the larger of the two logit
   resolutions (label map resized with ``nearest``); the label is the pixel's class;
-- RetinaNet/FCOS (sigmoid heads): only the student's positive locations (S1): the softmax runs over
+- RetinaNet/FCOS (sigmoid heads): only the student's positive locations: the softmax runs over
   the C − 1 real classes (torchvision's background column 0 dropped) with the matched box's class
   as target; background and ignored locations get no DKD term (there is no target class there).
   "Positive" is the student's own assignment (RetinaNet IoU ≥ 0.5 + low-quality matches; FCOS

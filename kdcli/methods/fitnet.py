@@ -1,7 +1,7 @@
 r"""FitNet — hint learning with a regressor (Romero et al., "FitNets: Hints for Thin Deep Nets",
 ICLR 2015), in the dense-prediction form of CIRKD's re-implementation (Yang et al., "Cross-Image
 Relational Knowledge Distillation for Semantic Segmentation", CVPR 2022, winycg/CIRKD
-``losses/fitnet.py``). Spec: shared/methods/feature-methods.md §6.
+``losses/fitnet.py``). Method page: docs/methods/fitnet.md.
 
 Equation implemented, per tap (the paper's hint loss L_HT = ½‖u_h − r(v_g)‖², with a 1×1 conv
 regressor r and CIRKD's mean over all elements instead of ½·sum)::
@@ -12,10 +12,10 @@ Per-tap losses are returned separately and summed by the engine.
 
 Presets:
 
-- segmentation (CIRKD §6.1): tap ``seg_feat`` (the head feature after the ASPP 3×3 block), r =
+- segmentation (CIRKD's config): tap ``seg_feat`` (the head feature after the ASPP 3×3 block), r =
   1×1 conv **without bias**, applied even when the channel counts are equal, PyTorch default
   init, w = 10.
-- detection (§6.3, no official config): every FPN level (``taps="fpn"``), r = 1×1 conv with bias
+- detection (no official config): every FPN level (``taps="fpn"``), r = 1×1 conv with bias
   per level (default init, always applied), w = 1.0 per level — our choice. Mean MSE on raw FPN
   features is O(1e-1..1e0) at the start, so with 4–5 levels the distillation term starts at O(1),
   the same order as RetinaNet's focal + box loss, and shrinks as r fits; PKD/CanKD use effective
@@ -60,7 +60,7 @@ class FitNet(Method):
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # no official detection config (spec §6.3): weight is ours, see the module docstring
+        # no official detection config: weight is ours, see the module docstring
         "detection": {
             "taps": "fpn",
             "weight": 1.0,

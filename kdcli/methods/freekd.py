@@ -1,8 +1,8 @@
 r"""FreeKD — Knowledge Distillation via Semantic Frequency Prompt (Zhang et al., CVPR 2024; official
 code Gumpest/FreeKD: ``mmrazor/models/losses/freekd.py`` (``FreeKDLoss``), ``mmrazor/models/losses/mse.py``,
-``configs/distill/freekd/freekd_retinanet_r101-retinanet_r50_coco.py``). Spec:
-shared/methods/feature-methods.md §12 (and §1 conventions), followed exactly. Detection only: the
-segmentation and prompt-learning code are not released and the spec proposes no adaptation.
+``configs/distill/freekd/freekd_retinanet_r101-retinanet_r50_coco.py``), followed exactly. Method page:
+docs/methods/freekd.md. Detection only: the segmentation and prompt-learning code are not released and
+kdcli offers no adaptation.
 
 Modules per FPN level (C = teacher channels, T prompts):
 
@@ -12,7 +12,7 @@ Modules per FPN level (C = teacher channels, T prompts):
                                                 kept so that official prompt checkpoints load 1:1)
     align: 1×1 conv student→teacher channels with bias, PyTorch default init (always applied)
 
-Equations (spec §12.1–12.2; S̃ = align(F_S), teacher detached):
+Equations (S̃ = align(F_S), teacher detached):
 
     (A, {B_j}_{j=1..3}) = DWT_haar,J=3,zero(F)        B_j ∈ R^{N×C×3×H_j×W_j}  (3 orientations)   (1)
     M_j = σ(prompt_j · Σ_o B_j^T[:, :, o]) ∈ R^{N×T×H_j×W_j}      (teacher bands only)              (2)

@@ -1,7 +1,6 @@
 r"""MasKD — Masked Distillation with Receptive Tokens (Huang, Guo, Wang, Chen, Lu, Wang, Xu; ICLR 2023;
 official code hunto/MasKD: ``mmrazor/mmrazor/models/losses/maskd.py`` (``MasKDLoss``, detection) and
-``segmentation/losses/maskd.py`` (CIRKD code base)). Spec: shared/methods/feature-methods.md §11
-(and §1 conventions), followed exactly.
+``segmentation/losses/maskd.py`` (CIRKD code base)), followed exactly. Method page: docs/methods/maskd.md.
 
 Modules per tap (C = teacher channels, T tokens):
 
@@ -10,7 +9,7 @@ Modules per tap (C = teacher channels, T tokens):
     align: 1×1 conv student→teacher channels with bias, PyTorch default init (mmrazor
            ``SingleTeacherDistiller.build_align_module``), used even when C_S = C_T   (detection)
 
-Equations (spec §11.2; S̃ = align(F_S), the teacher is detached)::
+Equations (S̃ = align(F_S), the teacher is detached)::
 
     M      = σ(tokens · F_T) ∈ R^{N×T×HW}                                                   (1)
     M     ← M ⊙ sg(σ(tokens · S̃))        once iteration ≥ custom_mask_warmup ("custom mask")  (2)
@@ -23,7 +22,7 @@ Per-level losses are returned separately (``maskd.<tap>``); their sum is the off
 (3) is evaluated as Σ_hw M²·Δ² with an einsum over (N, T, HW) × (N, C, HW), never materialising
 the N×T×C×H×W masked features (same value; checked against the direct form in the tests).
 
-Stage 1 (mask learning, §11.1) needs the frozen teacher's detection head and is run outside this
+Stage 1 (mask learning) needs the frozen teacher's detection head and is run outside this
 loss: :meth:`MaskModule.forward_train` returns the mask-weighted teacher feature
 Σ_t w_t (M_t ⊙ F_T) and the Dice diversity term (:func:`dice_coeff`, the official pairwise Dice
 over distinct token pairs, ε = 1e-12); the stage-1 objective is detection loss(head(that feature))

@@ -3,7 +3,7 @@ r"""MCMI — maximum conditional mutual information teacher training (``kdcli tr
 Paper: L. Ye, S. Mohajer Hamidi, R. Tan, E.-H. Yang, *Bayes Conditional Distribution Estimation for
 Knowledge Distillation Based on Conditional Mutual Information*, ICLR 2024 (arXiv 2401.08732).
 Official code: iclr2024mcmi/ICLRMCMI (``CIFAT-100KD/FineTuneTeacher.py``, ``centroid.py``,
-``CIFAR100-FewShot/losses.py`` ``CE_KL_PWCE_loss``). Spec: ``logit-methods.md`` §2.7.
+``CIFAR100-FewShot/losses.py`` ``CE_KL_PWCE_loss``). Method page: docs/methods/mcmi.md.
 
 Not a distillation loss: a *teacher-training objective*. A normally trained model is fine-tuned with
 
@@ -19,13 +19,13 @@ logs. The resulting model is an ordinary checkpoint, usable as ``--teacher`` by 
 The engine adds the model's task loss (the CE); this method returns only ``−λ · Î`` (key ``mcmi.<tap>``,
 negative by design).
 
-Dense mapping [adaptation, spec §2.7 "Mapping"]:
+Dense mapping [adaptation, kdcli's]:
 
 - **segmentation**: one sample per valid pixel of ``seg_logits`` (labels resized to the logit size with
   ``nearest``; ignore index 255 dropped from the term *and* from the centroids); ``Q`` is C×C.
 - **RetinaNet / FCOS**: one sample per *positive* location of the student's own assignment, ``P`` =
-  softmax over the C−1 real class logits (S1 of spec §1.4; torchvision's never-used background column 0
-  is dropped), ``Q`` is (C−1)×(C−1). Background and ignored locations take no part. Two-stage
+  softmax over the C−1 real class logits (as in :mod:`kdcli.methods._logits`; torchvision's never-used
+  background column 0 is dropped), ``Q`` is (C−1)×(C−1). Background and ignored locations take no part. Two-stage
   detectors expose no per-location logits and are refused.
 
 Centroids (``centroids`` option) [code + deviation]: the released script computes ``Q`` *once*, before

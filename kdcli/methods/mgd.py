@@ -1,7 +1,8 @@
 r"""MGD — Masked Generative Distillation (Yang et al., "Masked Generative
 Distillation", ECCV 2022, arXiv 2205.01529). Official code: yzd-v/MGD
 (``det/mmdet/distillation/losses/mgd.py`` and ``seg/...``, ``FeatureLoss``) and open-mmlab/mmrazor
-(``MGDConncetor`` + ``MGDLoss``). Spec: shared/methods/feature-methods.md §9, followed exactly.
+(``MGDConncetor`` + ``MGDLoss``), followed exactly. Method page: docs/methods/mgd.md (equations, official
+defaults, parity).
 
 Modules per tap (C_T = teacher channels; PyTorch default init throughout, as in both official
 implementations)::
@@ -20,7 +21,7 @@ shared by all channels (``mask_on_channel=True``: one per sample and channel, sh
 mmrazor's option). The reduction is the official sum/N (``MSELoss(reduction='sum') / N``): α is
 tiny (2e-5) because the sum runs over C·H·W.
 
-Randomness (the only non-determinism; spec §9.4 and §16.6): the mask is drawn with ``torch.rand``
+Randomness (the only non-determinism): the mask is drawn with ``torch.rand``
 on the CPU and then moved to the feature's device, as both official versions do. It uses
 :attr:`MGD.generator` — ``None`` (default) means the global CPU RNG, exactly the official
 behaviour, so ``torch.manual_seed`` reproduces an official run's masks given the same draw
@@ -31,7 +32,7 @@ broadcasts against the aligned student map, 1 = keep). Draw order over taps (``d
 first; ``"forward"`` draws the taps in order (mmrazor's ``fpn0..fpn4``). Losses are returned in
 tap order either way.
 
-Presets (official configs, §9.3):
+Presets (official configs):
 
 - detection: every FPN level (``taps="fpn"``: P3–P7 for RetinaNet/FCOS), α = 2e-5, λ = 0.65 —
   yzd-v ``retina_rx101_64x4d_distill_retina_r50_fpn_2x_coco.py`` and mmrazor

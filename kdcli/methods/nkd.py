@@ -3,8 +3,8 @@ Distillation to Self-Knowledge Distillation: A Unified Approach with Normalized 
 Soft Labels", ICCV 2023, arXiv 2303.13005).
 
 Official code: yzd-v/cls_KD, ``NKDLoss`` (``mmcls/models/dis_losses/nkd.py``, branch 1.0, and
-``mmcls/distillation/losses/nkd.py``, master, in their fixed versions of 2023-10-10; spec:
-shared/methods/logit-methods.md §2.2). Per sample::
+``mmcls/distillation/losses/nkd.py``, master, in their fixed versions of 2023-10-10; method page
+docs/methods/nkd.md). Per sample::
 
     L_tgt = − p_t,y · log p_s,y                                   (τ = 1; teacher prob. as a weight)
     L_nt  = − γ · τ² · Σ_{i≠y} p̂_t,i(τ) · log p̂_s,i(τ)            (non-target softmaxes, renormalised)
@@ -17,8 +17,8 @@ gradient). The target/non-target decomposition is shared with DKD
 (:class:`kdcli.methods._logits.DecoupledKD`); NKD replaces DKD's binary KL by the teacher-weighted
 target CE, sets β = γ and puts the temperature only on the non-target part.
 
-Samples (spec §1.3 / §2.2 mapping, [adaptation]): valid pixels (label ≠ 255) for segmentation; the
-student's positive locations of a RetinaNet/FCOS head (S1: softmax over the C − 1 real classes,
+Samples (kdcli's dense mapping, [adaptation]; see :mod:`kdcli.methods._logits`): valid pixels (label ≠ 255)
+for segmentation; the student's positive locations of a RetinaNet/FCOS head (softmax over the C − 1 real classes,
 background column 0 dropped, target = the matched box's class) for detection. See
 :mod:`kdcli.methods.dkd` for what "positive" means per detector.
 

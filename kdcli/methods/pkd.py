@@ -1,7 +1,7 @@
 r"""PKD — Pearson-correlation KD (Cao et al., "PKD: General Distillation Framework for
 Object Detectors via Pearson Correlation Coefficient", NeurIPS 2022, arXiv 2207.02039). Official
 code: open-mmlab/mmrazor ``mmrazor/models/losses/pkd_loss.py`` (``PKDLoss``) and
-``configs/distill/mmdet/pkd/*``. Spec: shared/methods/feature-methods.md §10, followed exactly.
+``configs/distill/mmdet/pkd/*``, followed exactly. Method page: docs/methods/pkd.md.
 
 Equations implemented, per tap (the paper's recipe: standardise each channel, then imitate with
 an MSE, which equals 1 − r for the Pearson correlation r)::
@@ -19,11 +19,11 @@ and only the correlation pattern is imitated.
 
 Presets:
 
-- detection (official, §10.2): neck outputs 0..3 (``taps="fpn:4"``: P3–P6 for RetinaNet/FCOS,
+- detection (official configs): neck outputs 0..3 (``taps="fpn:4"``: P3–P6 for RetinaNet/FCOS,
   P2–P5 for Faster R-CNN), w = 10 per level — mmrazor ``pkd_fpn_retina_x101_retina_r50_2x_coco.py``
   (also the FCOS-X101 → RetinaNet-R50 config). The Faster R-CNN R101 → R50 config uses w = 6
   (``--set weight=6``).
-- segmentation (**our choice**: the spec and mmrazor have no PKD segmentation config): the last
+- segmentation (**our choice**: the paper and mmrazor have no PKD segmentation config): the last
   backbone stage ``c5`` (the tap of the mmseg-based feature methods, e.g. CanKD, MGD), w = 10 —
   the detection weight; CanKD's instance-normalised MSE with the same built-in ½ also uses 10 at
   ``c5``.

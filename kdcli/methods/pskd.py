@@ -2,7 +2,7 @@ r"""PS-KD — progressive self-knowledge distillation, with a *snapshot teacher*
 
 Paper: K. Kim, B. Ji, D. Yoon, S. Hwang, *Self-Knowledge Distillation with Progressive Refinement of
 Targets*, ICCV 2021. Official code: lgcnsai/PS-KD-Pytorch (``loss/pskd_loss.py``, ``main.py``).
-Spec: ``logit-methods.md`` §2.5. Self-distillation: no teacher model (``kdcli distill --method pskd``
+Method page: docs/methods/pskd.md. Self-distillation: no teacher model (``kdcli distill --method pskd``
 without ``--teacher``, or ``kdcli train --method pskd``); a run with ``--teacher`` is refused, since the
 engine would hand the teacher's output to PS-KD in place of its snapshot's.
 
@@ -15,7 +15,7 @@ is the sample's softmax from its previous visit, kept in a ``[num_samples × C]`
 memory holds the one-hot labels, so epoch 0 trains on the ground truth alone. (The schedule is
 ``(t + 1) / T``, checked in ``main.py``: it reaches α_T in the last epoch, not ``t / T``.)
 
-Snapshot teacher (kdcli's deviation, spec §2.5 "recommended kdcli variant") [adaptation]: a per-sample
+Snapshot teacher (kdcli's deviation) [adaptation]: a per-sample
 memory does not scale to dense outputs — RetinaNet at 800×1333 has ≈200k anchors × 80 classes per image,
 ≈3.8 TB in fp16 for COCO train; Cityscapes per pixel ≈237 GB — and geometric augmentation would need the
 stored maps warped to each new crop. kdcli instead keeps a **frozen copy of the student taken at the end
@@ -36,7 +36,7 @@ into the soft-target one, so that ``task loss + pskd term`` is exactly the PS-KD
   ``CE(z, ỹ) = (1 − α)·CE(z, y) + α·CE(z, P_prev)`` and the term is
   ``α · mean_valid(−Σ_c P_prev,c log p_c + log p_y)`` on the same upsampled logits (the snapshot's logits
   are upsampled the same way before the softmax). The auxiliary head's ``aux_ce`` stays on the labels.
-- **RetinaNet / FCOS sigmoid heads** (spec §2.5 (a)): every non-ignored location gets per-class Bernoulli
+- **RetinaNet / FCOS sigmoid heads** (kdcli's mapping): every non-ignored location gets per-class Bernoulli
   targets ``q̃_c = (1 − α)·1[c = y] + α·σ(z_prev,c)`` (background locations: ``y`` = none, so
   ``q̃ = α·σ(z_prev)``), from the student's own assignment (``extras["match"]``: RetinaNet IoU matcher,
   ignored locations dropped; FCOS centre sampling). The loss is the focal loss written for soft targets,

@@ -2,8 +2,8 @@ r"""USKD — Universal Self-Knowledge Distillation (Yang et al., "From Knowledge
 Self-Knowledge Distillation: A Unified Approach with Normalized Loss and Customized Soft Labels",
 ICCV 2023, arXiv 2303.13005). No teacher: the soft labels are built from the student itself.
 
-Official code: yzd-v/cls_KD, ``USKDLoss`` (``mmcls/models/dis_losses/uskd.py``; spec:
-shared/methods/logit-methods.md §2.3). Per sample with logits ``z`` (K classes), label ``y``, an
+Official code: yzd-v/cls_KD, ``USKDLoss`` (``mmcls/models/dis_losses/uskd.py``;
+method page: docs/methods/uskd.md). Per sample with logits ``z`` (K classes), label ``y``, an
 intermediate feature ``f`` and a learnable weak classifier ``W`` (discarded after training)::
 
     q      = p_y² − mean_batch(p_y²) + 1                              (detached; p = softmax(z))
@@ -17,8 +17,8 @@ intermediate feature ``f`` and a learnable weak classifier ``W`` (discarded afte
 ``S_i`` = mean over the samples (official ``.mean()`` over the batch). ``rank=official`` is the
 code's ranking, which mixes the weak classifier's *probabilities* with the student's
 *log-probabilities* (so the student's logits dominate the order); ``rank=prob`` is the paper-text
-reading with probabilities on both sides (``ℓ`` replaced by ``p``). The spec measured the two
-orders to give Zipf labels about 0.72 apart in L1 on random logits. The sort is stable (ties →
+reading with probabilities on both sides (``ℓ`` replaced by ``p``). The two orders were
+measured to give Zipf labels about 0.72 apart in L1 on random logits. The sort is stable (ties →
 lower class index first); the official sort is not, which only matters for exact ties.
 
 Dense mapping ([adaptation], untested in any publication):
