@@ -226,7 +226,7 @@ def train(
     elif resume is None and config is None:
         raise ConfigError("kdcli train: missing --model (a zoo name, run folder or exported folder), "
                           "or give --config / --resume")
-    # issue 4: teacher-free methods and --objective mcmi on `train`
+    # teacher-free methods and --objective mcmi on `train`
     if method:
         _check_teacher_free(method)
         opts["method"] = method

@@ -49,13 +49,13 @@ class RunConfig:
     # backbone only, docs/zoo.md) or a file
     student_weights: str | None = None
     inherit: bool = False
-    # issue 5: evaluate the teacher on this many validation images before distilling (kdcli/engine/teacher_check.py)
+    # evaluate the teacher on this many validation images before distilling (kdcli/engine/teacher_check.py)
     teacher_check_images: int = 50
     skip_teacher_check: bool = False
     eval_every: int = 1
     keep: str = "all"  # best | last | all: what a finished run keeps of its weights (engine/keep.py)
     log_every: int = 0  # steps between plain progress lines when stderr is not a terminal (0: ~10 % of an epoch)
-    # issue 4: `kdcli train --objective mcmi` (adds the teacher-free method `mcmi`); `--augment hard`
+    # `kdcli train --objective mcmi` (adds the teacher-free method `mcmi`); `--augment hard`
     # wraps the method(s) with HARD's augmentor, whose options (`--set hard.k=v`) move to augment_set
     objective: str = "ce"  # ce | mcmi
     augment: str = "none"  # none | hard

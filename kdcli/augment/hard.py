@@ -2,7 +2,7 @@ r"""HARD — hard augmentations for robust distillation (``--augment hard``; wra
 
 Paper: A. Nix, M. Burg, F. Sinz, *HARD: Hard Augmentations for Robust Distillation*, arXiv 2305.14890.
 Only the abstract could be read and **no official code was found**: everything below is kdcli's own
-design after spec ``logit-methods.md`` §2.6 ("kdcli design (HARD-Affine only)", tagged [adaptation]).
+design (HARD-Affine only, tagged [adaptation]); method page: docs/methods/hard.md.
 
 What the paper states [abstract]: an augmentation model generates inputs on which teacher and student
 *disagree*; distilling on them transfers invariances that plain KD misses; augmentors range from
@@ -21,13 +21,12 @@ Objective of the augmentor, every ``every`` training steps, on the current (clea
     S(x̃) = segmentation: mean over valid pixels of KL( warp(softmax t(x)) ‖ softmax t(x̃) )  (seg_logits)
            detection:    Σ_FPN levels ‖t(x̃) − warp(t(x))‖² / ‖warp(t(x))‖²  over valid positions, ÷ levels
 
-``S`` keeps the teacher's prediction stable: its output on the augmented image must match its output on
-the clean image moved by the same affine (dense outputs are equivariant targets), so the augmentor
-cannot win by destroying the image (spec §2.6: "without that constraint the augmentor can win
-trivially"). ``D`` is the wrapped method's own loss (CWD, KD, FGD...): the augmentor looks for exactly
-what the student is being taught to match — this is what makes ``--augment hard`` wrap *any* method.
-(The spec suggests a fixed task discrepancy — binary KD + box KD / pixel KL; using the method's loss is
-our choice.)
+``S`` keeps the teacher's prediction stable: its output on the augmented image must match its output on the
+clean image moved by the same affine (dense outputs are equivariant targets), so the augmentor cannot win by
+destroying the image (without that constraint the augmentor wins trivially). ``D`` is the wrapped method's own
+loss (CWD, KD, FGD...): the augmentor looks for exactly what the student is being taught to match — this is
+what makes ``--augment hard`` wrap *any* method. (A fixed task discrepancy — binary KD + box KD / pixel KL —
+would also do; using the method's loss is our choice.)
 
 Student training: in every step a ``fraction`` of the batch's images (chosen at random, exactly
 ``round(fraction · N)``) is replaced by augmented samples drawn from the current distribution (no

@@ -37,7 +37,7 @@ from ..runtime import autocast_ctx, flush_denormals, resolve_amp, seed_everythin
 from ..zoo import ModelSpec, resolve_ref
 from . import checkpoint as ckpt
 from . import distributed as ddp
-from .augment import attach_models, augment_batch  # issue 4
+from .augment import attach_models, augment_batch
 from .evaluate_model import evaluate_model
 from .guards import GracefulStop, Interrupted, LossGuard, ignore_sigint_in_worker
 from .keep import check_keep
@@ -384,7 +384,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
         teacher = build_model(tref.spec, tref.weights if tref.weights is not None else "zoo").to(device)
         teacher.eval()
         teacher.requires_grad_(False)
-        if not cfg.skip_teacher_check:  # issue 5: a teacher far below its reported score stops the run
+        if not cfg.skip_teacher_check:  # a teacher far below its reported score stops the run
             teacher_check(teacher, cfg.teacher, val_ds, device, cfg.teacher_check_images, amp=cfg.amp, log=log)
         if cfg.inherit:
             inherited = inherit_from_teacher(student, teacher)
@@ -395,7 +395,7 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str |
         # self-distillation methods (no teacher model) see the student's taps on both sides
         t_info = teacher.tap_info if teacher is not None else student.tap_info
         method = build_method(cfg.method, student.tap_info, t_info, task, dict(cfg.set)).to(device)
-        attach_models(method, cfg, student, teacher)  # issue 4: PS-KD's snapshot, HARD's augmentor (augment.py)
+        attach_models(method, cfg, student, teacher)  # PS-KD's snapshot, HARD's augmentor (engine/augment.py)
     if cfg.sync_bn:
         if dist.world > 1:
             student = ddp.convert_sync_bn(student, dist)  # type: ignore[assignment]
@@ -469,7 +469,8 @@ def _quiet(_msg: str) -> None:
 
 
 def inherit_from_teacher(student: TapModel, teacher: TapModel) -> int:
-    """Copy every teacher tensor outside the backbone body whose name and shape match (§1.4)."""
+    """Copy every teacher tensor outside the backbone body whose name and shape match (the "inheriting strategy" of
+    FGD/MasKD's configs: the student starts from the teacher's neck and head)."""
     t_state = teacher.net.state_dict()
     s_state = student.net.state_dict()
     n = 0
@@ -522,7 +523,7 @@ def train_step(run: Run, images: Any, targets: Any) -> tuple[Tensor, dict[str, f
     to the student."""
     images, targets = _to_device(images, targets, run.device)
     batch = run.student.preprocess(images, targets)
-    batch = augment_batch(run, batch)  # issue 4: HARD (engine/augment.py); unchanged without --augment hard
+    batch = augment_batch(run, batch)  # HARD (engine/augment.py); unchanged without --augment hard
     if run.cfg.channels_last:
         batch.images = batch.images.contiguous(memory_format=torch.channels_last)
     with autocast_ctx(run.device, run.cfg.amp):
@@ -537,7 +538,7 @@ def train_step(run: Run, images: Any, targets: Any) -> tuple[Tensor, dict[str, f
     if run.guard is not None and run.guard.needs_grad_check():
         # fp16 gradients of small losses can underflow to exactly 0: look at them scaled, as GradScaler does
         run.guard.inspect_gradients(terms, run.inner_step.last, 65536.0 if run.cfg.amp == "fp16" else 1.0)
-    if run.method is not None and run.dist.is_main:  # issue 8: mask statistics every few steps, never in the loss
+    if run.method is not None and run.dist.is_main:  # mask statistics every few steps, never in the loss
         observe_internals(run, run.inner_step.last, t_out, batch.targets)
     run.inner_step.last = None
     if not terms:

@@ -26,7 +26,7 @@ Method pages: docs/methods/kd.md (reductions), docs/methods/dkd.md, nkd.md, uskd
    column equals DKD's "−1000 masking" and NKD's column removal.
 
 3. **Reductions** (:func:`reduce_samples`): ``mean`` over the rows with weight 1 (mdistiller /
-   cls_KD's "mean over the batch"; ÷ valid pixels; ÷ positives in S1), ``sum`` (mmrazor's DKD quirk),
+   cls_KD's "mean over the batch"; ÷ valid pixels; ÷ positives in positives mode), ``sum`` (mmrazor's DKD quirk),
    ``avg_factor`` (mmdet's count and division, as in BCKD (mmdet 2.28.2) and CrossKD (mmdet 3.0):
    the head counts ``Σ_images max(#positives of the image, 1)`` and ``weight_reduce_loss`` divides
    the sum by that ``+ finfo(float32).eps``; see :func:`avg_factor_divisor`) and ``level`` (LD: per
@@ -218,7 +218,7 @@ def location_samples(
     if c < 3:
         raise MethodError(f"method '{name}': tap '{tap}' has {c} outputs; a softmax over the classes at "
                           "positive locations needs at least 2 classes besides torchvision's background")
-    # S1: keep the positive rows only (indexing, not masking: positives are ~0.1% of the locations)
+    # positives mode: keep the positive rows only (indexing, not masking: positives are ~0.1% of the locations)
     keep = pos.reshape(-1)
     labels = box_labels(matched, targets).reshape(-1)[keep] - 1  # torchvision class y → column y−1
     rows_s = zs.reshape(-1, c)[keep][:, 1:]
@@ -325,7 +325,7 @@ NONTARGET_FORMS = ("kl", "ce")
 class DecoupledKD(Method):
     r"""One implementation of the target / non-target decomposition, two target terms (DKD, NKD).
 
-    Per sample (a valid pixel, or a positive location of a sigmoid head through S1)::
+    Per sample (a valid pixel, or a positive location of a sigmoid head in positives mode)::
 
         L_i = w_tgt · T_i + w_nt · τ² · N_i
         T_i = τ² · KL([p_y, 1−p_y]_t ‖ [p_y, 1−p_y]_s)  at τ        target_term=binary_kl    (DKD TCKD)

@@ -8,7 +8,7 @@ Method page: docs/methods/kd.md. Samples, reductions and the student's assignmen
     softmax    ℓ_i = τ² · R_c[ p_t,c (log p_t,c − log p_s,c) ],          p = softmax(z/τ) over the classes
     bernoulli  ℓ_i = τ² · R_c[ p log(p/q) + (1−p) log((1−p)/(1−q)) ],   p = σ(z_t,c/τ), q = σ(z_s,c/τ)
     positives  the softmax form at the student's positive locations only, over the C−1 real classes
-               (torchvision's background column 0 dropped)                                   (S1, LD)
+               (torchvision's background column 0 dropped)                                   (LD)
     L = w · S_i[ ℓ_i ]
 
 ``R_c`` is ``class_reduction`` (``sum`` | ``mean``) and ``S_i`` is ``sample_reduction``: ``mean`` over

@@ -28,7 +28,7 @@ Dense mapping ([adaptation], untested in any publication):
   (``feat_taps=auto``: ``c4`` when the model has it — ResNet stage 3, the stage cls_KD uses — else
   ``c3``); ``W`` = a 1×1 conv D→K whose output is resized (bilinear) to the logit resolution.
   ``mean_batch`` in ``q`` is the mean over all valid pixels of the minibatch.
-- **RetinaNet/FCOS**: samples = the student's positive locations (S1, see :mod:`kdcli.methods.dkd`):
+- **RetinaNet/FCOS**: samples = the student's positive locations (positives mode, see :mod:`kdcli.methods.dkd`):
   softmax over the C − 1 real classes (torchvision's background column 0 dropped), target = the
   matched box's class. ``f`` = the FPN level the location belongs to (``feat_taps=fpn``), ``W`` =
   one 1×1 conv D→C−1 shared by all levels (like the head's convs); its output at a location is

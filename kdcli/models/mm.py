@@ -261,7 +261,7 @@ class ConvModule(nn.Module):
 
 
 class ASPPBody(nn.Module):
-    """mmseg ``ASPPHead`` up to its bottleneck (Chen et al. 2017, DeepLabV3 §3.3): concat(image pool,
+    """mmseg ``ASPPHead`` up to its bottleneck (Chen et al. 2017, DeepLabV3 Sec. 3.3): concat(image pool,
     1x1, three dilated 3x3) → 3x3 conv."""
 
     def __init__(self, cin: int, ch: int, dilations: tuple[int, ...] = (1, 12, 24, 36)) -> None:
@@ -276,7 +276,7 @@ class ASPPBody(nn.Module):
 
 
 class PSPBody(nn.Module):
-    """mmseg ``PSPHead`` up to its bottleneck (Zhao et al. 2017, PSPNet §3.2): concat(x, pooled to
+    """mmseg ``PSPHead`` up to its bottleneck (Zhao et al. 2017, PSPNet Sec. 3.2): concat(x, pooled to
     1/2/3/6 bins → 1x1 conv → upsampled) → 3x3 conv."""
 
     def __init__(self, cin: int, ch: int, pool_scales: tuple[int, ...] = (1, 2, 3, 6)) -> None:
