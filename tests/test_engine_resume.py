@@ -147,7 +147,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference: tuple[Path, Pat
     _same_run(root / "full", out)
 
 
-# -- how far a run went: the same checkpoint choice as --resume (issue 7) --------------------------
+# -- how far a run went: the same checkpoint choice as --resume ---------------------------------
 def test_finished_epochs_uses_the_checkpoint_fallback(tmp_path: Path):
     """``api._finished_epochs`` (how the demo and ``kdcli bench quality`` tell a finished teacher from an
     interrupted one) takes the newest *intact* checkpoint, as ``--resume`` does: a damaged last_state.pt
@@ -210,7 +210,7 @@ def test_a_damaged_last_state_resumes_from_prev_bit_identically(reference: tuple
         assert state["step"] == step and hashlib.sha256(data).hexdigest() == state["tensors_sha256"], slot
 
 
-# -- the resume hint names the command that started the run (issue 7) -----------------------------
+# -- the resume hint names the command that started the run ------------------------------------
 def test_started_by_reads_the_command_line_or_else_the_config(monkeypatch: pytest.MonkeyPatch):
     from kdcli.config import apply_objective_and_augment
     from kdcli.engine.trainer import started_by

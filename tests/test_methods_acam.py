@@ -1,6 +1,6 @@
-"""Maths of the acam method (ACAM-KD, reconstructed; spec feature-methods.md §2, masked-methods.md §3).
+"""Maths of the acam method (ACAM-KD, reconstructed; docs/methods/acam.md).
 
-There is no official code, so these are the self-consistency checks of spec §2.7 / §3.6 plus an
+There is no official code, so these are self-consistency checks (closed forms, limiting cases) plus an
 independent float64 re-statement of every equation (explicit softmax, the full N×M×C×P masked error,
 Dice by loops over pairs). References never call the module's own helpers.
 """
@@ -76,7 +76,7 @@ def dice_by_hand(x: Tensor) -> float:
 
 
 def acam_by_hand(m: ACAM, tap: str, fs: Tensor, ft: Tensor) -> tuple[float, float]:
-    """(masked key, div key) from the equations of spec §3.2, written out with the full N×M×C×P tensor."""
+    """(masked key, div key) from the equations of docs/methods/acam.md, written out with the full N×M×C×P tensor."""
     b = m.blocks[tap]
     s_al = align_by_hand(fs, b.align)
     if s_al.shape[-2:] != ft.shape[-2:]:
@@ -166,7 +166,7 @@ def test_zero_selection_units_give_half_masks_and_closed_form(task: str) -> None
                 m_s, m_c = b.masks(torch.randn_like(ft_) * 100)
                 assert bool((m_s == 0.5).all()) and bool((m_c == 0.5).all())
                 mse = ((ft_ - align_by_hand(fs_, b.align)) ** 2).mean().item()
-                # §2.7: masks 0.5 ⇒ L^c = L^s = ½·mean(Δ²) (mask squared); mask_power=1 ⇒ mean(Δ²) each
+                # masks 0.5 ⇒ L^c = L^s = ½·mean(Δ²) (mask squared); mask_power=1 ⇒ mean(Δ²) each
                 each = 0.5 * mse if power == 2 else mse
                 assert losses[f"acam.{tap}"].item() == pytest.approx(alpha * 2 * each, rel=rel)
                 # identical masks: pairwise Dice 1, global M − 1, on both mask groups
@@ -179,7 +179,7 @@ def test_zero_selection_units_give_half_masks_and_closed_form(task: str) -> None
 
 
 def test_identical_features_zero_masked_loss_and_query_modes_coincide() -> None:
-    # spec §2.7: with F^T = f_align(F^S) (and W_q = W_k) teacher- and student-query modes coincide
+    # with F^T = f_align(F^S) (and W_q = W_k) teacher- and student-query modes coincide
     mt = seg(6, 6, query_source="teacher", align="always")
     randomise(mt, 5)
     with torch.no_grad():

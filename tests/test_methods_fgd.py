@@ -46,7 +46,7 @@ def grid(rows: list[str], values: dict[str, float]) -> Tensor:
 
 
 def loop_masks(boxes: list[Tensor], image_sizes: list[tuple[int, int]], h: int, w: int) -> tuple[Tensor, Tensor]:
-    """The official §8.3 procedure, one image and one box at a time, with Python slicing."""
+    """The official box → level procedure, one image and one box at a time, with Python slicing."""
     fg = torch.zeros(len(boxes), h, w, dtype=F64)
     bg = torch.ones(len(boxes), h, w, dtype=F64)
     for i, (b, (ih, iw)) in enumerate(zip(boxes, image_sizes, strict=True)):

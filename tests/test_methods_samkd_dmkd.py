@@ -1,6 +1,6 @@
-"""Maths of samkd and dmkd (reconstructed from the abstract; spec masked-methods.md §4–5, feature-methods §3–4).
+"""Maths of samkd and dmkd (reconstructed from the abstract; docs/methods/dmkd.md, samkd.md).
 
-No official code exists, so these check the spec's templates: hand-computed values on tiny tensors with
+No official code exists, so these check kdcli's templates: hand-computed values on tiny tensors with
 fixed masks and identity generators, the attention-ranked masks on hand-made features, the fusion weights,
 injectable randomness, gradient flow, bf16 autocast and building through the registry.
 """
@@ -128,7 +128,7 @@ def test_dmkd_seeded_random_masks() -> None:
         m.generator = torch.Generator().manual_seed(seed)
         vals.append(m(out(c5=fs), out(c5=ft))["dmkd.c5"].item())
     assert vals[0] == vals[1] and vals[0] != vals[2]
-    # ρ = 0 (no masking) and w = (1, 0): MGD without masking (masked §4.2 degenerate check)
+    # ρ = 0 (no masking) and w = (1, 0): MGD without masking (the template's degenerate check)
     m = dmkd(ratio_spatial=0.0, ratio_channel=0.0, fusion="free", alpha=1.0)
     with torch.no_grad():
         m.blocks["c5"].theta.copy_(torch.tensor([1.0, 0.0]))

@@ -1,7 +1,7 @@
 """FitNet: parity with CIRKD's ``CriterionFitNet`` (winycg/CIRKD ``losses/fitnet.py``) and the regressor run
 on the smaller grid of a heterogeneous pair (the same result as regressing first, to round-off).
 
-The references are written here from the formulas (feature-methods.md §6), in float64.
+The references are written here from the formulas (docs/methods/fitnet.md), in float64.
 """
 
 from __future__ import annotations

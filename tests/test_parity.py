@@ -4,7 +4,7 @@ Each ``official_*`` function below re-states one official loss in that code's ow
 same operations in the same order (materialised N×T×C×H×W masked features, ``view(-1, H·W)``
 softmaxes, per-level Python loops, ``F.mse_loss(...) / 2``, the global-RNG mask draw …), the same
 reductions and the same quirks. They were written for these tests from reading the official files
-named in each docstring (commits in shared/methods/feature-methods.md §17) and share no code with
+named in each docstring (commits in docs/methods/sources.md) and share no code with
 kdcli. Both sides get identical float64 tensors, identical parameters (copied, for the learnable
 modules through the methods' own ``load_official`` where they have one) and identical masks; the
 losses and the gradients with respect to the student features and to **every** learnable parameter
