@@ -73,7 +73,7 @@ from .ops import PARAMS, Bounds, apply, mix, squash, warp
 
 HARD_DEFAULTS: dict[str, Any] = {
     "fraction": 0.5,  # share of each batch replaced by augmented samples
-    "every": 4,  # augmentor ascent step every k training steps (spec: k ≈ 4-10)
+    "every": 4,  # augmentor ascent step every k training steps (a useful range: k ≈ 4-10)
     "lr": 0.05,  # the augmentor's Adam step size
     "stability": 1.0,  # λ: weight of the teacher-stability penalty
     "sigma": 0.5,  # initial noise scale in raw (pre-tanh) space
