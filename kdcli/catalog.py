@@ -16,7 +16,7 @@ from typing import Any
 
 _DIR = Path(__file__).parent / "methods"
 _NOT_METHODS = {"base", "common", "__init__"}
-_FIELDS = ("name", "paper", "tasks", "needs_teacher", "presets", "teacher_note")
+_FIELDS = ("name", "paper", "tasks", "needs_teacher", "presets", "teacher_note", "evidence")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class MethodInfo:
     needs_teacher: bool = True
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_note: str = ""
+    evidence: str = ""
 
 
 class _NotLiteral(Exception):
@@ -110,7 +111,7 @@ def _from_registry() -> dict[str, MethodInfo]:
     from .methods import available
 
     return {n: MethodInfo(n, c.paper, tuple(c.tasks), bool(c.needs_teacher), dict(c.presets),
-                          getattr(c, "teacher_note", "")) for n, c in available().items()}
+                          getattr(c, "teacher_note", ""), c.evidence) for n, c in available().items()}
 
 
 @lru_cache(maxsize=1)

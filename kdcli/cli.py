@@ -435,20 +435,22 @@ def methods() -> None:
     table = Table(caption=("self-KD methods run with `kdcli train --method` or `kdcli distill` without --teacher; "
                            "`--augment hard` wraps any method that has a teacher"
                            + ("" if wide else "; presets: `kdcli methods` in a terminal >= 140 columns")))
-    cols = ["method", "tasks", "teacher", "paper"] + (["detection preset", "segmentation preset"] if wide else [])
+    cols = ["method", "tasks", "teacher", "evidence", "paper"] + (["detection preset", "segmentation preset"]
+                                                                   if wide else [])
     for col in cols:
         if wide:
             table.add_column(col, overflow="fold")
         elif col == "paper":  # the paper gives way: one line each, cut with an ellipsis
             table.add_column(col, no_wrap=True, overflow="ellipsis", ratio=1)
         else:
-            table.add_column(col, no_wrap=col != "teacher", max_width=14 if col == "teacher" else None)
+            table.add_column(col, no_wrap=col not in ("teacher", "evidence"),
+                             max_width=14 if col in ("teacher", "evidence") else None)
     table.expand = not wide
     for name, info in catalog().items():
         # a teacher-free class may say what it is instead (MCMI: a teacher-training objective)
         role = "yes" if info.needs_teacher else (info.teacher_note or "no (self-KD)")
         tasks = ", ".join("det" if t == "detection" else "seg" if t == "segmentation" else t for t in info.tasks)
-        row = [name, tasks, role, info.paper]
+        row = [name, tasks, role, info.evidence, info.paper]
         if wide:
             row += [_fmt(info.presets.get("detection")), _fmt(info.presets.get("segmentation"))]
         table.add_row(*row)

@@ -260,6 +260,7 @@ class ACAM(Method):
         "Lan & Tian, ACAM-KD: Adaptive and Cooperative Attention Masking (ICCV 2025, arXiv 2503.06307) — "
         "reconstructed, no official code"
     )
+    evidence = "reconstruction (no official code)"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

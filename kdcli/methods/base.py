@@ -23,6 +23,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    evidence: ClassVar[str] = ""  # parity-tested | loss parity-tested; ... | reconstruction (...)
     tasks: ClassVar[tuple[str, ...]] = ("detection", "segmentation")
     needs_targets: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True

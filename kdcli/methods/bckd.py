@@ -93,6 +93,7 @@ class BCKD(Method):
 
     name = "bckd"
     paper = "Yang et al., Bridging Cross-task Protocol Inconsistency for Distillation in Dense Detection (ICCV 2023)"
+    evidence = "parity-tested"
     tasks = ("detection",)
     needs_targets = True
     presets: ClassVar[dict[str, dict[str, Any]]] = {

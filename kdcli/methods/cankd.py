@@ -114,6 +114,7 @@ class CanKD(Method):
 
     name = "cankd"
     paper = "Sun & Ohyama, CanKD: Cross-Attention-based Non-local KD (WACV 2026, arXiv 2511.21503)"
+    evidence = "parity-tested"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -85,6 +85,7 @@ class CWD(Method):
 
     name = "cwd"
     paper = "Shu et al., Channel-wise Knowledge Distillation for Dense Prediction (ICCV 2021)"
+    evidence = "parity-tested"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -52,6 +52,7 @@ class DKD(DecoupledKD):
 
     name = "dkd"
     paper = "Zhao et al., Decoupled Knowledge Distillation (CVPR 2022)"
+    evidence = "parity-tested"
     target_term = "binary_kl"
     nontarget_form = "kl"
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -292,6 +292,7 @@ class DMKD(Method):
         "Yang et al., DMKD: Dual Masked Knowledge Distillation (ICASSP 2024, arXiv 2309.02719) — "
         "reconstructed from the abstract (kdcli template), no official code"
     )
+    evidence = "reconstruction (from the abstract)"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

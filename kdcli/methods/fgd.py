@@ -216,6 +216,7 @@ class FGD(Method):
 
     name = "fgd"
     paper = "Yang et al., Focal and Global Knowledge Distillation for Detectors (CVPR 2022)"
+    evidence = "parity-tested"
     tasks = ("detection",)
     needs_targets = True
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -57,6 +57,7 @@ class FitNet(Method):
 
     name = "fitnet"
     paper = "Romero et al., FitNets: Hints for Thin Deep Nets (ICLR 2015); dense form of CIRKD (CVPR 2022)"
+    evidence = "parity-tested"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -136,6 +136,7 @@ class FreeKD(Method):
 
     name = "freekd"
     paper = "Zhang et al., FreeKD: Knowledge Distillation via Semantic Frequency Prompt (CVPR 2024)"
+    evidence = "parity-tested"
     tasks = ("detection",)
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -82,6 +82,7 @@ class KD(Method):
 
     name = "kd"
     paper = "Hinton et al., Distilling the Knowledge in a Neural Network (arXiv 1503.02531, 2015)"
+    evidence = "parity-tested (LD mode)"
     tasks = ("detection", "segmentation")
     needs_targets = False  # only the positives mode, the detection reductions and the ignore mask use them
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -134,6 +134,7 @@ class MasKD(Method):
 
     name = "maskd"
     paper = "Huang et al., Masked Distillation with Receptive Tokens (ICLR 2023)"
+    evidence = "parity-tested"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

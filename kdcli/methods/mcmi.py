@@ -87,6 +87,7 @@ def cmi(logits: Tensor, labels: Tensor, centroids: Tensor, weight: Tensor | None
 class MCMI(Method):
     name = "mcmi"
     paper = "MCMI (Ye et al., ICLR 2024): teacher objective CE − λ·CMI"
+    evidence = "loss parity-tested; dense mapping kdcli's"
     needs_targets = True
     needs_teacher = False
     teacher_note = "no (teacher training: kdcli train --objective mcmi)"

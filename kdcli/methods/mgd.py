@@ -108,6 +108,7 @@ class MGD(Method):
 
     name = "mgd"
     paper = "Yang et al., Masked Generative Distillation (ECCV 2022)"
+    evidence = "parity-tested"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -40,6 +40,7 @@ class NKD(DecoupledKD):
 
     name = "nkd"
     paper = "Yang et al., From KD to Self-KD: Normalized Loss and Customized Soft Labels (ICCV 2023)"
+    evidence = "loss parity-tested; dense mapping kdcli's"
     target_term = "weighted_ce"
     nontarget_form = "ce"
     presets: ClassVar[dict[str, dict[str, Any]]] = {

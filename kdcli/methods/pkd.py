@@ -86,6 +86,7 @@ class PKD(Method):
         "Cao et al., PKD: General Distillation Framework for Object Detectors via Pearson Correlation "
         "Coefficient (NeurIPS 2022)"
     )
+    evidence = "parity-tested"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -187,6 +187,7 @@ class SAMKD(Method):
         "Zhang, Li, Li & Xu, SAMKD: Spatial-aware Adaptive Masking KD (arXiv 2501.07101) — "
         "reconstructed from the abstract (kdcli template), no official code"
     )
+    evidence = "reconstruction (from the abstract)"
     tasks = ("detection", "segmentation")
     needs_targets = False
     presets: ClassVar[dict[str, dict[str, Any]]] = {

@@ -94,6 +94,7 @@ class USKD(Method):
 
     name = "uskd"
     paper = "Yang et al., From KD to Self-KD: Normalized Loss and Customized Soft Labels (ICCV 2023)"
+    evidence = "loss parity-tested; dense mapping kdcli's"
     tasks = ("detection", "segmentation")
     needs_targets = True
     needs_teacher = False
