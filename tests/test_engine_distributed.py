@@ -326,3 +326,27 @@ def test_finish_leaves_a_group_it_did_not_create(tmp_path: Path, monkeypatch):
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def test_launcher_stderr_replaces_torchruns_signal_traceback_only():
+    """A SIGTERM makes torchrun raise SignalException in the launcher: that traceback (nothing failed) becomes
+    one line; a worker's real traceback and every other line pass unchanged."""
+    import io
+
+    from kdcli.engine.distributed import LauncherStderr
+
+    signal_tb = ["Traceback (most recent call last):\n", '  File "<frozen runpy>", line 198, in _run_module_as_main\n',
+                 "    return _run_code(code, main_globals, None,\n", "\n",
+                 "torch.distributed.elastic.multiprocessing.api.SignalException: Process 2306 got signal: 15\n"]
+    real_tb = ["Traceback (most recent call last):\n", '  File "x.py", line 1, in <module>\n',
+               "ValueError: a real failure\n"]
+    out = io.StringIO()
+    f = LauncherStderr(out)
+    for line in ["W1203 Received 15 death signal, shutting down workers\n", "interrupted by SIGTERM at epoch 6\n",
+                 *real_tb, *signal_tb, "after\n", "Traceback (most recent call last):\n", "  cut short\n"]:
+        f.feed(line)
+    f.close()
+    first = "W1203 Received 15 death signal, shutting down workers\ninterrupted by SIGTERM at epoch 6\n"
+    one = "launcher: stopped by signal 15 (the ranks' own line above says what they kept)\n"
+    assert out.getvalue() == first + "".join(real_tb) + one + "after\nTraceback (most recent call last):\n  cut short\n"
+

@@ -404,12 +404,19 @@ def launch(nproc: int | None, devices: str | None, argv: list[str]) -> int:
 
     ``--standalone`` picks a free local rendezvous port. SIGINT reaches the workers through the
     terminal's process group; a SIGTERM sent to this process is passed on to torchrun, which passes
-    it to the workers: they save a checkpoint and stop (see :mod:`kdcli.engine.guards`).
+    it to the workers: they save a checkpoint and stop (see :mod:`kdcli.engine.guards`). torchrun's
+    stderr goes through :class:`LauncherStderr`, which replaces the launcher's own traceback for that
+    signal by one line; everything else (the workers' output, real errors) passes unchanged.
     """
+    import threading
+
     n, env = launch_plan(nproc, devices)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "kdcli", *strip_launch_flags(argv)]
-    child = subprocess.Popen(cmd, env={**os.environ, **env})
+    child = subprocess.Popen(cmd, env={**os.environ, **env}, stderr=subprocess.PIPE, text=True, bufsize=1)
+    filt = LauncherStderr(sys.stderr)
+    pump = threading.Thread(target=lambda: [filt.feed(line) for line in child.stderr or ()], daemon=True)
+    pump.start()
 
     def forward(signum: int, _frame: Any) -> None:
         child.send_signal(signum)
@@ -417,10 +424,50 @@ def launch(nproc: int | None, devices: str | None, argv: list[str]) -> int:
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers get Ctrl-C themselves
     old_term = signal.signal(signal.SIGTERM, forward)
     try:
-        return child.wait()
+        code = child.wait()
+        pump.join(timeout=10)
+        filt.close()
+        return code
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+
+
+class LauncherStderr:
+    """torchrun's stderr with its own traceback for a signal (``SignalException``: it was asked to stop,
+    nothing failed) replaced by one line. A traceback block is held until its last line tells what it
+    is; any other block, and every other line, is written as it came."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.block: list[str] = []
+
+    def feed(self, line: str) -> None:
+        if self.block:
+            self.block.append(line)
+            if line.startswith((" ", "\t")) or not line.strip():
+                return  # frames and source lines of the traceback
+            if "SignalException" in line:  # "...SignalException: Process 123 got signal: 15"
+                sig = line.rsplit("signal:", 1)[-1].strip()
+                self.out.write(f"launcher: stopped by signal {sig} (the ranks' own line above says what they kept)\n")
+            elif line.startswith(("Traceback", "During handling")):
+                return
+            else:
+                self.out.writelines(self.block)
+            self.block = []
+            self.out.flush()
+            return
+        if line.startswith("Traceback (most recent call last):"):
+            self.block = [line]
+            return
+        self.out.write(line)
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.block:
+            self.out.writelines(self.block)
+            self.block = []
+        self.out.flush()
 
 
 def launched_by_torchrun() -> bool:
