@@ -445,3 +445,22 @@ def test_progress_redraws_on_a_terminal_and_prints_lines_otherwise(monkeypatch: 
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue() and len(lines) == 10  # every 10%, no redraws in a log file
     assert lines[4].startswith("x.pth: 50.0 MB / 100.0 MB (50%), 2.0 MB/s, ETA 0:25")
+
+
+def test_the_wheel_lists_every_package_and_the_manifests() -> None:
+    """pyproject.toml names the packages one by one (the top-level zoo/ folder ships as kdcli.zoo.manifests):
+    a new package folder must be added there, or the wheel would silently leave it out."""
+    import tomllib
+
+    import kdcli
+    from kdcli.zoo import _load_manifests
+
+    root = Path(kdcli.__file__).parent
+    cfg = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {".".join(p.parent.relative_to(root.parent).parts) for p in root.rglob("__init__.py")}
+    assert set(cfg["packages"]) == folders | {"kdcli.zoo.manifests"}
+    assert cfg["package-dir"] == {"kdcli.zoo.manifests": "zoo"}
+    assert cfg["package-data"] == {"kdcli.zoo.manifests": ["*.toml"]}
+    assert sorted(p.name for p in (root.parent / "zoo").glob("*.toml")) == ["detection.toml", "segmentation.toml"]
+    assert "r101-retina" in _load_manifests(())  # read through the package, as an installed copy reads it
+

@@ -164,10 +164,19 @@ def _manifest() -> dict[str, ModelSpec]:
     return _load_manifests(tuple(keys))
 
 
+def _manifest_files() -> list[Any]:
+    """The shipped manifests: package data of ``kdcli.zoo.manifests`` (the top-level ``zoo/`` folder, mapped
+    into the package by the build), or ``zoo/`` beside ``kdcli/`` when the source tree is run as it is."""
+    try:
+        return list(resources.files(f"{__name__}.manifests").iterdir())
+    except ModuleNotFoundError:
+        return list((Path(__file__).resolve().parents[2] / "zoo").iterdir())
+
+
 @lru_cache(maxsize=8)
 def _load_manifests(user_files: tuple[tuple[str, int, int], ...]) -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
-    for res in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
+    for res in sorted(_manifest_files(), key=lambda p: p.name):
         if res.name.endswith(".toml"):
             _read_manifest(res.read_text(), res.name, specs)
     for f, _, _ in user_files:
