@@ -500,4 +500,4 @@ def push(run: str | Path, repo: str, private: bool = False, revision: str | None
 
 
 # the zoo and the weight fetcher sit below this module: they find its hf-hub code through these registrations
-register_scheme(PREFIX, resolve_hub_ref, fetch)
+register_scheme(PREFIX, lambda ref: resolve_hub_ref(ref), lambda *a, **k: fetch(*a, **k))  # bound at call time

@@ -379,12 +379,10 @@ def _hf_strings(obj: object) -> list[str]:
 
 
 def test_every_hf_hub_source_in_the_shipped_manifests_is_pinned():
-    from importlib import resources
-
-    from kdcli.zoo import tomllib, weight_sources  # the manifest's own TOML reader
+    from kdcli.zoo import _manifest_files, tomllib, weight_sources  # the manifest's own files and TOML reader
 
     found: set[str] = set()
-    for res in resources.files("kdcli.zoo").iterdir():
+    for res in _manifest_files():
         if res.name.endswith(".toml"):
             found |= set(_hf_strings(tomllib.loads(res.read_text())))
     assert found, "the manifests name no hf-hub source: this test checks nothing"
