@@ -117,6 +117,8 @@ def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = N
     if explicit is not None:
         cfg = _with_task_defaults(cfg, explicit)
     cfg = apply_objective_and_augment(cfg)  # --objective mcmi, --augment hard
+    if not cfg.model and not resume:
+        raise ConfigError("--model (--student for distill): name the model to train (a zoo name or a folder)")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes (and locks) the folder
     folder = run_folder(cfg)
     if main_rank and not cfg.out:  # the numbered default folder, fixed before it is locked and built

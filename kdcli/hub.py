@@ -357,7 +357,7 @@ def build_card(run: Path, repo: str, export_config: dict[str, Any], baseline: Pa
     base_line = "not given (push with `--baseline RUN` to show it)"
     if baseline is not None:
         bm = _read_json(baseline / "metrics.json")
-        base_line = f"{float(bm[key]):.4f}" if key in bm else f"not recorded in {baseline}"
+        base_line = f"{float(bm[key]):.4f}" if key in bm else f"not recorded in {public_id(str(baseline))}"
     teacher = dict(record.get("teacher") or {})
     if teacher:
         teacher["id"] = public_id(teacher.get("id"))

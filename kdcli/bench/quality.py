@@ -55,6 +55,7 @@ from ..progress import fmt_time
 from .stats import ALPHA, holm, paired_test, verdict
 
 BASELINE = "baseline"
+RESULT_NEUTRAL = ("keep", "log_every")  # run options that never change a run's metrics (reruns reuse it)
 
 
 @dataclass(frozen=True)
@@ -328,7 +329,10 @@ def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1, stop: thread
     result_path = folder.with_name(folder.name + ".result.json")
     if result_path.is_file():
         rec = json.loads(result_path.read_text())
-        if rec.get("config") == cfg.to_dict() and rec.get("status") == "ok":
+        # what a run keeps on disk and how often it logs do not change its result
+        same = {k: v for k, v in rec.get("config", {}).items() if k not in RESULT_NEUTRAL} == \
+            {k: v for k, v in cfg.to_dict().items() if k not in RESULT_NEUTRAL}
+        if same and rec.get("status") == "ok":
             return rec
     shutil.rmtree(folder, ignore_errors=True)
     result_path.unlink(missing_ok=True)

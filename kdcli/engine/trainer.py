@@ -458,7 +458,8 @@ def default_run_folder(cfg: RunConfig, task: str, root: Path = Path("runs")) -> 
         name += f"-from-{_ref_name(cfg.teacher)}"
     base = root / task / name
     folder, i = base, 1
-    while folder.exists() and any(folder.iterdir()):
+    # taken: it holds a run, or anything but the lock file a failed start leaves behind (runlock.py)
+    while folder.exists() and (existing_run(folder) or any(p.name != ".lock" for p in folder.iterdir())):
         i += 1
         folder = base.with_name(f"{name}-{i}")
     return folder
