@@ -19,18 +19,7 @@ import re
 from pathlib import Path
 
 from kdcli.bench.quality import BASELINE, CONTRAST_COLUMNS, METRICS, contrasts, write_csv
-from kdcli.bench.stats import PairedTest, holm, t_sf, verdict
-
-
-def summary_test(n: int, mean: float, sd: float) -> PairedTest:
-    """The paired test from the differences' summary statistics (same as :func:`paired_test` on the values)."""
-    if n < 2:
-        return PairedTest(n, mean, math.nan, math.nan, 0, math.nan)
-    if sd == 0.0:
-        return PairedTest(n, mean, sd, math.copysign(math.inf, mean) if mean else 0.0, n - 1,
-                          0.0 if mean > 0 else 1.0)
-    t = mean / (sd / math.sqrt(n))
-    return PairedTest(n, mean, sd, t, n - 1, t_sf(t, n - 1))
+from kdcli.bench.stats import holm, summary_test, verdict
 
 
 def _float(v: str) -> float:

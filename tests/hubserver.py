@@ -264,6 +264,18 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, data, headers, ctype="application/octet-stream")
 
 
+class Background(ThreadingHTTPServer):
+    """A test HTTP server on 127.0.0.1 that serves from a daemon thread inside a ``with`` block."""
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
 class HubServer(ThreadingHTTPServer):
     daemon_threads = True
 

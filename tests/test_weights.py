@@ -17,12 +17,12 @@ import re
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
-from hubserver import HubServer  # tests/ is on sys.path (pytest prepends it)
+from hubserver import Background, HubServer  # tests/ is on sys.path (pytest prepends it)
 from safetensors.torch import save as st_save
 
 from kdcli import weights
@@ -37,7 +37,7 @@ R18_A1_COMMIT = "491b427b45c94c7fb0e78b5474cc919aff584bbf"
 UNPINNED = {"hf-hub:timm/resnet18d.ra2_in1k"}
 
 
-class FileServer(ThreadingHTTPServer):
+class FileServer(Background):
     daemon_threads = True
 
     def __init__(self) -> None:
@@ -53,14 +53,6 @@ class FileServer(ThreadingHTTPServer):
         self.repos.setdefault(repo, {})[sha] = files
         self.refs.setdefault(repo, {})["main"] = sha
         return sha
-
-    def __enter__(self) -> FileServer:
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
+from hubserver import Background  # tests/ is on sys.path (pytest prepends it)
 from PIL import Image
 from safetensors.torch import load_file
 from test_convert import mm_fpn, mm_resnet, mm_retina_head  # tests/ is on sys.path (pytest prepends it)
@@ -35,7 +35,7 @@ RETINA_CFG = ("model = dict(type='RetinaNet', neck=dict(type='FPN', add_extra_co
 RELEASE_DIR = "/mmdetection/v2.0/retinanet/retinanet_test"
 
 
-class Releases(ThreadingHTTPServer):
+class Releases(Background):
     """Files by path; ``cut[path] = n``: announce the full Content-Length, send n bytes, close."""
 
     daemon_threads = True
@@ -46,14 +46,6 @@ class Releases(ThreadingHTTPServer):
         self.cut: dict[str, int] = {}
         self.requests: list[str] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
-
-    def __enter__(self) -> Releases:
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-        self.server_close()
 
 
 class _Handler(BaseHTTPRequestHandler):

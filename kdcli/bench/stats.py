@@ -67,21 +67,24 @@ class PairedTest:
 
 
 def paired_test(diffs: list[float]) -> PairedTest:
-    """The one-sided paired t-test of H1: E[d] > 0. Fewer than two pairs give p = nan (no test).
-
-    All differences equal: sd = 0, so t is ±inf (p = 0 or 1) when the mean is non-zero and p = 1 when
-    every difference is 0 (a tie is no evidence of a gain)."""
+    """The one-sided paired t-test of H1: E[d] > 0. Fewer than two pairs give p = nan (no test)."""
     d = [x for x in diffs if not math.isnan(x)]
-    n = len(d)
+    if len(d) < 2:
+        return summary_test(len(d), d[0] if d else math.nan, math.nan)
+    return summary_test(len(d), statistics.fmean(d), statistics.stdev(d))
+
+
+def summary_test(n: int, mean: float, sd: float) -> PairedTest:
+    """The same test from the differences' count, mean and standard deviation (all a paired t needs, so a
+    suite's committed gain ± std can be re-tested exactly). All differences equal: sd = 0, so t is ±inf
+    (p = 0 or 1) when the mean is non-zero and p = 1 when every difference is 0 (a tie is no evidence)."""
     if n < 2:
-        return PairedTest(n, d[0] if d else math.nan, math.nan, math.nan, 0, math.nan)
-    m, sd = statistics.fmean(d), statistics.stdev(d)
+        return PairedTest(n, mean, math.nan, math.nan, 0, math.nan)
     if sd == 0.0:
-        t = math.copysign(math.inf, m) if m else 0.0
-        p = 0.0 if m > 0 else 1.0
-        return PairedTest(n, m, sd, t, n - 1, p)
-    t = m / (sd / math.sqrt(n))
-    return PairedTest(n, m, sd, t, n - 1, t_sf(t, n - 1))
+        t = math.copysign(math.inf, mean) if mean else 0.0
+        return PairedTest(n, mean, sd, t, n - 1, 0.0 if mean > 0 else 1.0)
+    t = mean / (sd / math.sqrt(n))
+    return PairedTest(n, mean, sd, t, n - 1, t_sf(t, n - 1))
 
 
 def holm(pvalues: list[float]) -> list[float]:
