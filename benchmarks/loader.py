@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from kdcli.config import RunConfig
-from kdcli.engine.trainer import _to_device, build_run, train_step
+from kdcli.engine.build import build_run
+from kdcli.engine.step import to_device, train_step
 
 MODELS = {"detection": "shapes-r18-fcos", "segmentation": "shapes-mbv3-lraspp"}
 
@@ -51,7 +52,7 @@ def loader_rate(loader, batches: int, device: torch.device) -> float:
     next(it)  # worker start-up and the first decode are not throughput
     n, t0 = 0, time.perf_counter()
     for images, targets in itertools.islice(it, batches):
-        images, targets = _to_device(images, targets, device)  # the host->device copy belongs to loading
+        images, targets = to_device(images, targets, device)  # the host->device copy belongs to loading
         n += len(images)
     _sync(device)
     return n / (time.perf_counter() - t0)
@@ -88,7 +89,7 @@ def preprocess_rate(run, batches: int) -> float:
     next(it)
     n, t0 = 0, time.perf_counter()
     for images, targets in itertools.islice(it, batches):
-        images, targets = _to_device(images, targets, run.device)
+        images, targets = to_device(images, targets, run.device)
         run.student.preprocess(images, targets)
         n += len(images)
     _sync(run.device)
@@ -119,7 +120,7 @@ def gpu_decode_rate(run, batches: int) -> float:
 
 def step_rate(run, batches: list, opt: torch.optim.Optimizer) -> float:
     def one(images, targets) -> None:
-        total, _ = train_step(run, images, targets)
+        total = train_step(run, images, targets).total
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -139,7 +140,7 @@ def loop_rate(run, batches: int, opt: torch.optim.Optimizer) -> float:
     next(it)
     n, t0 = 0, time.perf_counter()
     for images, targets in itertools.islice(it, batches):
-        total, _ = train_step(run, images, targets)
+        total = train_step(run, images, targets).total
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from kdcli.engine.distributed import DistillStep
-from kdcli.engine.trainer import compile_student
+from kdcli.engine.build import compile_student
+from kdcli.engine.step import DistillStep
 from kdcli.methods import build
 from kdcli.models import build_model
 from kdcli.runtime import autocast_ctx
@@ -90,8 +90,8 @@ class Setup:
             with ctx:
                 with torch.no_grad():
                     t_out = self.teacher(b, need=set(self.method.needs), losses=False)
-                terms = self.step_module(b, t_out)
-            total = sum(v.float() for v in terms.values()) / self.k
+                task, distill = self.step_module(b, t_out)
+            total = sum(v.float() for v in [*task.values(), *distill.values()]) / self.k
             self.scaler.scale(total).backward()
             total_value += float(total.detach())
         self.scaler.step(self.opt)

@@ -21,7 +21,7 @@ def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
     return cfg.merged(updates)
 
 
-# choices the engine accepts (kdcli.engine.trainer, kdcli.runtime), checked here without importing torch
+# choices the engine accepts (kdcli.engine, kdcli.runtime), checked here without importing torch
 CHOICES = {"optimizer": ("sgd", "adamw"), "schedule": ("cosine", "poly", "step", "constant"),
            "amp": ("none", "bf16", "fp16", "auto"), "keep": ("best", "last", "all"), "objective": ("ce", "mcmi"),
            "augment": ("none", "hard")}
@@ -80,6 +80,32 @@ def _config_from(options: dict[str, Any], config: str | Path | None) -> tuple[Ru
     return cfg, set(base) | set(given)
 
 
+COMMANDS = ("train", "distill")
+
+
+def started_by(cfg: RunConfig) -> str:
+    """The kdcli command that starts a run like ``cfg``: this process's own command when its command
+    line is ``kdcli [--offline] train|distill ...`` (also ``python -m kdcli``, as torchrun's workers run);
+    otherwise ``distill`` when the run has something only ``kdcli distill`` takes (a teacher,
+    ``--augment hard``, ``--inherit``), else ``train`` (a model alone, teacher-free methods,
+    ``--objective mcmi``)."""
+    import sys
+
+    prog = Path(sys.argv[0]) if sys.argv else Path()
+    if prog.stem == "kdcli" or (prog.name == "__main__.py" and prog.parent.name == "kdcli"):
+        cmd = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+        if cmd in COMMANDS:
+            return cmd
+    return "distill" if cfg.teacher or cfg.augment == "hard" or cfg.inherit else "train"
+
+
+def resume_hint(run: Any) -> str:
+    """The command line that continues ``run``: the kdcli command that started it (``train`` even for
+    ``kdcli train --method pskd`` / ``--objective mcmi``), under torchrun when it runs there."""
+    launch = f"torchrun --nproc_per_node {run.dist.world} -m kdcli" if run.dist.enabled else "kdcli"
+    return f"{launch} {run.command} --resume {run.folder}"
+
+
 def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = None,
           explicit: set[str] | None = None, stop_after: int | None = None, command: str | None = None,
           *, config: str | Path | None = None, **options: Any) -> tuple[Path, dict]:
@@ -93,7 +119,7 @@ def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = N
 
     ``command``: the kdcli command that started the run (``train`` or ``distill``), recorded in
     ``config.json`` and named in resume hints; None: this process's kdcli command line, else what the
-    config implies (:func:`kdcli.engine.trainer.started_by`). ``log``: progress and log lines
+    config implies (:func:`started_by`). ``log``: progress and log lines
     (default: stderr)."""
     import os
     from contextlib import nullcontext
@@ -110,8 +136,11 @@ def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = N
     import torch
 
     from .engine import distributed as ddp
+    from .engine.build import build_run
+    from .engine.callbacks import AfterEpoch, standard
+    from .engine.folders import check_writable, existing_run, run_folder
+    from .engine.loop import fit
     from .engine.runlock import RunLock
-    from .engine.trainer import build_run, check_writable, existing_run, fit, run_folder, started_by
     from .viz.plots import update_results_png
 
     if explicit is not None:
@@ -119,6 +148,7 @@ def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = N
     cfg = apply_objective_and_augment(cfg)  # --objective mcmi, --augment hard
     if not cfg.model and not resume:
         raise ConfigError("--model (--student for distill): name the model to train (a zoo name or a folder)")
+    command = command if command in COMMANDS else started_by(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 alone writes (and locks) the folder
     folder = run_folder(cfg)
     if main_rank and not cfg.out:  # the numbered default folder, fixed before it is locked and built
@@ -131,10 +161,12 @@ def train(cfg: RunConfig | str | None = None, resume: bool = False, log: Any = N
         taken = None if resume or not main_rank else existing_run(folder)
         if taken:  # checked under the lock, before the models are built
             raise ConfigError(f"--out {folder}: already holds a run ({taken}); continue it with "
-                              f"`kdcli {command or started_by(cfg)} --resume {folder}` or choose another --out")
+                              f"`kdcli {command} --resume {folder}` or choose another --out")
         try:
             run = build_run(cfg, log=log, command=command)
-            run.epoch_end.append(update_results_png)  # a plotting failure is logged, never raised
+            run.resume_hint = resume_hint(run)
+            # results.png after results.csv's row; a plotting failure is logged, never raised
+            run.callbacks = [*standard(), AfterEpoch(update_results_png)]
             metrics = fit(run, resume=resume, stop_after=stop_after)
             ok = True
         finally:
@@ -179,9 +211,9 @@ def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str
     from .data import build_dataset, collate_detection, collate_segmentation, data_hints, subset
     from .engine.evaluate_model import evaluate_model, parse_slide
     from .engine.teacher_check import check_teacher_kind
-    from .engine.trainer import image_size_of, pick_device
-    from .models import build_model
+    from .models import build_model, image_size_of
     from .models.build import required_file
+    from .runtime import pick_device
     from .zoo import resolve_ref
 
     r = resolve_ref(ref, role="eval")

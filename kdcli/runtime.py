@@ -66,6 +66,17 @@ def flush_denormals(device: torch.device) -> bool:
     return device.type == "cpu" and bool(torch.set_flush_denormal(True))
 
 
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The torch device of ``--device name``: ``auto`` is ``cuda:<local rank>`` if CUDA is available, else ``cpu``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu)")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

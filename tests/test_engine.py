@@ -134,7 +134,7 @@ def test_incompatible_taps_refused_before_training(teacher_run: Path, tiny_shape
 
 
 def test_inherit_copies_neck_and_head_not_backbone(teacher_run: Path, tiny_shapes: Path, tmp_path: Path):
-    from kdcli.engine.trainer import build_run
+    from kdcli.engine.build import build_run
 
     cfg = _cfg(tiny_shapes, tmp_path / "inh", model="shapes-r18-fcos", teacher=str(teacher_run), method="cankd",
                inherit=True)

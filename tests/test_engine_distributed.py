@@ -34,7 +34,8 @@ from kdcli.config import RunConfig
 from kdcli.data import build_dataset, collate_detection
 from kdcli.engine import distributed as ddp
 from kdcli.engine.evaluate_model import evaluate_model
-from kdcli.engine.trainer import build_run, fit
+from kdcli.engine.build import build_run
+from kdcli.engine.loop import fit
 from kdcli.models import build_model
 from kdcli.zoo import get_spec
 
@@ -212,7 +213,7 @@ def test_two_processes_match_one_process(two_ranks: tuple[Path, Path], tiny_shap
       gradient averaging is 160 % away).
     """
     from kdcli import api
-    from kdcli.engine.trainer import build_run
+    from kdcli.engine.build import build_run
 
     root, teacher = two_ranks
     threads = torch.get_num_threads()

@@ -16,8 +16,14 @@ from safetensors.torch import load_file
 
 from kdcli.config import RunConfig
 from kdcli.engine.guards import GracefulStop, LossGuard
+from kdcli.engine.result import StepResult, by_method
 from kdcli.errors import ConfigError, TrainingError, UserInterrupt
 from kdcli.models.taps import ModelOutput
+
+
+def _r(task: dict[str, float], method_terms: dict[str, float]) -> StepResult:
+    """A step's values: the model's losses and the method's output (``<method>.<term>`` keys)."""
+    return StepResult.of(task, method_terms)
 
 
 class _Methods:
@@ -38,22 +44,22 @@ def test_terms_are_grouped_by_method_and_tap():
 def test_nonfinite_and_zero_runs_stop_naming_method_and_tap():
     g = LossGuard(_Methods(kd=("cls_logits",)), zero_steps=3)
     with pytest.raises(TrainingError, match="non-finite loss in method 'kd', tap 'cls_logits'"):
-        g.check({"classification": 1.0, "kd.cls_logits": math.nan})
+        g.check(_r({"classification": 1.0}, {"kd.cls_logits": math.nan}))
     with pytest.raises(TrainingError, match="task loss 'classification'"):
-        g.check({"classification": math.inf, "kd.cls_logits": 1.0})
-    g.check({"classification": 1.0, "kd.cls_logits": 0.0})
-    g.check({"classification": 1.0, "kd.cls_logits": 0.0})
-    g.check({"classification": 1.0, "kd.cls_logits": 0.5})  # a non-zero step resets the count
-    g.check({"classification": 1.0, "kd.cls_logits": 0.0})
-    g.check({"classification": 1.0, "kd.cls_logits": -0.0})
+        g.check(_r({"classification": math.inf}, {"kd.cls_logits": 1.0}))
+    g.check(_r({"classification": 1.0}, {"kd.cls_logits": 0.0}))
+    g.check(_r({"classification": 1.0}, {"kd.cls_logits": 0.0}))
+    g.check(_r({"classification": 1.0}, {"kd.cls_logits": 0.5}))  # a non-zero step resets the count
+    g.check(_r({"classification": 1.0}, {"kd.cls_logits": 0.0}))
+    g.check(_r({"classification": 1.0}, {"kd.cls_logits": -0.0}))
     assert g.zero_run["kd.cls_logits"] == 2
     restored = LossGuard(_Methods(kd=("cls_logits",)), zero_steps=3)
     restored.load_state_dict(json.loads(json.dumps(g.state_dict())))  # the count survives a resume
     with pytest.raises(TrainingError, match=r"method 'kd', tap 'cls_logits'.* exactly 0 for 3 consecutive"):
-        restored.check({"classification": 1.0, "kd.cls_logits": 0.0})
+        restored.check(_r({"classification": 1.0}, {"kd.cls_logits": 0.0}))
     off = LossGuard(_Methods(kd=("cls_logits",)), zero_steps=0)
     for _ in range(100):
-        off.check({"kd.cls_logits": 0.0})
+        off.check(_r({}, {"kd.cls_logits": 0.0}))
 
 
 class _Scheduled:
@@ -74,33 +80,33 @@ def test_degenerate_and_switched_off_terms_do_not_count_but_real_zeros_still_sto
     g = LossGuard(methods, zero_steps=3, exempt={"cwd.p7": "1x1 map"})
     for _ in range(10):  # cwd.p7 is 0 for any input (exempt); dkd is weighted 0 by its schedule
         dkd.factor = 0.0
-        g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+        g.check(_r({"task": 1.0}, {"cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0}))
     assert g.zero_run.get("cwd.p7", 0) == 0 and g.zero_run.get("dkd.seg_logits", 0) == 0
     dkd.factor = 0.5  # the warm-up ends: a zero now counts
-    g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
-    g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+    g.check(_r({"task": 1.0}, {"cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0}))
+    g.check(_r({"task": 1.0}, {"cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0}))
     dkd.factor = 0.0  # a step switched off neither counts nor resets the run of zeros
-    g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+    g.check(_r({"task": 1.0}, {"cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0}))
     assert g.zero_run["dkd.seg_logits"] == 2
     dkd.factor = 1.0
     with pytest.raises(TrainingError, match=r"method 'dkd', tap 'seg_logits' has been exactly 0 for 3 consecutive"):
-        g.check({"task": 1.0, "cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0})
+        g.check(_r({"task": 1.0}, {"cwd.p3": 0.5, "cwd.p7": 0.0, "dkd.seg_logits": 0.0}))
     # a non-degenerate tap of the same method that is 0 (a tap resolving to the wrong tensor) still stops
     g2 = LossGuard(_Methods(cwd=("p3", "p7")), zero_steps=2, exempt={"cwd.p7": "1x1 map"})
-    g2.check({"cwd.p3": 0.0, "cwd.p7": 0.0})
+    g2.check(_r({}, {"cwd.p3": 0.0, "cwd.p7": 0.0}))
     with pytest.raises(TrainingError, match=r"method 'cwd', tap 'p3' has been exactly 0 for 2"):
-        g2.check({"cwd.p3": 0.0, "cwd.p7": 0.0})
+        g2.check(_r({}, {"cwd.p3": 0.0, "cwd.p7": 0.0}))
     # exempt groups are left out of the gradient check: it ends once the other groups showed a gradient
     x = torch.randn(2, 4, requires_grad=True)
     tap = x * 2
-    g2.inspect_gradients({"cwd.p3": tap.pow(2).mean(), "cwd.p7": (tap * 0).sum()}, ModelOutput(taps={"p3": tap}))
+    g2.inspect_gradients({"cwd": {"p3": tap.pow(2).mean(), "p7": (tap * 0).sum()}}, ModelOutput(taps={"p3": tap}))
     assert g2.grad_ok == {"cwd.p3"} and not g2.needs_grad_check()
 
 
 def test_cwd_and_cankd_declare_a_one_by_one_map_and_its_term_is_zero_for_any_input():
     from types import SimpleNamespace
 
-    from kdcli.engine.trainer import degenerate_terms, largest_maps
+    from kdcli.engine.build import degenerate_terms, largest_maps
     from kdcli.methods import build
     from kdcli.models.taps import TapInfo
 
@@ -136,15 +142,18 @@ def test_gradient_check_finds_a_loss_detached_from_the_student():
             "b.p3": (tap.detach() * adapter).pow(2).mean(),  # trains the adapter only: the silent failure
             "c.p3": (tap * 0).sum() * adapter.sum(),  # exactly zero: left to the zero guard
         }
-        g.inspect_gradients(terms, ModelOutput(taps={"p3": tap}))
-        return terms, g.flags(list(terms))
+        g.inspect_gradients(by_method({k: v for k, v in terms.items() if k != "task"}), ModelOutput(taps={"p3": tap}))
+        result = _r({"task": float(terms["task"].detach())},
+                    {k: float(v.detach()) for k, v in terms.items() if k != "task"})
+        return terms, g.flags(result)
 
     terms, flags = step()
     assert g.grad_ok == {"a.p3"} and g.grad_misses == {"b.p3": 1} and flags == [0.0] * 4  # not yet
     terms, flags = step()  # a second non-zero step without gradient: flagged
     assert flags == [0.0, 0.0, 1.0, 0.0] and g.needs_grad_check()
     with pytest.raises(TrainingError, match="method 'b', tap 'p3' gives no gradient to the student"):
-        g.check({k: float(v.detach()) for k, v in terms.items()}, [k for k, f in zip(terms, flags, strict=True) if f])
+        g.check(_r({"task": 1.0}, {k: float(v.detach()) for k, v in terms.items() if k != "task"}),
+                [k for k, f in zip(terms, flags, strict=True) if f])
     assert x.grad is None  # the check computes gradients of the taps only, accumulates nothing
 
 
@@ -154,8 +163,8 @@ def test_gradient_check_clears_a_group_once_it_has_a_gradient():
     x = torch.randn(3, requires_grad=True)
     for keep in (0.0, 1.0, 0.0, 0.0):
         tap = x * 1
-        g.inspect_gradients({"m.p7": (tap * keep).sum() + 1.0}, ModelOutput(taps={"p7": tap}))
-        assert g.flags(["m.p7"]) == [0.0]
+        g.inspect_gradients({"m": {"p7": (tap * keep).sum() + 1.0}}, ModelOutput(taps={"p7": tap}))
+        assert g.flags(_r({}, {"m.p7": 1.0})) == [0.0]
     assert g.grad_ok == {"m.p7"} and not g.needs_grad_check()
 
 
@@ -245,7 +254,8 @@ def test_a_term_weighted_zero_by_its_schedule_does_not_count(tiny_shapes: Path, 
 def test_a_loss_without_gradient_to_the_student_stops_the_run(tiny_shapes: Path, teacher: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch):
     from kdcli.engine import guards
-    from kdcli.engine.trainer import build_run, fit
+    from kdcli.engine.build import build_run
+    from kdcli.engine.loop import fit
 
     run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "g"), log=lambda s: None)
     fitnet = run.method.methods["fitnet"]
@@ -272,7 +282,9 @@ def test_ddp_wrapping_changes_nothing_the_methods_see(tiny_shapes: Path, teacher
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from kdcli.engine.trainer import build_run, fit
+    from kdcli.engine.build import build_run
+    from kdcli.engine.callbacks import standard
+    from kdcli.engine.loop import fit
     from kdcli.methods import MethodSet
     from kdcli.models import TapModel
 
@@ -286,11 +298,13 @@ def test_ddp_wrapping_changes_nothing_the_methods_see(tiny_shapes: Path, teacher
     MethodSet.on_epoch_end = spy  # type: ignore[method-assign]
     try:
         plain = build_run(_cfg(tiny_shapes, teacher, tmp_path / "plain"), log=lambda s: None)
+        plain.callbacks = standard()  # results.csv, as kdcli.api wires it
         assert not isinstance(plain.step_module, DistributedDataParallel)
         fit(plain, progress=False)
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         try:
             run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "ddp"), log=lambda s: None)
+            run.callbacks = standard()
             assert isinstance(run.step_module, DistributedDataParallel) and run.dist.enabled
             fit(run, progress=False)
         finally:
@@ -323,7 +337,7 @@ def test_ddp_wrapping_changes_nothing_the_methods_see(tiny_shapes: Path, teacher
 ])
 def test_bad_speed_options_are_refused(tiny_shapes: Path, teacher: Path, tmp_path: Path, option: str, value: object,
                                        message: str):
-    from kdcli.engine.trainer import build_run
+    from kdcli.engine.build import build_run
 
     cfg = _cfg(tiny_shapes, teacher, tmp_path / "x", **{option: value})
     if option == "sync_bn":  # SyncBatchNorm only matters with several processes; on CPU it is refused there
@@ -339,22 +353,26 @@ def test_bad_speed_options_are_refused(tiny_shapes: Path, teacher: Path, tmp_pat
 def test_channels_last_and_bf16_keep_the_losses(tiny_shapes: Path, teacher: Path, tmp_path: Path):
     """NHWC changes the memory layout only (losses equal to float32 round-off); bf16 autocast changes the
     numbers a little (losses are still computed in float32, within 5 %)."""
-    from kdcli.engine.trainer import build_run, train_step
+    from kdcli.engine.build import build_run
+    from kdcli.engine.step import train_step
 
     run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "s"), log=lambda s: None)
     images, targets = next(iter(run.train_loader))
     torch.manual_seed(0)
-    _, plain = train_step(run, images, targets)
+    first = train_step(run, images, targets)
+    plain = first.terms()
     run.cfg.channels_last = True
     run.student.to(memory_format=torch.channels_last)
     run.teacher.to(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    total, nhwc = train_step(run, images, targets)
-    assert total.dtype == torch.float32
+    step = train_step(run, images, targets)
+    nhwc = step.terms()
+    assert step.total.dtype == torch.float32
     run.cfg.amp = "bf16"
     torch.manual_seed(0)
-    total, bf16 = train_step(run, images, targets)
-    assert total.dtype == torch.float32 and set(plain) == set(nhwc) == set(bf16)
+    step = train_step(run, images, targets)
+    bf16 = step.terms()
+    assert step.total.dtype == torch.float32 and set(plain) == set(nhwc) == set(bf16)
     for k, v in plain.items():
         assert nhwc[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
         assert bf16[k] == pytest.approx(v, rel=5e-2, abs=1e-3), k

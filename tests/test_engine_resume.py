@@ -212,8 +212,8 @@ def test_a_damaged_last_state_resumes_from_prev_bit_identically(reference: tuple
 
 # -- the resume hint names the command that started the run ------------------------------------
 def test_started_by_reads_the_command_line_or_else_the_config(monkeypatch: pytest.MonkeyPatch):
+    from kdcli.api import started_by
     from kdcli.config import apply_objective_and_augment
-    from kdcli.engine.trainer import started_by
 
     pskd = RunConfig(model="m", method="pskd")
     for argv, want in ((["/venv/bin/kdcli", "train", "--method", "pskd"], "train"),
@@ -232,7 +232,7 @@ def test_the_resume_hint_names_the_command_that_started_the_run(tiny_shapes: Pat
                                                                  monkeypatch: pytest.MonkeyPatch):
     """`kdcli train --method pskd` interrupted: the hint says `kdcli train --resume`, not `distill`; a run
     started by `kdcli distill` keeps saying `distill` after a resume by any means (config.json records it)."""
-    from kdcli.engine import trainer
+    from kdcli.engine import loop
     from kdcli.engine.guards import GracefulStop, Interrupted
 
     class SignalledAtOnce(GracefulStop):  # as if SIGTERM arrived during the first step
@@ -241,7 +241,7 @@ def test_the_resume_hint_names_the_command_that_started_the_run(tiny_shapes: Pat
             self.requested = "SIGTERM"
             return self
 
-    monkeypatch.setattr(trainer, "GracefulStop", SignalledAtOnce)
+    monkeypatch.setattr(loop, "GracefulStop", SignalledAtOnce)
     (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
     base = dict(model="shapes-mbv3-lraspp", method="pskd", data=f"semantic:{tiny_shapes / 'cityscapes'}", epochs=1,
                 batch_size=2, image_size=64, max_train_images=4, max_val_images=2, workers=0, device="cpu")

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from kdcli import api
 from kdcli.config import RunConfig
-from kdcli.engine.checkpoint import save_json, save_tensors
 from kdcli.errors import ConfigError, ZooError
 from kdcli.export import (
     ATOL,
@@ -28,6 +27,7 @@ from kdcli.export import (
     parse_formats,
     select_detections,
 )
+from kdcli.io import save_json, save_tensors
 from kdcli.models import Batch, build_model
 from kdcli.zoo import get_spec, resolve_ref
 

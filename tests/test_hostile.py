@@ -25,9 +25,10 @@ from test_export import model_folder
 from kdcli import api
 from kdcli.config import RunConfig
 from kdcli.data import CocoDetection
+from kdcli.engine import build as engine_build
 from kdcli.engine import checkpoint as ckpt
-from kdcli.engine import trainer
 from kdcli.engine.guards import LossGuard
+from kdcli.engine.result import StepResult
 from kdcli.engine.runlock import RunLock
 from kdcli.errors import ConfigError, DataError, KdcliError, TrainingError, ZooError
 from kdcli.export import export
@@ -184,8 +185,8 @@ def test_bad_values_stop_before_any_model_is_built(tmp_path: Path, monkeypatch: 
     def boom(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(trainer, "build_model", boom)
-    monkeypatch.setattr(trainer, "build_run", boom)
+    monkeypatch.setattr(engine_build, "build_model", boom)
+    monkeypatch.setattr(engine_build, "build_run", boom)
     for bad in ({"epochs": -1}, {"batch_size": 0}, {"lr": -1.0}):
         cfg = RunConfig(model="shapes-r18-fcos", out=str(tmp_path / "r"), **bad)  # type: ignore[arg-type]
         with pytest.raises(ConfigError):
@@ -206,12 +207,12 @@ def test_cli_config_file_with_a_string_epoch_is_one_line(tmp_path: Path):
 def test_student_weights_with_other_class_names_says_which(tmp_path: Path):
     cfg = RunConfig(model="shapes-r18-fcos", student_weights=str(tmp_path / "w.safetensors"), data="coco:/d")
     with pytest.raises(KdcliError) as info:
-        trainer._resolve_student_spec(cfg, ["circle", "square", "star"])
+        engine_build._resolve_student_spec(cfg, ["circle", "square", "star"])
     msg = _one_line(info.value)
     assert "3 classes but --data coco:/d has 3" not in msg
     assert "--student-weights" in msg and "class 2 is 'triangle' in the model and 'star' in the data" in msg
     with pytest.raises(KdcliError) as info:
-        trainer._resolve_student_spec(cfg, ["a", "b"])
+        engine_build._resolve_student_spec(cfg, ["a", "b"])
     assert "3 classes but --data coco:/d has 2" in _one_line(info.value)
 
 
@@ -219,11 +220,11 @@ def test_student_weights_with_other_class_names_says_which(tmp_path: Path):
 def test_nonfinite_guard_claims_a_checkpoint_only_when_there_is_one():
     guard = LossGuard(None)
     with pytest.raises(TrainingError) as info:
-        guard.check({"loss": float("nan")})
+        guard.check(StepResult(None, {"loss": float("nan")}))
     assert "no checkpoint was written yet" in str(info.value) and "kept" not in str(info.value)
     guard.saved = True
     with pytest.raises(TrainingError, match="the last good checkpoint is kept"):
-        guard.check({"loss": float("inf")})
+        guard.check(StepResult(None, {"loss": float("inf")}))
 
 
 # -- the run folder -----------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def test_an_unwritable_out_is_refused_before_models_are_built(tmp_path: Path, mo
     def boom(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(trainer, "build_model", boom)
+    monkeypatch.setattr(engine_build, "build_model", boom)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match=f"--out {blocker / 'run'}: {blocker} is a file"):
@@ -308,7 +309,7 @@ def test_one_writer_per_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def boom(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(trainer, "build_model", boom)
+    monkeypatch.setattr(engine_build, "build_model", boom)
     folder = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from kdcli.engine.runlock import RunLock\n"
@@ -341,7 +342,7 @@ def test_a_fresh_start_over_any_trace_of_a_run_is_refused(tmp_path: Path, monkey
     def boom(*a, **k):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(trainer, "build_model", boom)
+    monkeypatch.setattr(engine_build, "build_model", boom)
     folder = tmp_path / "run"
     (folder / mark).parent.mkdir(parents=True, exist_ok=True)
     (folder / mark).write_bytes(b"{}")

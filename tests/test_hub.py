@@ -21,8 +21,8 @@ from safetensors.torch import load, load_file
 
 from kdcli import api, hub
 from kdcli.config import RunConfig
-from kdcli.engine.checkpoint import save_json, save_tensors
 from kdcli.errors import KdcliError, ZooError
+from kdcli.io import save_json, save_tensors
 from kdcli.models import build_model
 from kdcli.zoo import get_spec, resolve_ref
 

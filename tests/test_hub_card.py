@@ -11,9 +11,9 @@ from hubserver import HubServer  # tests/ is on sys.path (pytest prepends it)
 from test_hub import TOKEN, front_matter, runs, server, write_run  # noqa: F401 - fixtures
 
 from kdcli import hub
-from kdcli.engine.checkpoint import save_json
 from kdcli.errors import KdcliError
 from kdcli.export import export
+from kdcli.io import save_json
 
 
 def test_the_card_states_subsets_and_publishes_no_local_path(server: HubServer, tmp_path: Path):  # noqa: F811

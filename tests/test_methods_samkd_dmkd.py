@@ -479,7 +479,9 @@ def test_samkd_progressive_distill_runs_through_every_grid(tiny_shapes, tmp_path
     from safetensors.torch import save_file
 
     from kdcli.config import RunConfig
-    from kdcli.engine.trainer import build_run, fit
+    from kdcli.engine.build import build_run
+    from kdcli.engine.callbacks import standard
+    from kdcli.engine.loop import fit
     from kdcli.models import build_model
     from kdcli.zoo import get_spec
 
@@ -495,6 +497,7 @@ def test_samkd_progressive_distill_runs_through_every_grid(tiny_shapes, tmp_path
                     epochs=1, batch_size=4, image_size=64, workers=0, optimizer="adamw", lr=1e-3, warmup_iters=1,
                     bn_recal=1, device="cpu")
     run = build_run(cfg, log=lambda s: None)
+    run.callbacks = standard()  # results.csv, as kdcli.api wires it
     m = run.method.methods["samkd"]
     seen: list[tuple[float, int]] = []
     active = m.active_grids

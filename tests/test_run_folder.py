@@ -8,7 +8,7 @@ import pytest
 
 from kdcli import api
 from kdcli.config import RunConfig
-from kdcli.engine.trainer import default_run_folder
+from kdcli.engine.folders import default_run_folder
 from kdcli.errors import ConfigError
 
 

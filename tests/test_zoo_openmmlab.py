@@ -239,7 +239,7 @@ def test_an_interrupted_download_leaves_nothing_in_the_cache(releases: Releases,
 
 
 def test_missing_weights_stop_before_any_data_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdcli.engine.trainer import build_run
+    from kdcli.engine.build import build_run
 
     monkeypatch.setenv("KDCLI_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
@@ -271,7 +271,7 @@ def _fake_teacher(tmp_path: Path) -> Path:
 
 
 def test_student_role_starts_from_the_imagenet_backbone() -> None:
-    from kdcli.engine.trainer import student_start
+    from kdcli.engine.build import student_start
 
     assert student_start(RunConfig(model="r50-retina"))[1] == "backbone"  # full COCO weights, but a student
     assert student_start(RunConfig(model="r101-retina"))[0].style == "torchvision"  # not the converted teacher

@@ -13,11 +13,11 @@ import torch
 
 from kdcli.config import RunConfig
 from kdcli.data import build_dataset, collate_segmentation, subset
-from kdcli.engine.checkpoint import save_json, save_tensors
+from kdcli.engine.build import build_run
 from kdcli.engine.evaluate_model import evaluate_model
 from kdcli.engine.teacher_check import reference_metric, teacher_check
-from kdcli.engine.trainer import build_run
 from kdcli.errors import TrainingError, ZooError
+from kdcli.io import save_json, save_tensors
 from kdcli.models import build_model
 from kdcli.zoo import SHAPES_SEG, get_spec, resolve_ref
 

@@ -244,7 +244,7 @@ def prepare_teacher(pair: Pair, task: str, opts: QualityOptions, log: Any) -> tu
 def train_size(pair: Pair, task: str, opts: QualityOptions) -> int:
     """Number of training images the students see (after ``--max-train-images``)."""
     from ..data import build_dataset, data_hints
-    from ..engine.trainer import image_size_of
+    from ..models import image_size_of
     from ..zoo import resolve_ref
 
     spec = resolve_ref(pair.student).spec
@@ -280,9 +280,12 @@ def loss_ratio(folder: Path) -> float:
         row = next(csv.DictReader(f), None)
     if row is None:
         return math.nan
-    terms = {k[5:]: float(v) for k, v in row.items() if k.startswith("loss/") and v not in ("", None)}
-    task = sum(v for k, v in terms.items() if "." not in k)
-    dist = sum(v for k, v in terms.items() if "." in k)
+    from ..engine.result import loss_columns
+
+    terms = {k: float(v) for k, v in row.items() if k.startswith("loss/") and v not in ("", None)}
+    task_cols, methods = loss_columns(terms)
+    task = sum(terms[k] for k in task_cols)
+    dist = sum(terms[k] for cols in methods.values() for k in cols)
     return dist / task if task > 0 else math.nan
 
 
@@ -294,7 +297,7 @@ def _child_main(job_path: str) -> int:
 
     job = json.loads(Path(job_path).read_text())
     cfg = RunConfig.from_dict(job["config"], job_path)
-    from ..engine.trainer import pick_device
+    from ..runtime import pick_device
 
     cuda = pick_device(cfg.device).type == "cuda"
     if cuda:
@@ -356,7 +359,7 @@ def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1, stop: thread
     else:
         import torch
 
-        from ..engine.trainer import pick_device
+        from ..runtime import pick_device
 
         cuda = pick_device(cfg.device).type == "cuda"
         if cuda:

@@ -31,16 +31,7 @@ from safetensors.torch import load, save
 from torch import Tensor, nn
 
 from ..errors import TrainingError
-from ..io import (  # noqa: F401 (the tensor/json writers stay importable from here)
-    _atomic,
-    _flat,
-    _fsync_dir,
-    _write_tmp,
-    canonical_safetensors,
-    load_tensors,
-    save_json,
-    save_tensors,
-)
+from ..io import _atomic, _flat, _fsync_dir, _write_tmp
 
 FORMAT = 2  # 1: epoch-end checkpoints without checksums (kdcli before resumable mid-epoch state); still readable
 SLOTS = ("last", "prev")

@@ -6,7 +6,7 @@ Process model (one process per GPU, or per CPU worker with gloo)::
     kdcli distill --nproc N ...          # the same on one machine (re-launches via torch.distributed.run)
     kdcli distill --devices 0,1,2,3 ...  # CUDA_VISIBLE_DEVICES=0,1,2,3 and N = 4
 
-What is wrapped: :class:`DistillStep`, one small module holding the student and the method (its
+What is wrapped: :class:`~kdcli.engine.step.DistillStep`, one small module holding the student and the method (its
 adapters, generators, masks), goes into a single ``DistributedDataParallel``, so one reducer
 averages the gradients of both. The teacher is built in every rank from its id, frozen, and never
 wrapped. ``find_unused_parameters=True``: some methods leave parts without gradient on some steps
@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from ..errors import ConfigError
+from ..runtime import pick_device
 
 
 @dataclass(frozen=True)
@@ -71,17 +72,6 @@ def _env_int(name: str, default: int) -> int:
         return int(os.environ.get(name, default))
     except ValueError:
         raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → ``cuda:<local rank>`` if CUDA is available, else ``cpu``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use cpu)")
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def init(device: str = "auto") -> DistInfo:
@@ -183,7 +173,7 @@ def broadcast_buffers(module: nn.Module, info: DistInfo) -> None:
 
 @torch.no_grad()
 def average_bn_statistics(module: nn.Module, info: DistInfo) -> None:
-    """Average BatchNorm running mean/var over ranks after :func:`~kdcli.engine.trainer.recalibrate_bn`.
+    """Average BatchNorm running mean/var over ranks after :func:`~kdcli.engine.bn.recalibrate_bn`.
 
     Recalibration takes a plain average over n batches per rank; the mean of the ranks' averages is
     the plain average over all n × world batches.
@@ -198,29 +188,7 @@ def average_bn_statistics(module: nn.Module, info: DistInfo) -> None:
 
 
 # -- the module DDP wraps -----------------------------------------------------------------------------
-class DistillStep(nn.Module):
-    """The student and the method's learnable parts as one module (what DDP wraps).
-
-    ``forward(batch, t_out)`` runs the student and the method and returns the loss terms only;
-    the student's output stays in :attr:`last` for the gradient guard.
-    """
-
-    def __init__(self, student: nn.Module, method: nn.Module | None) -> None:
-        super().__init__()
-        self.student = student
-        self.method = method
-        self.last: Any = None
-
-    def forward(self, batch: Any, t_out: Any) -> dict[str, Tensor]:
-        s_out = self.student(batch)
-        terms: dict[str, Tensor] = dict(s_out.losses)
-        if self.method is not None:
-            terms.update(self.method(s_out, t_out, batch.targets))
-        self.last = s_out
-        return terms
-
-
-def wrap(step: DistillStep, info: DistInfo) -> nn.Module:
+def wrap(step: nn.Module, info: DistInfo) -> nn.Module:
     """DDP over the student + method (see module docstring); the module itself when not distributed."""
     if not info.enabled:
         return step

@@ -12,8 +12,9 @@ taken from a copy, a ``detach`` too many) so it trains the method's adapters and
   tensors only (the backbone is not traversed) at each non-zero step of a (method, tap) group
   until it first shows a gradient, so a healthy group costs a fraction of one backward, once.
 
-Terms are grouped by method and tap: ``acam.p3`` and ``acam.p3.div`` form the group (acam, p3),
-``freekd.mse.p3`` joins (freekd, p3). Under DDP the checks run on values and flags summed over
+The guard reads each step's :class:`~kdcli.engine.result.StepResult`: task losses and each method's
+terms apart. A method's terms are grouped by tap: acam's ``p3`` and ``p3.div`` form the group
+``acam.p3``, freekd's ``mse.p3`` joins ``freekd.p3``. Under DDP the checks run on values and flags summed over
 ranks, so every rank takes the same decision at the same step.
 
 Zeros that are not failures do not count towards ``zero_steps``:
@@ -44,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..errors import TrainingError, UserInterrupt
+from .result import StepResult, term_key
 
 GRAD_CHECK_STEPS = 20  # non-zero steps without gradient before a (method, tap) group stops the run
 
@@ -53,11 +55,6 @@ class Interrupted(TrainingError):
 
     exit_code = 130
     resumable = True  # the CLI prints the message without "error:"
-
-
-def is_distill_term(key: str) -> bool:
-    """Method terms are ``<method>.<tap>[.<part>]``; task losses have no dot."""
-    return "." in key
 
 
 class LossGuard:
@@ -86,10 +83,14 @@ class LossGuard:
 
     # -- grouping ---------------------------------------------------------------------------------
     def group(self, key: str) -> str:
-        """``method.tap`` for a term key (``method`` alone when no part of the key is one of its taps)."""
-        method, _, rest = key.partition(".")
+        """``method.tap`` for a method term's flat key ``<method>.<term>`` (see :meth:`group_of`)."""
+        method, _, term = key.partition(".")
+        return self.group_of(method, term)
+
+    def group_of(self, method: str, term: str) -> str:
+        """``method.tap`` for one of a method's terms (``method`` alone when no part of it is one of its taps)."""
         taps = self.taps.get(method, set())
-        tap = next((p for p in rest.split(".") if p in taps), None)
+        tap = next((p for p in term.split(".") if p in taps), None)
         return f"{method}.{tap}" if tap else method
 
     @staticmethod
@@ -106,16 +107,18 @@ class LossGuard:
     def needs_grad_check(self) -> bool:
         return self._n_groups is None or len(self.grad_ok) < self._n_groups
 
-    def inspect_gradients(self, terms: dict[str, Tensor], student_out: Any, scale: float = 1.0) -> None:
+    def inspect_gradients(self, distill: dict[str, dict[str, Tensor]], student_out: Any, scale: float = 1.0) -> None:
         """Look for groups with a non-zero loss and no gradient to any student tap.
 
         A group is cleared at its first step with a gradient. It is flagged after ``grad_steps``
         non-zero steps without one: a random mask can legitimately cut every path on one step (MGD
         on a 1×1 P7), never on twenty."""
         groups: dict[str, list[Tensor]] = {}
-        for k, v in terms.items():
-            if is_distill_term(k) and self.group(k) not in self.exempt:  # exempt: 0 for any input, no gradient
-                groups.setdefault(self.group(k), []).append(v)
+        for method, terms in distill.items():  # each method's terms, by name
+            for term, v in terms.items():
+                g = self.group_of(method, term)
+                if g not in self.exempt:  # exempt: 0 for any input, no gradient
+                    groups.setdefault(g, []).append(v)
         self._n_groups = len(groups)
         self._pending = []
         todo = {g: vs for g, vs in groups.items() if g not in self.grad_ok}
@@ -139,20 +142,25 @@ class LossGuard:
                 self._pending.append(g)
 
     # -- the per-step decision ------------------------------------------------------------------
-    def flags(self, keys: list[str]) -> list[float]:
-        """One 0/1 per term: its group was found without gradient on this rank at this step."""
+    def flags(self, result: StepResult) -> list[float]:
+        """One 0/1 per term, in :meth:`StepResult.terms` order: its group was found without gradient on
+        this rank at this step (task losses: always 0)."""
         pending = set(self._pending)
         self._pending = []
-        return [1.0 if is_distill_term(k) and self.group(k) in pending else 0.0 for k in keys]
+        return [0.0] * len(result.task) + [1.0 if self.group_of(m, t) in pending else 0.0
+                                           for m, terms in result.distill.items() for t in terms]
 
-    def check(self, values: dict[str, float], no_grad: list[str] | None = None) -> None:
-        """Raise :class:`TrainingError` for a non-finite term, a long run of zeros, or a term without gradient."""
-        for k, v in values.items():
+    def check(self, result: StepResult, no_grad: list[str] | None = None) -> None:
+        """Raise :class:`TrainingError` for a non-finite term, a long run of zeros, or a term without gradient.
+        ``no_grad``: the flat keys of the method terms flagged by :meth:`flags` on any rank."""
+        where = [(f"task loss '{k}'", v) for k, v in result.task.items()]
+        where += [(f"{self.describe(self.group_of(m, t))} (term '{term_key(m, t)}')", v)
+                  for m, terms in result.distill.items() for t, v in terms.items()]
+        for what, v in where:
             if not math.isfinite(v):
-                where = f"{self.describe(self.group(k))} (term '{k}')" if is_distill_term(k) else f"task loss '{k}'"
                 kept = "the last good checkpoint is kept" if self.saved else \
                     "no checkpoint was written yet (the run stopped before its first one)"
-                raise TrainingError(f"non-finite loss in {where} ({v}); {kept}. "
+                raise TrainingError(f"non-finite loss in {what} ({v}); {kept}. "
                                     "Lower --lr or the method's weight (--set weight=...)")
         for g in dict.fromkeys(self.group(k) for k in no_grad or []):
             raise TrainingError(
@@ -161,9 +169,9 @@ class LossGuard:
         if not self.zero_steps:
             return
         sums: dict[str, float] = {}
-        for k, v in values.items():
-            if is_distill_term(k):
-                g = self.group(k)
+        for m, terms in result.distill.items():
+            for t, v in terms.items():
+                g = self.group_of(m, t)
                 sums[g] = sums.get(g, 0.0) + abs(v)
         for g, s in sums.items():
             if g in self.exempt or (s == 0.0 and self.switched_off(g)):

@@ -1,7 +1,7 @@
 """Mask statistics logged during training: the ``mask/...`` columns of ``results.csv``.
 
-Every :data:`EVERY`-th training micro-step the engine passes the step's student and teacher outputs to
-:func:`observe`, which calls the method's :meth:`~kdcli.methods.base.Method.internals` under
+Every :data:`EVERY`-th training micro-step :class:`MaskMonitor` (a run callback) takes the step's student
+and teacher outputs and calls the method's :meth:`~kdcli.methods.base.Method.internals` under
 ``torch.no_grad()``, with every random stream forked (the global CPU and CUDA
 generators and the method's own ``torch.Generator`` attributes): training draws the same random numbers
 with or without the statistics, so results and resumes are unchanged by them. For every internal map whose
@@ -14,7 +14,7 @@ name ends in ``mask`` (shape (N, L...) or (N, K, L...)) it records
   pairs i ≠ j of 2⟨m_i, m_j⟩ / (‖m_i‖² + ‖m_j‖²), as MasKD's diversity term: 1 for identical masks, so a
   collapse of every mask onto the same region shows as a dice near 1.
 
-:func:`epoch_columns` returns the averages over the epoch's samples as ``mask/<method>.<tap>.<map>.<stat>``
+:meth:`MaskMonitor.epoch_columns` returns the averages over the epoch's samples as ``mask/<method>.<tap>.<map>.<stat>``
 and starts a new epoch. The statistics are a side record: they are never returned as loss terms (the
 engine sums every term a method returns into the loss).
 """
@@ -23,10 +23,15 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from .callbacks import Callback
+
+if TYPE_CHECKING:
+    from .build import Run
 
 EVERY = 20  # micro-steps between two samples (the first step of every epoch's run is sampled)
 
@@ -125,30 +130,31 @@ class MaskStats:
         return out
 
 
-def _record(run: Any) -> MaskStats:
-    rec = run.meta.get("mask_stats")
-    if rec is None:
-        rec = run.meta["mask_stats"] = MaskStats(run.method, run.device)
-    return rec
+class MaskMonitor(Callback):
+    """The ``mask/...`` columns as a run callback: samples every :data:`EVERY` micro-steps, keeps its
+    sampling position and the epoch's running sums in the checkpoint (``mask_stats``), so that a resumed
+    run samples the same steps and writes the same columns as an uninterrupted one."""
 
+    state_key = "mask_stats"
 
-def observe(run: Any, s_out: Any, t_out: Any, targets: Any) -> None:
-    """Engine hook (``train_step``): sample the mask statistics every :data:`EVERY` micro-steps."""
-    _record(run).observe(s_out, t_out, targets)
+    def __init__(self) -> None:
+        self.stats: MaskStats | None = None
 
+    def _stats(self, run: Run) -> MaskStats:
+        if self.stats is None:
+            self.stats = MaskStats(run.method, run.device)
+        return self.stats
 
-def checkpoint_state(run: Any) -> dict[str, Any]:
-    """Engine hook (checkpoint): the sampling position and the epoch's running sums, so that a resumed run
-    samples the same steps and writes the same ``mask/...`` columns as an uninterrupted one."""
-    return _record(run).state_dict()
+    def on_step(self, run: Run, s_out: Any, t_out: Any, targets: Any) -> None:
+        self._stats(run).observe(s_out, t_out, targets)
 
+    def epoch_columns(self, run: Run) -> dict[str, Any]:
+        """The epoch's ``mask/...`` averages; empty when nothing was sampled."""
+        return self.stats.pop() if self.stats is not None else {}
 
-def restore_state(run: Any, state: dict[str, Any] | None) -> None:
-    if state:  # checkpoints written before mask statistics were saved have none
-        _record(run).load_state_dict(state)
+    def state_dict(self, run: Run) -> dict[str, Any]:
+        return self._stats(run).state_dict()
 
-
-def epoch_columns(run: Any) -> dict[str, float]:
-    """Engine hook (end of epoch): the epoch's ``mask/...`` averages; empty when nothing was sampled."""
-    rec = run.meta.get("mask_stats")
-    return rec.pop() if rec is not None else {}
+    def load_state_dict(self, run: Run, state: dict[str, Any] | None) -> None:
+        if state:  # checkpoints written before mask statistics were saved have none
+            self._stats(run).load_state_dict(state)

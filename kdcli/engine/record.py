@@ -1,5 +1,6 @@
 """The run record: versions, the weight hash, ``env.json``, the header, the per-epoch progress and summary
-lines of a training run. Engine-level: the trainer writes and prints them; the presentation tables of
+lines of a training run. Engine-level: :class:`RunRecord` (a run callback) writes ``config.json``,
+``model.json`` and ``env.json`` when a run starts, the loop prints the lines; the presentation tables of
 finished results are in :mod:`kdcli.report`.
 """
 
@@ -12,9 +13,10 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
+from .callbacks import Callback
 
 if TYPE_CHECKING:
-    from .trainer import Run
+    from .build import Run
 
 
 def versions() -> dict[str, str]:
@@ -65,6 +67,42 @@ def describe_run(run: Run) -> None:
     save_json(run.folder / "config.json", record)
     save_json(run.folder / "model.json", {"model": run.student.spec.to_dict()})
     save_json(run.folder / "env.json", versions())
+
+
+class RunRecord(Callback):
+    """At a fresh start: the resolved config, the models' hashes and versions (:func:`describe_run`), then
+    the effective batch and learning-rate rule (:func:`record_training`). ``kdcli <command> --resume``
+    reads the run back from ``config.json``."""
+
+    def on_start(self, run: Run, resumed_at: int | None) -> None:
+        if resumed_at is None:
+            describe_run(run)
+            record_training(run)
+
+
+def record_training(run: Run) -> None:
+    """Effective batch and learning-rate rule next to the resolved config (``config.json``)."""
+    import json
+
+    from ..io import save_json
+    from .optim import effective_lr
+
+    cfg, dist = run.cfg, run.dist
+    lr = effective_lr(cfg, dist.world)
+    path = run.folder / "config.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record["command"] = run.command  # `kdcli <command> --resume` continues the run (api.resume reads it)
+    record["effective_batch"] = cfg.batch_size * dist.world * cfg.accumulate
+    record["training"] = {
+        "world_size": dist.world, "backend": dist.backend or "none", "batch_per_process": cfg.batch_size,
+        "accumulate": cfg.accumulate, "effective_batch": record["effective_batch"],
+        "lr_rule": "linear: lr x world_size x accumulate" if cfg.scale_lr else "none: --lr as given",
+        "lr_given": cfg.lr, "lr_used": lr, "amp": cfg.amp, "channels_last": cfg.channels_last,
+        "compile": cfg.compile, "sync_bn": cfg.sync_bn and dist.world > 1,
+        "ddp": "student + method in one DistributedDataParallel, find_unused_parameters=True"
+               if dist.enabled else "none",
+    }
+    save_json(path, record)
 
 
 @contextmanager

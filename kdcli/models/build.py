@@ -36,6 +36,12 @@ def build_model(spec: ModelSpec, weights: Path | str | None = None) -> TapModel:
     return model
 
 
+def image_size_of(spec: ModelSpec) -> int:
+    """The input side a model's preprocessing resizes to (``size``, else the detector's ``min_size``)."""
+    pp = spec.preprocess
+    return int(pp.get("size", pp.get("min_size", 512)))
+
+
 def imagenet_source(spec: ModelSpec) -> str:
     """The entry's ImageNet backbone source ("" if none): its own weights for a ``backbone`` entry,
     else its ``backbone_weights``."""

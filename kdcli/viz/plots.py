@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..engine.result import loss_columns
+
 DPI = 100
 PANEL = (5.0, 4.0)  # inches per panel
 _FAILED: set[str] = set()
@@ -54,11 +56,7 @@ def series(rows: list[dict[str, str]]) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {"loss": {}, "val": {}, "mask": {}}
     n = len(rows)
     loss_keys = [k for k in keys if k.startswith("loss/")]
-    task = [k for k in loss_keys if "." not in k[5:]]
-    methods: dict[str, list[str]] = defaultdict(list)
-    for k in loss_keys:
-        if "." in k[5:]:
-            methods[k[5:].split(".", 1)[0]].append(k)
+    task, methods = loss_columns(loss_keys)  # task losses, and each method's terms
     for k in task:
         out["loss"][k[5:]] = [_num(r.get(k)) for r in rows]
     for name, ks in methods.items():

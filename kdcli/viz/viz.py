@@ -165,7 +165,8 @@ def visualise(run: str | Path, image: str | Path, out: str | Path | None = None,
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    from ..engine.trainer import image_size_of, pick_device
+    from ..models import image_size_of
+    from ..runtime import pick_device
 
     run = Path(run)
     dev = pick_device(device)
