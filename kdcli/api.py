@@ -6,11 +6,14 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import hub  # noqa: F401 - registers the hf-hub: scheme with the zoo (no torch at import)
 from .config import TASK_DEFAULTS, RunConfig, apply_objective_and_augment
 from .errors import ConfigError, KdcliError
+
+if TYPE_CHECKING:
+    from .engine.build import Run
 
 
 def _with_task_defaults(cfg: RunConfig, explicit: set[str]) -> RunConfig:
@@ -99,7 +102,7 @@ def started_by(cfg: RunConfig) -> str:
     return "distill" if cfg.teacher or cfg.augment == "hard" or cfg.inherit else "train"
 
 
-def resume_hint(run: Any) -> str:
+def resume_hint(run: Run) -> str:
     """The command line that continues ``run``: the kdcli command that started it (``train`` even for
     ``kdcli train --method pskd`` / ``--objective mcmi``), under torchrun when it runs there."""
     launch = f"torchrun --nproc_per_node {run.dist.world} -m kdcli" if run.dist.enabled else "kdcli"

@@ -377,3 +377,137 @@ def test_channels_last_and_bf16_keep_the_losses(tiny_shapes: Path, teacher: Path
         assert nhwc[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
         assert bf16[k] == pytest.approx(v, rel=5e-2, abs=1e-3), k
     assert any(bf16[k] != plain[k] for k in plain)  # autocast did run in bf16
+
+
+# -- the structured step result and the run callbacks -------------------------------------------------
+def test_step_result_keeps_task_and_distillation_terms_apart():
+    r = StepResult.of({"classification": 1.0, "bbox_regression": 2.0},
+                      {"acam.p3": 0.5, "acam.p3.div": 0.25, "fgd.p4.fg": 3.0})
+    assert r.task == {"classification": 1.0, "bbox_regression": 2.0}
+    assert r.distill == {"acam": {"p3": 0.5, "p3.div": 0.25}, "fgd": {"p4.fg": 3.0}}
+    # the flat names are results.csv's loss/ columns, in the order the terms came
+    assert list(r.terms().items()) == [("classification", 1.0), ("bbox_regression", 2.0), ("acam.p3", 0.5),
+                                       ("acam.p3.div", 0.25), ("fgd.p4.fg", 3.0)]
+    avg = r.with_values([10.0, 20.0, 30.0, 40.0, 50.0])
+    assert avg.task == {"classification": 10.0, "bbox_regression": 20.0}
+    assert avg.distill == {"acam": {"p3": 30.0, "p3.div": 40.0}, "fgd": {"p4.fg": 50.0}}
+    from kdcli.engine.result import loss_columns
+
+    cols = ["epoch", "lr", *(f"loss/{k}" for k in r.terms()), "mask/acam.p3.mask.mean", "val/mAP"]
+    assert loss_columns(cols) == (["loss/classification", "loss/bbox_regression"],
+                                  {"acam": ["loss/acam.p3", "loss/acam.p3.div"], "fgd": ["loss/fgd.p4.fg"]})
+
+
+def test_the_guard_reads_task_losses_from_the_result_not_from_their_names():
+    """A model loss whose name has a dot is still a task loss: named as one, never grouped as a method's."""
+    g = LossGuard(_Methods(aux=("seg",)), zero_steps=1)
+    g.check(StepResult(None, {"aux.seg": 0.0}, {}))  # a zero task loss is no distillation failure
+    assert g.zero_run == {}
+    with pytest.raises(TrainingError, match="non-finite loss in task loss 'aux.seg'"):
+        g.check(StepResult(None, {"aux.seg": math.nan}, {}))
+    assert g.flags(StepResult(None, {"aux.seg": 1.0}, {"aux": {"seg": 1.0}})) == [0.0, 0.0]
+
+
+def test_train_step_returns_the_models_losses_and_each_methods_terms(tiny_shapes: Path, teacher: Path,
+                                                                      tmp_path: Path):
+    from kdcli.engine.build import build_run
+    from kdcli.engine.callbacks import Callback
+    from kdcli.engine.step import train_step
+
+    seen: list[tuple] = []
+
+    class Probe(Callback):
+        def on_step(self, run, s_out, t_out, targets) -> None:  # noqa: ANN001
+            seen.append((s_out, t_out, targets))
+
+    run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "s"), log=lambda s: None)
+    run.callbacks = [Probe()]
+    images, targets = next(iter(run.train_loader))
+    batch = run.student.preprocess(images, targets)
+    model_losses = set(run.student(batch).losses)  # the student's own losses, by its own names
+    r = train_step(run, images, targets)
+    assert set(r.task) == model_losses and model_losses
+    assert set(r.distill) == {"kd", "fitnet"} and set(r.distill["kd"]) == {"seg_logits"}
+    assert set(r.distill["fitnet"]) == {"seg_feat"}
+    assert all(v > 0 for terms in r.distill.values() for v in terms.values())
+    assert float(r.total) == pytest.approx(sum(r.terms().values()), rel=1e-6)  # the total is every term's sum
+    assert r.total.requires_grad
+    (s_out, t_out, _), = seen  # the callback saw the step's student and teacher outputs once
+    assert "seg_logits" in s_out.taps and "seg_logits" in t_out.taps
+
+
+def test_callbacks_are_what_the_caller_wires_and_their_state_resumes(tiny_shapes: Path, teacher: Path,
+                                                                      tmp_path: Path):
+    """The loop writes checkpoints, best weights and metrics.json only; results.csv, config.json and any
+    other record come from the callbacks in Run.callbacks, whose state (state_key) a resume restores."""
+    from kdcli.engine.build import build_run
+    from kdcli.engine.callbacks import Callback
+    from kdcli.engine.csvlog import ResultsCsv
+    from kdcli.engine.loop import fit
+
+    class Counter(Callback):
+        state_key = "counter"
+
+        def __init__(self) -> None:
+            self.steps, self.started, self.loaded = 0, [], None
+
+        def on_start(self, run, resumed_at) -> None:  # noqa: ANN001
+            self.started.append(resumed_at)
+
+        def on_step(self, run, s_out, t_out, targets) -> None:  # noqa: ANN001
+            self.steps += 1
+
+        def epoch_columns(self, run) -> dict:  # noqa: ANN001
+            return {"count/steps": self.steps}
+
+        def state_dict(self, run) -> dict:  # noqa: ANN001
+            return {"steps": self.steps}
+
+        def load_state_dict(self, run, state) -> None:  # noqa: ANN001
+            self.loaded = state
+            self.steps = state["steps"]
+
+    bare = build_run(_cfg(tiny_shapes, teacher, tmp_path / "bare"), log=lambda s: None)
+    fit(bare, progress=False)  # no callbacks: trained and checkpointed, nothing else written
+    assert (tmp_path / "bare" / "weights" / "last_state.pt").is_file()
+    assert not (tmp_path / "bare" / "results.csv").exists() and not (tmp_path / "bare" / "config.json").exists()
+
+    cfg = _cfg(tiny_shapes, teacher, tmp_path / "r", epochs=2)
+    run = build_run(cfg, log=lambda s: None)
+    first = Counter()
+    run.callbacks = [ResultsCsv(), first]
+    fit(run, progress=False, stop_after=1)
+    assert first.started == [None] and first.steps == 2  # 4 images, batch 2
+    state = torch.load(tmp_path / "r" / "weights" / "last_state.pt", weights_only=True)
+    assert state["counter"] == {"steps": 2}
+    again = build_run(cfg, log=lambda s: None)
+    second = Counter()
+    again.callbacks = [ResultsCsv(), second]
+    fit(again, resume=True, progress=False)
+    assert second.started == [1] and second.loaded == {"steps": 2} and second.steps == 4
+    rows = list(csv.DictReader(open(tmp_path / "r" / "results.csv")))
+    assert [int(r["count/steps"]) for r in rows] == [2, 4]
+    assert list(rows[0]).index("count/steps") < list(rows[0]).index("val/mIoU")  # after the losses, before val
+
+
+def test_the_engine_names_the_callers_resume_hint_and_never_reads_argv(
+        tiny_shapes: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import sys
+
+    from kdcli.engine import loop
+    from kdcli.engine.build import build_run
+    from kdcli.engine.guards import Interrupted
+
+    class SignalledAtOnce(GracefulStop):
+        def __enter__(self) -> GracefulStop:
+            super().__enter__()
+            self.requested = "SIGTERM"
+            return self
+
+    monkeypatch.setattr(loop, "GracefulStop", SignalledAtOnce)
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/kdcli", "distill", "--method", "kd"])
+    run = build_run(_cfg(tiny_shapes, teacher, tmp_path / "h"), log=lambda s: None)
+    assert run.command == "train"  # what the caller said (the default), not this process's command line
+    run.resume_hint = "my-launcher --resume-run h"
+    with pytest.raises(Interrupted, match="Continue with: my-launcher --resume-run h$"):
+        loop.fit(run, progress=False)
