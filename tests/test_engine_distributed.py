@@ -35,6 +35,7 @@ from kdcli.data import build_dataset, collate_detection
 from kdcli.engine import distributed as ddp
 from kdcli.engine.evaluate_model import evaluate_model
 from kdcli.engine.build import build_run
+from kdcli.engine.callbacks import standard
 from kdcli.engine.loop import fit
 from kdcli.models import build_model
 from kdcli.zoo import get_spec
@@ -43,6 +44,7 @@ cfgs, out, det_data = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 runs = {}
 for name, cfg in cfgs.items():  # two runs in one process group: BatchNorm student, frozen-BN student
     run = build_run(RunConfig(**cfg), log=lambda s: None)
+    run.callbacks = standard()  # config.json and results.csv, as kdcli.api wires them
     assert (run.dist.world, run.dist.backend) == (2, "gloo") and hasattr(run.step_module, "no_sync")
     fit(run, progress=False)
     r = run.dist.rank
