@@ -161,12 +161,12 @@ def _http_cause(err: BaseException) -> BaseException | None:
     return None
 
 
-def _status(err: Exception) -> int | None:
+def _status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
 
-def _first_line(err: Exception) -> str:
+def _first_line(err: BaseException) -> str:
     lines = [ln for ln in str(err).splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
 
