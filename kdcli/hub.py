@@ -155,7 +155,7 @@ def _http_cause(err: BaseException) -> BaseException | None:
     cause: BaseException | None = err.__cause__ or err.__context__
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if _status(cause) is not None:  # type: ignore[arg-type]
+        if _status(cause) is not None:
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
