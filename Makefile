@@ -20,10 +20,13 @@ demo: install
 
 test: install
 	$(BIN)/ruff check kdcli tests benchmarks
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest tests
 
+# mypy reads [tool.mypy] in pyproject.toml: the kdcli package, minus the allow-list that only shrinks
 lint: install
 	$(BIN)/ruff check kdcli tests benchmarks
+	$(BIN)/python -m mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS
+from torchvision.models.detection import FCOS, RetinaNet
 
 from .errors import ConfigError, KdcliError
 from .models import Batch, TapModel
@@ -185,6 +185,9 @@ def inference_module(model: TapModel) -> nn.Module:
 class _Inference(nn.Module):
     """Normalise images in [0, 1] with the spec's mean/std (baked into the graph), then run the model."""
 
+    mean: Tensor  # buffers, registered below
+    std: Tensor
+
     def __init__(self, model: TapModel) -> None:
         super().__init__()
         self.model = model
@@ -213,7 +216,7 @@ class _DetectionInference(_Inference):
         out = self.model(self.batch(images), need={"cls_logits", "head"}, losses=False)
         head = out.extras["head"]
         anchors = out.extras["anchors"][0]  # one image size in the batch → one anchor set
-        net = self.model.net
+        net: RetinaNet | FCOS = self.model.net  # export takes one-stage detectors only
         reg = head["bbox_regression"]
         flat_anchors = anchors.unsqueeze(0).expand(reg.shape[0], -1, -1).reshape(-1, 4)
         flat_reg = reg.reshape(-1, 4)
@@ -229,7 +232,7 @@ class _DetectionInference(_Inference):
 
 def detection_params(model: TapModel, size: int) -> dict[str, Any]:
     """What :func:`select_detections` needs, stored in the ONNX metadata and config.json."""
-    net = model.net
+    net: RetinaNet | FCOS = model.net  # export takes one-stage detectors only
     with torch.no_grad():
         x = torch.zeros(1, 3, size, size)
         out = model(Batch(x, [(size, size)], [(size, size)], None, model.mean, model.std),

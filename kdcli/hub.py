@@ -155,18 +155,18 @@ def _http_cause(err: BaseException) -> BaseException | None:
     cause: BaseException | None = err.__cause__ or err.__context__
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
-        if _status(cause) is not None:  # type: ignore[arg-type]
+        if _status(cause) is not None:
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
 
 
-def _status(err: Exception) -> int | None:
+def _status(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
 
-def _first_line(err: Exception) -> str:
+def _first_line(err: BaseException) -> str:
     lines = [ln for ln in str(err).splitlines() if ln.strip()]
     return lines[0] if lines else type(err).__name__
 

@@ -60,7 +60,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,9 @@ from ..errors import ConfigError
 from ..methods.base import coerce
 from ..runtime import autocast_ctx
 from .ops import PARAMS, Bounds, apply, mix, squash, warp
+
+if TYPE_CHECKING:
+    from ..models.base import Batch
 
 HARD_DEFAULTS: dict[str, Any] = {
     "fraction": 0.5,  # share of each batch replaced by augmented samples
@@ -122,7 +125,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m, (mom, count) in zip(bns, saved, strict=True):
             m.momentum = mom
-            if count is not None:
+            if count is not None and m.num_batches_tracked is not None:  # saved only where it exists
                 m.num_batches_tracked.copy_(count)
 
 
@@ -163,11 +166,21 @@ def _stability(task: str, t_aug: dict[str, Tensor], t_clean: dict[str, Tensor], 
 def stability_taps(task: str, teacher_taps: dict[str, Any]) -> set[str]:
     if task == "segmentation":
         return {"seg_logits"}
-    return {k for k, i in teacher_taps.items() if k[:1] == "p" and k[1:2].isdigit() and getattr(i, "stride", 0)}
+    return {k for k, i in teacher_taps.items() if k[:1] == "p" and k[1:2].isdigit() and getattr(i, "stride", None)}
 
 
 class HardAugment(nn.Module):
     """The augmentor's state and its ascent step (module docstring). Not a loss: returns batches."""
+
+    # buffers (saved with the run), registered in __init__
+    mu: Tensor
+    log_sigma: Tensor
+    adam_m: Tensor
+    adam_v: Tensor
+    adam_t: Tensor
+    steps: Tensor
+    last_gap: Tensor
+    last_stability: Tensor
 
     def __init__(self, task: str, overrides: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -211,7 +224,7 @@ class HardAugment(nn.Module):
         eps = torch.randn(n, mu.numel(), device=mu.device) if noise is None else noise
         return squash(mu + log_sigma.exp() * eps, self.bounds)
 
-    def step(self, batch: Any) -> Any:
+    def step(self, batch: Batch) -> Batch:
         """One training step's batch: ascent every ``every`` steps, then mix in augmented samples."""
         if self.training and int(self.steps) % int(self.opts["every"]) == 0 and float(self.opts["lr"]) > 0:
             self.ascent(batch)
@@ -229,7 +242,7 @@ class HardAugment(nn.Module):
             return mix(batch, aug, chosen)
 
     # -- the augmentor's objective ---------------------------------------------------------------
-    def objective(self, batch: Any, values: Tensor) -> tuple[Tensor, Tensor]:
+    def objective(self, batch: Batch, values: Tensor) -> tuple[Tensor, Tensor]:
         """``(D, S)`` on the batch augmented with ``values`` (gradients flow to ``values``)."""
         student, teacher, method = self.models
         aug = apply(batch, values, float(self.opts["min_visible"]))
@@ -248,7 +261,7 @@ class HardAugment(nn.Module):
         stab_value = stability(self.task, t_aug.taps, t_clean.taps, aug.theta, aug.region)
         return gap, stab_value
 
-    def ascent(self, batch: Any) -> None:
+    def ascent(self, batch: Batch) -> None:
         """One Adam *ascent* step on ``D − λ·S`` with respect to ``μ`` and ``log σ`` only."""
         mu = self.mu.detach().clone().requires_grad_(True)
         log_sigma = self.log_sigma.detach().clone().requires_grad_(True)

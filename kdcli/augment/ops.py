@@ -48,13 +48,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..models.base import Batch
 
 PARAMS = ("rotate", "scale", "shift_x", "shift_y", "shear", "brightness", "contrast", "saturation")
 IGNORE_INDEX = 255
@@ -206,7 +209,7 @@ class Augmented:
     region: Tensor  # (N, 1, H, W)
 
 
-def apply(batch: Any, values: Tensor, min_visible: float = 0.3) -> Augmented:
+def apply(batch: Batch, values: Tensor, min_visible: float = 0.3) -> Augmented:
     """Transform a preprocessed :class:`~kdcli.models.base.Batch` with per-image ``values`` ``(N, 8)``.
 
     Runs with autocast disabled: under bf16 autocast the 2×2 products would be rounded to 8 mantissa
@@ -215,7 +218,7 @@ def apply(batch: Any, values: Tensor, min_visible: float = 0.3) -> Augmented:
         return _apply(batch, values.float(), min_visible)
 
 
-def _apply(batch: Any, values: Tensor, min_visible: float) -> Augmented:
+def _apply(batch: Batch, values: Tensor, min_visible: float) -> Augmented:
     images = batch.images
     n, _, hh, ww = images.shape
     device = images.device
@@ -262,7 +265,7 @@ def _transform_detection(targets: list[dict[str, Tensor]], a: Tensor, b: Tensor,
     return out
 
 
-def mix(batch: Any, aug: Augmented, chosen: Tensor) -> Any:
+def mix(batch: Batch, aug: Augmented, chosen: Tensor) -> Batch:
     """A new batch whose ``chosen`` (N,) bool samples are the augmented ones; the rest stay bit for bit."""
     images = torch.where(chosen[:, None, None, None], aug.images, batch.images)
     targets = batch.targets

@@ -80,7 +80,8 @@ def _default_names(n: int, arch: str) -> list[str] | None:
 
 
 def _split(obj: dict) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    stored = obj.get("meta")
+    meta: dict[str, Any] = stored if isinstance(stored, dict) else {}
     state = obj.get("state_dict", obj)
     if not isinstance(state, dict):
         raise ZooError("checkpoint: no state_dict")
@@ -135,15 +136,10 @@ def import_checkpoint(path: str | Path, arch: str, out: str | Path | None = None
     where = str(path)
     framework = ARCHS[arch]
     task = "detection" if framework == "mmdet" else "segmentation"
-    if framework == "mmdet":
-        from .mmdet import src_classes
-    else:
-        from .mmseg import seg_classes as _seg
-
-        def src_classes(s: dict[str, Tensor], _a: str) -> int:
-            return _seg(s)
+    from .mmdet import src_classes
+    from .mmseg import seg_classes
     try:
-        n = src_classes(state, arch)
+        n = src_classes(state, arch) if framework == "mmdet" else seg_classes(state)
     except ZooError as err:
         raise ZooError(f"{where}: {err}") from None
     src_names = checkpoint_classes(meta) or _default_names(n, arch)

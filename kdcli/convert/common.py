@@ -194,7 +194,9 @@ def cfg_floats(text: str, name: str) -> list[float] | None:
 
 def checkpoint_classes(meta: dict[str, Any]) -> list[str] | None:
     """Class names stored by mmdet/mmseg 2.x (``meta['CLASSES']``) or mmengine (``dataset_meta``)."""
-    for holder in (meta, meta.get("dataset_meta") if isinstance(meta.get("dataset_meta"), dict) else {}):
+    dataset_meta = meta.get("dataset_meta")
+    holders: list[dict[str, Any]] = [meta, dataset_meta if isinstance(dataset_meta, dict) else {}]
+    for holder in holders:
         for key in ("CLASSES", "classes"):
             v = holder.get(key)
             if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):

@@ -14,9 +14,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict, cast
 from urllib.parse import parse_qsl
 
 import torch
@@ -27,7 +28,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError, DataError
 from .cityscapes import CITYSCAPES_CLASSES, CityscapesSegmentation
 from .coco import CocoDetection
-from .datafile import is_data_file, read_data_file
+from .datafile import DataFile, is_data_file, read_data_file
 from .semantic import MaskFolder, SemanticFolder
 from .shapes import ensure_shapes, write_shapes
 from .transforms import IGNORE_INDEX, build_transforms
@@ -37,7 +38,7 @@ DATA_FORMS = ("shapes, coco:/path/to/coco, cityscapes:/path/to/cityscapes, seman
               "or a data file (.toml/.yaml)")
 TASKS = ("detection", "segmentation")
 KINDS = {"coco": "detection", "cityscapes": "segmentation", "semantic": "segmentation"}
-OPTIONS = {
+OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "coco": {"labels": ("auto", "category-id", "contiguous"), "empty": ("drop", "keep")},
     "cityscapes": {"labels": ("ids", "trainids")},
     "semantic": {},
@@ -126,6 +127,18 @@ def parse_spec(spec: str) -> tuple[str, Path | None, dict[str, str]]:
     raise DataError(f"--data: unknown data spec '{spec}' (expected {DATA_FORMS})")
 
 
+class _CocoHints(TypedDict):
+    """The :class:`DataHints` that :class:`CocoDetection` takes, as its keyword arguments."""
+
+    label_hint: list[str] | None
+    masks: bool
+    hint_subsets: bool
+
+
+class _ImagePaths(Protocol):
+    def image_path(self, index: int) -> Path: ...
+
+
 def build_dataset(spec: str, task: str, split: str, size: int, train: bool,
                   hints: DataHints | None = None) -> Dataset:
     """Data set for ``--data spec``; every one exposes ``classes`` and ``num_classes``.
@@ -147,7 +160,7 @@ def build_dataset(spec: str, task: str, split: str, size: int, train: bool,
         tf = build_transforms(task, train, hints.min_size, hints.max_size, det_resize=True)
     else:
         tf = build_transforms(task, train, size)
-    coco_kw = dict(label_hint=hints.classes, masks=hints.masks, hint_subsets=hints.fixed_head)
+    coco_kw = _CocoHints(label_hint=hints.classes, masks=hints.masks, hint_subsets=hints.fixed_head)
     if kind == "shapes":
         root = ensure_shapes(size=size)
         if task == "detection":
@@ -166,7 +179,7 @@ def build_dataset(spec: str, task: str, split: str, size: int, train: bool,
     return SemanticFolder(path, split, classes=classes, transforms=tf)
 
 
-def _from_file(df: Any, split: str, tf: Any, train: bool, coco_kw: dict[str, Any]) -> Dataset:
+def _from_file(df: DataFile, split: str, tf: Callable, train: bool, coco_kw: _CocoHints) -> Dataset:
     paths = df.split(split)
     o = df.options
     if df.format == "coco":
@@ -197,14 +210,15 @@ class Subset(torch.utils.data.Subset):
         return getattr(self.dataset, name)
 
     def image_path(self, index: int) -> Path:
-        return self.dataset.image_path(self.indices[index])
+        return cast(_ImagePaths, self.dataset).image_path(self.indices[index])
 
 
 def subset(ds: Dataset, n: int) -> Subset:
     """The first ``n`` items of ``ds`` (all of them if it is shorter)."""
     if n < 0:
         raise ValueError(f"subset size must be >= 0, got {n}")
-    return Subset(ds, list(range(min(n, len(ds)))))
+    # every kdcli data set is map-style with a length (torch's Dataset does not declare __len__)
+    return Subset(ds, list(range(min(n, len(cast(Sized, ds))))))
 
 
 def collate_detection(batch: list[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:

@@ -4,6 +4,7 @@ dilated segmentation head. Always built without weights (kdcli loads weights its
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +18,9 @@ from torchvision.ops.feature_pyramid_network import (
 )
 
 from ..errors import ZooError
+
+if TYPE_CHECKING:  # timm is imported lazily (slow import)
+    from timm.models import FeatureInfo
 
 
 def split_backbone(name: str) -> tuple[str, str]:
@@ -35,7 +39,19 @@ def torchvision_classifier(arch: str, **kw: object) -> nn.Module:
     return fn(weights=None, **kw)
 
 
-def timm_features(arch: str, out_indices: tuple[int, ...], **kw: object) -> nn.Module:
+def fc_in_features(net: nn.Module) -> int:
+    """The width of a torchvision classifier's ``fc`` input: a ResNet's last-stage channels."""
+    fc = net.get_submodule("fc")
+    assert isinstance(fc, nn.Linear)
+    return fc.in_features
+
+
+def feature_channels(body: nn.Module) -> list[int]:
+    """The output channels of a timm ``features_only`` model, one per returned stage."""
+    return list(cast("FeatureInfo", body.feature_info).channels())
+
+
+def timm_features(arch: str, out_indices: tuple[int, ...], **kw: Any) -> nn.Module:
     import timm
 
     try:
@@ -51,7 +67,7 @@ class TimmWithFPN(nn.Module):
     def __init__(self, body: nn.Module, out_channels: int, extra_blocks: ExtraFPNBlock | None) -> None:
         super().__init__()
         self.body = body
-        in_channels = list(body.feature_info.channels())
+        in_channels = feature_channels(body)
         self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
 
@@ -65,7 +81,7 @@ class TimmWithFPN(nn.Module):
 
 def fpn_backbone(
     backbone: str, fpn_channels: int, extra_levels: str, norm: str, first_stage: int
-) -> nn.Module:
+) -> BackboneWithFPN | TimmWithFPN:
     """ResNet/timm body + FPN. ``first_stage`` 2 → C3..C5 (RetinaNet, FCOS), 1 → C2..C5 (R-CNN)."""
     lib, arch = split_backbone(backbone)
     stages = list(range(first_stage, 5))
@@ -80,7 +96,7 @@ def fpn_backbone(
         body = timm_features(arch, tuple(stages))
         if norm == "frozen":
             freeze_batchnorm(body)
-        in_channels = list(body.feature_info.channels())
+        in_channels = feature_channels(body)
     c5 = in_channels[-1]
     extra: ExtraFPNBlock
     if extra_levels == "p6p7-from-p5":
@@ -109,7 +125,7 @@ class TimmDilated(nn.Module):
     def __init__(self, arch: str, output_stride: int) -> None:
         super().__init__()
         self.body = timm_features(arch, (3, 4), output_stride=output_stride)
-        self.channels = list(self.body.feature_info.channels())
+        self.channels = feature_channels(self.body)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         c4, c5 = self.body(x)

@@ -102,9 +102,9 @@ def load_backbone_weights(model: TapModel, spec: ModelSpec) -> None:
 def backbone_body(net: nn.Module) -> nn.Module:
     """The ImageNet-classifier part of a model's backbone: wrappers (FPN, mmseg and timm dilated
     bodies) keep it in ``.body``, possibly nested."""
-    body = net.backbone
-    while isinstance(getattr(body, "body", None), nn.Module):
-        body = body.body
+    body = net.get_submodule("backbone")
+    while isinstance(inner := getattr(body, "body", None), nn.Module):
+        body = inner
     return body
 
 

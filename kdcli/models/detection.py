@@ -92,6 +92,7 @@ def detector_family(net: nn.Module) -> str:
 
 class DetectionModel(TapModel):
     task = "detection"
+    net: RetinaNet | FCOS | FasterRCNN  # what build_detector returns (MaskRCNN is a FasterRCNN)
 
     def __init__(self, spec: ModelSpec, net: nn.Module) -> None:
         super().__init__(spec, net)
@@ -226,7 +227,7 @@ def empty_detections(n: int, device: torch.device) -> list[dict[str, Tensor]]:
     ]
 
 
-def match_locations(net: nn.Module, anchors: list[Tensor], locations_per_level: list[int],
+def match_locations(net: RetinaNet | FCOS, anchors: list[Tensor], locations_per_level: list[int],
                     targets: list[dict[str, Tensor]]) -> Tensor:
     """The one-stage detector's own assignment of every anchor/location to a ground-truth box.
 
@@ -270,7 +271,7 @@ def _fcos_match(anchors: Tensor, boxes: Tensor, per_level: list[int], radius: fl
     return torch.where(best < 1e-5, torch.full_like(idx, -1), idx)
 
 
-def decode_boxes(net: nn.Module, anchors: list[Tensor], regression: Tensor) -> Tensor:
+def decode_boxes(net: RetinaNet | FCOS, anchors: list[Tensor], regression: Tensor) -> Tensor:
     """``(N, L, 4)`` head regression → ``(N, L, 4)`` x1y1x2y2 boxes in the (resized) input frame, float32.
 
     RetinaNet: anchor deltas (``BoxCoder`` weights 1, dw/dh clamped at log(1000/16)); FCOS: ltrb

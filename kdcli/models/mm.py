@@ -31,6 +31,7 @@ Selected by the zoo spec (``style``, ``resnet_style``, ``extra_levels``, ``fcos_
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,7 +49,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..errors import ZooError
 from ..zoo import ModelSpec
-from .backbones import TimmDilated, fpn_backbone, freeze_batchnorm, split_backbone, torchvision_classifier
+from .backbones import (
+    TimmDilated,
+    fc_in_features,
+    fpn_backbone,
+    freeze_batchnorm,
+    split_backbone,
+    torchvision_classifier,
+)
 
 STYLES = ("torchvision", "mmdet", "mmseg")
 
@@ -148,6 +156,10 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
     """Multi-level RoIAlign with mmcv's settings: ``aligned=True`` (pixel centres at +0.5) and an
     adaptive number of samples per bin (``sampling_ratio=0``). Level mapping is torchvision's
     ``LevelMapper``, which equals mmdet's ``floor(log2(sqrt(wh) / 56))`` clamped to the 4 levels."""
+
+    # set by torchvision's MultiScaleRoIAlign (None until the first call)
+    scales: list[float] | None
+    map_levels: Callable[[list[Tensor]], Tensor] | None
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
@@ -304,7 +316,7 @@ class MMSegBackbone(nn.Module):
         else:
             dil = [False, output_stride <= 16, output_stride <= 8]
             resnet = torchvision_classifier(arch, replace_stride_with_dilation=dil)
-            c5 = resnet.fc.in_features
+            c5 = fc_in_features(resnet)
             self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "out", "layer3": "aux"})
             self.channels = [c5 // 2, c5]
 

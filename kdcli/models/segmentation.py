@@ -14,7 +14,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from ..errors import ZooError
 from ..zoo import ModelSpec
-from .backbones import TimmDilated, freeze_batchnorm, split_backbone, torchvision_classifier
+from .backbones import TimmDilated, fc_in_features, freeze_batchnorm, split_backbone, torchvision_classifier
 from .base import Batch, TapModel
 from .taps import ModelOutput
 
@@ -57,21 +57,29 @@ def _dilate_mobilenet_v2(features: nn.Sequential, output_stride: int) -> None:
 def _mobilenet_v2_stages(output_stride: int) -> tuple[nn.Module, int, int, int, int]:
     """MobileNetV2's features; ``low`` is the last 96-channel block (stride 16 undilated, the aux
     head's input like ResNet's layer3), ``high`` the final 1x1 conv (1280 channels)."""
-    features = torchvision_classifier("mobilenet_v2").features
+    features = torchvision_classifier("mobilenet_v2").get_submodule("features")
+    assert isinstance(features, nn.Sequential)
     _dilate_mobilenet_v2(features, output_stride)
     high = len(features) - 1
     low = max(i for i, b in enumerate(features) if getattr(b, "out_channels", 0) == 96)
-    return features, low, high, 96, features[high].out_channels
+    return features, low, high, 96, _out_channels(features[high])
 
 
 def _mobilenet_stages(arch: str, output_stride: int) -> tuple[nn.Module, int, int, int, int]:
     if arch == "mobilenet_v2":
         return _mobilenet_v2_stages(output_stride)
-    net = torchvision_classifier(arch, dilated=output_stride <= 16)
-    features = net.features
+    features = torchvision_classifier(arch, dilated=output_stride <= 16).get_submodule("features")
+    assert isinstance(features, nn.Sequential)
     idx = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
     low, high = idx[-4], idx[-1]  # stride 8 and the last block (stride 16 when dilated)
-    return features, low, high, features[low].out_channels, features[high].out_channels
+    return features, low, high, _out_channels(features[low]), _out_channels(features[high])
+
+
+def _out_channels(block: nn.Module) -> int:
+    """A MobileNet block's output width (torchvision's InvertedResidual and Conv2dNormActivation set it)."""
+    width = block.out_channels
+    assert isinstance(width, int)
+    return width
 
 
 def build_segmenter(spec: ModelSpec) -> nn.Module:
@@ -103,7 +111,7 @@ def build_segmenter(spec: ModelSpec) -> nn.Module:
         dil = [False, spec.output_stride <= 16, spec.output_stride <= 8]
         resnet = torchvision_classifier(arch, replace_stride_with_dilation=dil)
         body = IntermediateLayerGetter(resnet, return_layers={"layer4": "out", "layer3": "aux"})
-        c5 = resnet.fc.in_features
+        c5 = fc_in_features(resnet)
         c4 = c5 // 2
         if spec.architecture == "deeplabv3":
             net = DeepLabV3(body, _deeplab_head(c5, nc, width), FCNHead(c4, nc))
@@ -118,6 +126,7 @@ class SegmentationModel(TapModel):
     """Taps: ``c4`` (aux input), ``c5`` (last backbone stage), ``seg_feat``, ``seg_logits``."""
 
     task = "segmentation"
+    net: DeepLabV3 | FCN | LRASPP  # what build_segmenter returns (models/mm.py's are DeepLabV3 and FCN too)
 
     def dry_run_size(self) -> int:
         return 128
