@@ -58,10 +58,12 @@ setups have none). A student map of a different H×W is then resized to the teac
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -123,6 +125,14 @@ class CanKD(Method):
         # configs/distill/mmseg/nlkd/*: backbone.layer4, loss_weight 10
         "segmentation": {"taps": "c5", "weight": 10.0, "inter_channels": 0},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``cankd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn:4', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(10.0, 'loss weight per tap')
+        inter_channels: int = opt(0, "channels of the non-local block's embeddings (0: C/2)")
 
     def __init__(
         self,

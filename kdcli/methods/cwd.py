@@ -54,12 +54,14 @@ classes on both sides).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -108,6 +110,19 @@ class CWD(Method):
             "channel_norm": "student",
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``cwd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        tau: float = opt(1.0, 'softmax temperature τ')
+        weight: float = opt(10.0, 'loss weight per tap')
+        adapter_bias: bool = opt(True, 'the 1×1 student→teacher adapter has a bias')
+        adapter_init: Literal["default", "kaiming"] = opt('default', 'adapter init: PyTorch default or kaiming (mmcv)')
+        channel_norm: Literal["student", "teacher"] = opt(
+            'student', "divide by the student's (official quirk) or the teacher's channel count"
+        )
 
     def __init__(
         self,

@@ -40,11 +40,13 @@ smaller grid: the same result up to round-off, without regressing pixels that ar
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
 from ..errors import MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -78,6 +80,16 @@ class FitNet(Method):
             "adapter_init": "default",
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``fitnet`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        adapter_bias: bool = opt(True, 'the 1×1 student→teacher adapter has a bias')
+        adapter_always: bool = opt(True, 'apply the regressor even when the channel counts are equal')
+        adapter_init: Literal["default", "kaiming"] = opt('default', 'adapter init: PyTorch default or kaiming (mmcv)')
 
     def __init__(
         self,

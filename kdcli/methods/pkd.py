@@ -53,11 +53,13 @@ only the channel mixing it learns matters. Equal channel counts: no connector.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -95,6 +97,15 @@ class PKD(Method):
         # our choice (no official PKD segmentation config): last backbone stage, w 10
         "segmentation": {"taps": "c5", "weight": 10.0, "resize_stu": True, "adapter_init": "kaiming"},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``pkd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn:4', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(10.0, 'loss weight per tap')
+        resize_stu: bool = opt(True, "resize the student to the teacher's size (else the teacher to the student's)")
+        adapter_init: Literal["default", "kaiming"] = opt('kaiming', 'adapter init: PyTorch default or kaiming (mmcv)')
 
     def __init__(
         self,
