@@ -67,7 +67,7 @@ from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, check_pair, float32_region, instance_norm, match_spatial, upcast
+from .common import build_adapter, float32_region, instance_norm, match_spatial, upcast
 
 
 def nonlocal_aggregate(theta: Tensor, phi: Tensor, g: Tensor, direct: bool = False) -> Tensor:
@@ -158,20 +158,14 @@ class CanKD(Method):
             return "instance normalisation over one position gives 0 on both sides, for any input"
         return None
 
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for tap in self.taps:
-            fs, ft = s.taps[tap], t.taps[tap]
-            check_pair(self.name, tap, fs, ft)
-            with float32_region(fs):
-                fs, ft = upcast(fs), upcast(ft.detach())
-                if tap in self.connectors:
-                    fs = self.connectors[tap](fs)
-                fs = match_spatial(fs, ft)
-                zs = self.blocks[tap](fs, ft)
-                diff = instance_norm(zs, self.eps) - instance_norm(ft, self.eps)
-                out[f"{self.name}.{tap}"] = self.weight * 0.5 * diff.pow(2).mean()
-        return out
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+        """The weighted loss of one tap: connector, resize, non-local block, instance norm, ½·MSE × w."""
+        if tap in self.connectors:
+            fs = self.connectors[tap](fs)
+        fs = match_spatial(fs, ft)
+        zs = self.blocks[tap](fs, ft)
+        diff = instance_norm(zs, self.eps) - instance_norm(ft, self.eps)
+        return self.weight * 0.5 * diff.pow(2).mean()
 
     def load_official(self, tap: str, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
         """Load one official ``NLKD_IN_Loss`` state dict into the block of ``tap`` (parity tests).

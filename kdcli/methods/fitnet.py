@@ -45,12 +45,11 @@ from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
-from ..errors import MethodError
 from ..hparams import opt
-from ..models.taps import ModelOutput, TapInfo
+from ..models.taps import TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .common import build_adapter, match_spatial
 
 
 @register
@@ -117,17 +116,6 @@ class FitNet(Method):
             return adapter(match_spatial(fs, ft))
         return match_spatial(adapter(fs), ft)
 
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for tap in self.taps:
-            fs, ft = s.taps[tap], t.taps[tap]
-            if fs.dim() != 4 or ft.dim() != 4:
-                raise MethodError(
-                    f"method 'fitnet': tap '{tap}' must be a feature map (N, C, H, W); got student "
-                    f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-                )
-            with float32_region(fs):
-                fs, ft = upcast(fs), upcast(ft.detach())
-                fs = self.regress(tap, fs, ft)
-                out[f"{self.name}.{tap}"] = self.weight * (fs - ft).pow(2).mean()
-        return out
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+        """w · mean (r(F_S) − F_T)² of one tap; the per-tap loop is the base's."""
+        return self.weight * (self.regress(tap, fs, ft) - ft).pow(2).mean()

@@ -60,10 +60,10 @@ import torch
 from torch import Tensor, nn
 
 from ..hparams import opt
-from ..models.taps import ModelOutput, TapInfo
+from ..models.taps import TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
+from .common import build_adapter, match_spatial
 
 EPS = 1e-6
 
@@ -122,19 +122,13 @@ class PKD(Method):
             if cs != ct:
                 self.connectors[tap] = build_adapter(cs, ct, bias=True, init=str(hp["adapter_init"]))
 
-    def loss_tap(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
         """The weighted loss of one tap: connector, resize, Eq. (1) on both maps, Eq. (2)."""
-        check_pair(self.name, tap, fs, ft)
-        with float32_region(fs):
-            fs, ft = upcast(fs), upcast(ft.detach())
-            if tap in self.connectors:
-                fs = self.connectors[tap](fs)
-            if self.resize_stu:
-                fs = match_spatial(fs, ft)
-            else:
-                ft = match_spatial(ft, fs)
-            diff = pearson_norm(fs) - pearson_norm(ft)
-            return self.weight * 0.5 * diff.pow(2).mean()
-
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
-        return {f"{self.name}.{tap}": self.loss_tap(tap, s.taps[tap], t.taps[tap]) for tap in self.taps}
+        if tap in self.connectors:
+            fs = self.connectors[tap](fs)
+        if self.resize_stu:
+            fs = match_spatial(fs, ft)
+        else:
+            ft = match_spatial(ft, fs)
+        diff = pearson_norm(fs) - pearson_norm(ft)
+        return self.weight * 0.5 * diff.pow(2).mean()

@@ -101,6 +101,7 @@ class PSKD(Method):
     evidence = "loss parity-tested; dense mapping kdcli's (adapted)"
     needs_targets = True
     needs_teacher = False
+    binds_student = True  # its soft targets come from a snapshot of the student (bind_student)
     presets = {
         # α_T 0.8: the official default (README / main.py); the other options are the task's own loss
         "segmentation": {"taps": ["seg_logits"], "alpha_T": 0.8, "ignore_index": 255},
