@@ -164,7 +164,9 @@ def test_every_hook_has_a_default_and_the_set_delegates() -> None:
     s = infos(c5=2, seg_logits=3)
     plain = methods.build("cwd", s, s, "segmentation").methods["cwd"]
     assert plain.last_stats == {} and plain.teacher_note == "" and not plain.binds_student
-    assert plain.bind_student(nn.Linear(1, 1)) is None and plain.internals(ModelOutput(), ModelOutput()) == {}
+    assert plain.internals(ModelOutput(), ModelOutput()) == {} and plain.schedule() == 1.0
+    # bind_student shows only where binds_student is true, while the engine still asks hasattr()
+    assert not hasattr(plain, "bind_student") and hasattr(methods.get("pskd"), "bind_student")
 
     probe = Probe(s, s, "segmentation", **Probe.presets["segmentation"])
     ms = methods.MethodSet({"probe": probe, "cwd": plain}, "segmentation")
