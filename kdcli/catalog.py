@@ -1,7 +1,8 @@
 """The method table without importing torch: read from the method modules' source.
 
 ``kdcli methods`` and the CLI's cheap option checks need each method's name, paper, tasks, whether it
-needs a teacher and its presets: class attributes written as literals. Reading them with :mod:`ast`
+needs a teacher, its presets and its options (the nested ``Config`` dataclass: annotation text, default
+and help of each :func:`kdcli.hparams.opt` field): class attributes written as literals. Reading them with :mod:`ast`
 takes milliseconds where importing the methods (torch, torchvision) takes seconds. A class whose
 attributes are not literals makes :func:`methods` fall back to the imported registry.
 """
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from . import hparams
 
 _DIR = Path(__file__).parent / "methods"
 _NOT_METHODS = {"base", "common", "__init__"}
@@ -28,6 +31,7 @@ class MethodInfo:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     teacher_note: str = ""
     evidence: str = ""
+    options: dict[str, hparams.Option] = field(default_factory=dict)
 
 
 class _NotLiteral(Exception):
@@ -91,6 +95,26 @@ def _attrs(cls: ast.ClassDef, env: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _config(cls: ast.ClassDef, env: dict[str, Any]) -> dict[str, hparams.Option]:
+    """The options of the class's nested ``Config``: ``name: <type> = opt(default, help[, key=...])``."""
+    node = next((n for n in cls.body if isinstance(n, ast.ClassDef) and n.name == "Config"), None)
+    if node is None:
+        raise _NotLiteral(f"{cls.name}.Config")
+    out: dict[str, hparams.Option] = {}
+    for f in node.body:
+        if not isinstance(f, ast.AnnAssign):
+            continue
+        call = f.value
+        if not (isinstance(f.target, ast.Name) and isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+                and call.func.id == "opt" and len(call.args) == 2):
+            raise _NotLiteral(f"{cls.name}.Config")
+        kw = {k.arg: _eval(k.value, env) for k in call.keywords}
+        key = kw.get("key") or f.target.id
+        out[key] = hparams.Option(key, f.target.id, ast.unparse(f.annotation), _eval(call.args[0], env),
+                                  _eval(call.args[1], env))
+    return out
+
+
 def _from_source() -> dict[str, MethodInfo]:
     found: dict[str, MethodInfo] = {}
     for path in sorted(_DIR.glob("*.py")):
@@ -103,15 +127,15 @@ def _from_source() -> dict[str, MethodInfo]:
             if "name" not in a:
                 raise _NotLiteral(f"{cls.name}.name")
             a["tasks"] = tuple(a.get("tasks", ("detection", "segmentation")))
-            found[a["name"]] = MethodInfo(**a)
+            found[a["name"]] = MethodInfo(**a, options=_config(cls, env))
     return dict(sorted(found.items()))
 
 
 def _from_registry() -> dict[str, MethodInfo]:
     from .methods import available
 
-    return {n: MethodInfo(n, c.paper, tuple(c.tasks), bool(c.needs_teacher), dict(c.presets),
-                          getattr(c, "teacher_note", ""), c.evidence) for n, c in available().items()}
+    return {n: MethodInfo(n, c.paper, tuple(c.tasks), bool(c.needs_teacher), dict(c.presets), c.teacher_note,
+                          c.evidence, hparams.options(c.Config)) for n, c in available().items()}
 
 
 @lru_cache(maxsize=1)
@@ -135,28 +159,10 @@ def check_method_spec(spec: str, option: str = "--method") -> list[str]:
     return names
 
 
-def _readable(value: Any, like: Any) -> bool:
-    """Whether a command-line string ``value`` reads as the type of the preset value ``like``."""
-    if not isinstance(value, str) or isinstance(like, str) or like is None:
-        return True
-    try:
-        if isinstance(like, bool):
-            return value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off")
-        if isinstance(like, int):
-            int(value)
-        elif isinstance(like, float):
-            float(value)
-        elif isinstance(like, (list, tuple)) and like and not isinstance(like[0], str):
-            return all(_readable(v.strip(), like[0]) for v in value.split(",") if v.strip())
-    except ValueError:
-        return False
-    return True
-
-
 def check_sets(spec: str, sets: dict[str, Any], objective: str = "ce") -> None:
-    """``--set`` keys and values against the methods' presets (any task), before anything is built:
-    the same rules as the engine (``method.key`` with several methods, ``hard.*`` for ``--augment
-    hard``), the same messages."""
+    """``--set`` keys and values against the methods' options (their ``Config`` types), before anything
+    is built: the same rules as the engine (``method.key`` with several methods, ``hard.*`` for
+    ``--augment hard``), the same messages (:func:`kdcli.hparams.read`)."""
     from .errors import ConfigError
 
     names = check_method_spec(spec)
@@ -174,9 +180,5 @@ def check_sets(spec: str, sets: dict[str, Any], objective: str = "ce") -> None:
         else:
             raise ConfigError(f"--set {key}: with several methods prefix the option with the method name "
                               f"({', '.join(f'{n}.{key}' for n in names)})")
-        presets = known[name].presets
-        valid = {k: v for p in presets.values() for k, v in p.items()}
-        if option not in valid:
-            raise ConfigError(f"--set {option}: '{name}' has no such option (valid: {', '.join(sorted(valid))})")
-        if not _readable(value, valid[option]):
-            raise ConfigError(f"--set {option}: cannot read '{value}' as {type(valid[option]).__name__}")
+        where = f"--set {name}." if dot and head in names else "--set "
+        hparams.read(name, known[name].options, {option: value}, where)

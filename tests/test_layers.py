@@ -1,6 +1,6 @@
 """The package's layers: imports point one way, function-level imports included.
 
-    base (errors, config, io, runtime, progress, _version) → data, zoo/weights → models
+    base (errors, config, hparams, io, runtime, progress, _version) → data, zoo/weights → models
     → methods, convert, catalog → augment → engine → api, export, hub, report, viz → cli, bench, checks
 
 ``viz`` (results.png, ``kdcli viz``) sits with the API, which wires results.png into every run; it imports
@@ -22,7 +22,7 @@ import kdcli
 
 ROOT = Path(kdcli.__file__).parent
 LAYERS: list[set[str]] = [
-    {"errors", "config", "io", "runtime", "progress", "_version"},
+    {"errors", "config", "hparams", "io", "runtime", "progress", "_version"},
     {"data", "zoo", "weights"},
     {"models"},
     {"methods", "convert", "catalog"},

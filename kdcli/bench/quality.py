@@ -174,7 +174,7 @@ def method_names(task: str, methods: str = "all") -> list[str]:
         cls = registry[n]
         if task not in cls.tasks or task not in cls.presets:
             continue
-        if not cls.needs_teacher and hasattr(cls, "teacher_note"):
+        if not cls.needs_teacher and cls.teacher_note:
             continue  # a teacher-training objective (MCMI), not a way to train the student
         out.append(n)
     if methods.strip() != "all" and len(out) == 1 and names:

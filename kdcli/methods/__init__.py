@@ -21,8 +21,10 @@ _NOT_METHODS = {"base", "common"}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Add ``cls`` to the registry; its presets must read as its Config (else this import fails)."""
     if not cls.name:
         raise ValueError(f"{cls.__qualname__} has no name")
+    cls.check_presets()
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -48,7 +50,11 @@ def get(name: str) -> type[Method]:
 
 
 class MethodSet(Method):
-    """Several methods applied to the same taps; their losses are summed by the engine."""
+    """The method(s) of a run, as :func:`build` always returns them; the engine sums their losses.
+
+    Every hook of :class:`Method` is here too and delegates to the members, so a caller calls it on
+    the set without looking inside; per-member results are keyed ``<method>.<key>``.
+    """
 
     name = "+"
 
@@ -85,6 +91,35 @@ class MethodSet(Method):
     def on_epoch_end(self, student: Any, epoch: int) -> None:
         for m in self.methods.values():
             m.on_epoch_end(student, epoch)
+
+    def student_binders(self) -> list[str]:
+        """The members that need the student model itself (``binds_student``: PS-KD)."""
+        return [name for name, m in self.methods.items() if m.binds_student]
+
+    def bind_student(self, student: Any) -> None:
+        for m in self.methods.values():
+            if m.binds_student:
+                m.bind_student(student)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Every member's :attr:`Method.last_stats`, keys prefixed with the member's name."""
+        return {f"{name}.{k}": v for name, m in self.methods.items() for k, v in m.last_stats.items()}
+
+    @property
+    def teacher_notes(self) -> dict[str, str]:
+        """The members' ``teacher_note`` where they have one."""
+        return {name: m.teacher_note for name, m in self.methods.items() if m.teacher_note}
+
+    def degenerate_terms(self, maps: dict[str, tuple[int, int]]) -> dict[str, str]:
+        """``<method>.<tap>`` -> why, for each term that is exactly 0 for any input when the teacher's maps
+        have these sizes (each member's :meth:`Method.degenerate`; taps without a size are skipped)."""
+        return {f"{name}.{tap}": why for name, m in self.methods.items() for tap in m.taps
+                if tap in maps and (why := m.degenerate(tap, maps[tap]))}
+
+    def schedules(self) -> dict[str, float]:
+        """Each member's current :meth:`Method.schedule` factor."""
+        return {name: float(m.schedule()) for name, m in self.methods.items()}
 
     def internals(self, s: ModelOutput, t: ModelOutput, targets: Any = None,
                   query: tuple[float, float] = (0.5, 0.5)) -> dict[str, Tensor]:
@@ -129,7 +164,7 @@ def build(
         cls = get(n)
         if task not in cls.tasks:
             raise MethodError(f"method '{n}' does not support {task} (it supports {', '.join(cls.tasks)})")
-        hp = cls.resolve_hparams(task, per[n])
+        hp = cls.resolve_hparams(task, per[n], f"--set {n}." if len(names) > 1 else "--set ")
         built[n] = cls(student, teacher, task, **hp)
     return MethodSet(built, task)
 

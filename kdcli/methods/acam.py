@@ -94,6 +94,7 @@ after it (bilinear, ``align_corners=False``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -101,6 +102,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -303,6 +305,28 @@ class ACAM(Method):
             "attention_precision": "float32",
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``acam`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        num_masks: int = opt(6, 'masks M per tap')
+        c_q: int = opt(0, 'query/key channels (0: C/2)')
+        align: str = opt('always', 'when the student→teacher align conv is applied')
+        alpha: float = opt(1.0, 'weight α of the masked errors')
+        lambda_div: float = opt(1.0, 'weight of the mask diversity term')
+        query_source: str = opt('teacher', 'which map gives the attention queries')
+        kv_input: str = opt('aligned', 'student input of keys/values: aligned or raw')
+        mask_input: str = opt('fused', "masks from the fused map or the teacher's")
+        mask_grad: str = opt('full', 'gradient through the masks: full, detach or detach_mass')
+        mask_power: int = opt(2, 'exponent of the masks on the errors')
+        div_form: str = opt('pairwise', 'form of the Dice diversity')
+        div_on: str = opt('both', 'diversity on spatial, channel or both masks')
+        channel_units: str = opt('scalar', 'channel mask units: scalar or vector')
+        mask_init_std: float = opt(0.01, "std of the mask units' normal init")
+        mask_eps: float = opt(1e-06, "ε of the masks' normaliser")
+        attention_precision: str = opt('float32', 'dtype of the attention: float32 or amp')
 
     def __init__(
         self,

@@ -3,22 +3,63 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from .. import hparams
 from ..errors import ConfigError, MethodError
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
+from .common import check_pair, float32_region, upcast
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """The Config of a method without options (the method set itself)."""
+
+
+def _bind_nothing(self: Method, student: nn.Module) -> None:
+    """Called once before training (and before any resume) with the student model, for the methods with
+    ``binds_student = True`` (PS-KD keeps a frozen snapshot of it). Default: nothing."""
+
+
+class _StudentHook:
+    """``Method.bind_student``'s default, visible only on methods with ``binds_student = True``.
+
+    Transitional: kdcli/engine/augment.py still detects self-distillation with
+    ``hasattr(member, "bind_student")``. Once it calls :meth:`MethodSet.bind_student` and
+    :meth:`MethodSet.student_binders`, this becomes a plain method."""
+
+    def __get__(self, obj: Method | None, owner: type) -> Any:
+        if obj is not None and not obj.binds_student:
+            raise AttributeError(f"{owner.__name__} does not bind the student (binds_student is False)")
+        return _bind_nothing if obj is None else _bind_nothing.__get__(obj, owner)
 
 
 class Method(nn.Module):
-    """A distillation method.
+    """A distillation method: two sets of taps in, named weighted losses out.
 
-    Subclasses set the class attributes below and implement :meth:`forward`. The constructor
-    receives the student's and teacher's tap info (channels, strides), the task, and the
-    resolved hyper-parameters (preset of the task, then user overrides). Learnable parts
-    (adapters, generators, attention) are submodules: they are trained with the student and
-    never exported.
+    The contract (docs/design.md, "Methods"):
+
+    - class attributes: ``name``, ``paper``, ``evidence``, ``tasks``, ``needs_targets``,
+      ``needs_teacher``, ``teacher_note``, ``binds_student``, ``presets``, and ``Config``: a
+      dataclass of the method's options (type, default and one-line help per field,
+      :func:`kdcli.hparams.opt`). Every preset is checked against ``Config`` when the method is
+      registered; ``--set`` values are converted by its field types.
+    - the constructor receives the student's and teacher's tap info (channels, strides), the task
+      and the resolved options (the task's preset, then the overrides). ``self.cfg`` is the
+      typed ``Config``; ``self.hp`` the same values by option name (recorded in the run report).
+    - the losses: a method whose loss is a sum of independent per-tap terms implements only
+      :meth:`tap_loss` and inherits :meth:`forward` and :meth:`loss_tap`; any other method
+      implements :meth:`forward`.
+    - hooks, all with defaults here, called by the engine on the method set :func:`build` returns
+      (:class:`kdcli.methods.MethodSet` delegates each to its members): :meth:`set_progress`,
+      :meth:`schedule`, :meth:`degenerate`, :meth:`teacher_forward`, :meth:`bind_student`,
+      :meth:`on_epoch_end`, :meth:`internals` and :attr:`last_stats`.
+
+    Learnable parts (adapters, generators, attention) are submodules: they are trained with the
+    student and never exported.
     """
 
     name: ClassVar[str] = ""
@@ -27,8 +68,14 @@ class Method(nn.Module):
     tasks: ClassVar[tuple[str, ...]] = ("detection", "segmentation")
     needs_targets: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
+    # what `kdcli methods` shows instead of "no (self-KD)" for a method without a teacher
+    teacher_note: ClassVar[str] = ""
+    # the method needs the student model itself (PS-KD's snapshot): the engine calls bind_student
+    binds_student: ClassVar[bool] = False
     # task -> hyper-parameters; copied from the official configs where they exist.
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # the options' dataclass (types, defaults, help); presets and --set are read through it
+    Config: ClassVar[type] = NoOptions
 
     def __init__(
         self,
@@ -39,7 +86,11 @@ class Method(nn.Module):
     ) -> None:
         super().__init__()
         self.task = task
-        self.hp = hp
+        # typed values, defaults for options a caller left out; the subclass reads ``hp`` as given
+        typed = self.read_options(hp, "")
+        opts = hparams.options(self.Config)
+        self.cfg = self.Config(**{opts[k].attr: v for k, v in typed.items()})
+        self.hp = {k: getattr(self.cfg, o.attr) for k, o in opts.items()}
         self.needs: tuple[str, ...] = ()
         # every method's preset has `taps` and most have `weight`: resolve them once, here
         self.taps: tuple[str, ...] = ()
@@ -53,10 +104,26 @@ class Method(nn.Module):
         """The tap spec to resolve; a method with a model-dependent default (FGD's ``auto``) overrides it."""
         return hp["taps"]
 
-    def forward(
-        self, s: ModelOutput, t: ModelOutput, targets: Any = None
-    ) -> dict[str, Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    # -- the losses -------------------------------------------------------------------
+    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
+        """``{"<name>.<tap>": weighted loss}`` for every tap, in tap order (:meth:`loss_tap` per tap).
+
+        A method whose terms are not independent per tap (random draws in a set order, shared
+        targets, several terms per tap) overrides this."""
+        return {f"{self.name}.{tap}": self.loss_tap(tap, s.taps[tap], t.taps[tap]) for tap in self.taps}
+
+    def loss_tap(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+        """The weighted loss of one tap: two (N, C, H, W) maps of one batch are required; the loss
+        runs in float32 with autocast off (fp16/bf16 upcast, float64 kept), the teacher detached."""
+        check_pair(self.name, tap, fs, ft)
+        with float32_region(fs):
+            return self.tap_loss(tap, upcast(fs), upcast(ft.detach()))
+
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The weighted loss of one tap from float32+ maps (teacher detached). The method applies its
+        weight where its official code does (CWD multiplies before dividing by N·C), so moving a
+        method onto the default loop never reorders its arithmetic."""
+        raise NotImplementedError(f"method '{self.name}' implements neither forward nor tap_loss")
 
     # -- engine hooks (optional; the engine calls them on every method) ----------------
     progress: float = 0.0  # fraction of the schedule done, in [0, 1)
@@ -85,8 +152,16 @@ class Method(nn.Module):
         """Self-distillation: produce the teacher output when the run has no teacher model."""
         return None
 
+    bind_student = _StudentHook()  # (student: nn.Module) -> None; see _bind_nothing
+
     def on_epoch_end(self, student: nn.Module, epoch: int) -> None:
         """Called after each training epoch, before validation (PS-KD takes its snapshot here)."""
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Diagnostics of the last forward (``<tap>.<stat>``: ACAM's mask means, DMKD's kept fractions),
+        as Python floats (one device sync). Default: none."""
+        return {}
 
     def internals(
         self, s: ModelOutput, t: ModelOutput, targets: Any = None, query: tuple[float, float] = (0.5, 0.5)
@@ -110,22 +185,37 @@ class Method(nn.Module):
         x = min(max(int(query[1] * w), 0), w - 1)
         return y * w + x
 
-    # -- helpers shared by subclasses -------------------------------------------------
+    # -- options ----------------------------------------------------------------------
     @classmethod
-    def resolve_hparams(cls, task: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Preset for ``task`` updated with ``overrides`` (strings are coerced to the preset's types)."""
+    def read_options(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
+        """Every option: its default, updated with ``values`` checked and converted by the Config's types
+        (and by the Config's own ``__post_init__`` checks, if it has any)."""
+        opts = hparams.options(cls.Config)
+        out = {**{k: copy.deepcopy(o.default) for k, o in opts.items()}, **hparams.read(cls.name, opts, values, where)}
+        cls.Config(**{opts[k].attr: v for k, v in out.items()})
+        return out
+
+    @classmethod
+    def check_presets(cls) -> None:
+        """Each preset reads as the Config (at registration: a wrong preset fails at import, not in a run)."""
+        for task, preset in cls.presets.items():
+            cls.read_options(preset, f"{cls.__qualname__}.presets[{task!r}]: ")
+
+    @classmethod
+    def resolve_hparams(
+        cls, task: str, overrides: dict[str, Any] | None = None, where: str = "--set "
+    ) -> dict[str, Any]:
+        """Every option for ``task``: the Config's defaults < the task's preset < ``overrides``.
+
+        Values are converted by the Config's field types; an unknown key or an unreadable value is one
+        :class:`ConfigError` line naming the option (``where`` + key: ``--set cwd.tau``) and the method."""
         if task not in cls.presets:
             raise MethodError(
                 f"method '{cls.name}' has no preset for task '{task}' (it supports: "
                 f"{', '.join(sorted(cls.presets))})"
             )
-        hp = copy.deepcopy(cls.presets[task])
-        for key, value in (overrides or {}).items():
-            if key not in hp:
-                raise ConfigError(
-                    f"--set {key}: '{cls.name}' has no such option (valid: {', '.join(sorted(hp))})"
-                )
-            hp[key] = coerce(value, hp[key], f"--set {key}")
+        hp = cls.read_options(cls.presets[task], f"{cls.__qualname__}.presets[{task!r}]: ")
+        hp.update(hparams.read(cls.name, hparams.options(cls.Config), dict(overrides or {}), where))
         return hp
 
 

@@ -51,6 +51,7 @@ method.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from ._logits import avg_factor_divisor, level_index, matched_locations
@@ -101,6 +103,16 @@ class BCKD(Method):
         "detection": {"taps": "cls_logits", "weight": 1.0, "box_weight": 4.0, "beta": 1.0,
                       "skip_empty_levels": True},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``bckd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('cls_logits', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        box_weight: float = opt(4.0, 'weight of the box term (0: off)')
+        beta: float = opt(1.0, 'focusing exponent β of the binary KD')
+        skip_empty_levels: bool = opt(True, 'leave out FPN levels without a positive location')
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)

@@ -58,14 +58,16 @@ setups have none). A student map of a different H×W is then resized to the teac
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, check_pair, float32_region, instance_norm, match_spatial, upcast
+from .common import build_adapter, float32_region, instance_norm, match_spatial, upcast
 
 
 def nonlocal_aggregate(theta: Tensor, phi: Tensor, g: Tensor, direct: bool = False) -> Tensor:
@@ -124,6 +126,14 @@ class CanKD(Method):
         "segmentation": {"taps": "c5", "weight": 10.0, "inter_channels": 0},
     }
 
+    @dataclass
+    class Config:
+        """Options of ``cankd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn:4', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(10.0, 'loss weight per tap')
+        inter_channels: int = opt(0, "channels of the non-local block's embeddings (0: C/2)")
+
     def __init__(
         self,
         student: dict[str, TapInfo],
@@ -148,20 +158,14 @@ class CanKD(Method):
             return "instance normalisation over one position gives 0 on both sides, for any input"
         return None
 
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for tap in self.taps:
-            fs, ft = s.taps[tap], t.taps[tap]
-            check_pair(self.name, tap, fs, ft)
-            with float32_region(fs):
-                fs, ft = upcast(fs), upcast(ft.detach())
-                if tap in self.connectors:
-                    fs = self.connectors[tap](fs)
-                fs = match_spatial(fs, ft)
-                zs = self.blocks[tap](fs, ft)
-                diff = instance_norm(zs, self.eps) - instance_norm(ft, self.eps)
-                out[f"{self.name}.{tap}"] = self.weight * 0.5 * diff.pow(2).mean()
-        return out
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+        """The weighted loss of one tap: connector, resize, non-local block, instance norm, ½·MSE × w."""
+        if tap in self.connectors:
+            fs = self.connectors[tap](fs)
+        fs = match_spatial(fs, ft)
+        zs = self.blocks[tap](fs, ft)
+        diff = instance_norm(zs, self.eps) - instance_norm(ft, self.eps)
+        return self.weight * 0.5 * diff.pow(2).mean()
 
     def load_official(self, tap: str, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
         """Load one official ``NLKD_IN_Loss`` state dict into the block of ``tap`` (parity tests).

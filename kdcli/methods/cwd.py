@@ -54,16 +54,18 @@ classes on both sides).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MethodError
-from ..models.taps import ModelOutput, TapInfo
+from ..hparams import opt
+from ..models.taps import TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
+from .common import build_adapter, match_spatial
 
 CHANNEL_NORMS = ("student", "teacher")
 
@@ -109,6 +111,19 @@ class CWD(Method):
         },
     }
 
+    @dataclass
+    class Config:
+        """Options of ``cwd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        tau: float = opt(1.0, 'softmax temperature τ')
+        weight: float = opt(10.0, 'loss weight per tap')
+        adapter_bias: bool = opt(True, 'the 1×1 student→teacher adapter has a bias')
+        adapter_init: Literal["default", "kaiming"] = opt('default', 'adapter init: PyTorch default or kaiming (mmcv)')
+        channel_norm: Literal["student", "teacher"] = opt(
+            'student', "divide by the student's (official quirk) or the teacher's channel count"
+        )
+
     def __init__(
         self,
         student: dict[str, TapInfo],
@@ -139,22 +154,16 @@ class CWD(Method):
                 cs, ct, bias=bool(hp["adapter_bias"]), init=str(hp["adapter_init"])
             )
 
-    def loss_tap(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
-        """The weighted loss of one tap (adapter, resize, KL sum, ÷ N·C, × w·τ²)."""
-        check_pair(self.name, tap, fs, ft)
-        with float32_region(fs):
-            fs, ft = upcast(fs), upcast(ft.detach())
-            n, c_student = fs.shape[:2]
-            if tap in self.adapters:
-                fs = self.adapters[tap](fs)
-            fs = match_spatial(fs, ft)
-            c = c_student if self.channel_norm == "student" else ft.shape[1]
-            return self.weight * channel_wise_divergence(fs, ft, self.tau) / (n * c)
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+        """The weighted loss of one tap (adapter, resize, KL sum, × w, ÷ N·C); the per-tap loop is the base's."""
+        n, c_student = fs.shape[:2]
+        if tap in self.adapters:
+            fs = self.adapters[tap](fs)
+        fs = match_spatial(fs, ft)
+        c = c_student if self.channel_norm == "student" else ft.shape[1]
+        return self.weight * channel_wise_divergence(fs, ft, self.tau) / (n * c)
 
     def degenerate(self, tap: str, hw: tuple[int, int]) -> str | None:
         if hw[0] * hw[1] == 1:  # the student map is resized to the teacher's H×W before the softmax
             return "a spatial softmax over one position is 1 on both sides, so the KL is 0 for any input"
         return None
-
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
-        return {f"{self.name}.{tap}": self.loss_tap(tap, s.taps[tap], t.taps[tap]) for tap in self.taps}

@@ -39,9 +39,11 @@ same float64 inputs the two agree to rounding (checked in tests/test_methods_log
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from ..errors import ConfigError
+from ..hparams import opt
 from . import register
 from ._logits import DecoupledKD
 
@@ -63,6 +65,21 @@ class DKD(DecoupledKD):
         "segmentation": {"taps": "seg_logits", "weight": 1.0, "alpha": 1.0, "beta": 0.5, "tau": 1.0,
                          "warmup": 1, "sample_reduction": "mean", "ignore_index": 255},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``dkd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('cls_logits', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        alpha: float = opt(1.0, 'weight α of the target-class term')
+        beta: float = opt(0.25, 'weight β of the non-target term')
+        tau: float = opt(1.0, 'softmax temperature τ')
+        warmup: int = opt(0, 'epochs of linear warm-up of the loss (0: none)')
+        sample_reduction: Literal["mean", "sum", "avg_factor", "level"] = opt(
+            'mean', 'how per-sample losses are reduced'
+        )
+        ignore_index: int = opt(255, 'label of ignored pixels')
 
     def coefficients(self, hp: dict[str, Any]) -> tuple[float, float]:
         self.warmup = int(hp.get("warmup", 0))

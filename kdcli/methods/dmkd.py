@@ -56,6 +56,7 @@ fusion weights. Everything runs in float32 with autocast disabled.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -63,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -321,6 +323,21 @@ class DMKD(Method):
             "loss_weight": "none",  # [ASSUMPTION]
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``dmkd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        alpha: float = opt(2e-05, 'loss weight α (on the sum, ÷ N)')
+        ratio_spatial: float = opt(0.65, 'fraction of spatial positions masked')
+        ratio_channel: float = opt(0.65, 'fraction of channels masked')
+        temperature: float = opt(0.5, 'temperature of the teacher attention')
+        mask_select: str = opt('top', 'which positions the attention masks keep: top or bottom')
+        mask_mode: str = opt('ranked', 'how masks are drawn from the attention (ranked or sampled)')
+        fusion: str = opt('softmax', 'how the two reconstructions are fused')
+        align: str = opt('auto', 'when the student→teacher align conv is applied')
+        loss_weight: str = opt('none', 'weighting of the reconstruction error: none or attention')
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)

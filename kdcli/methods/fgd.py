@@ -78,12 +78,14 @@ Deviations:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
 from . import register
 from .base import Method
@@ -224,14 +226,31 @@ class FGD(Method):
         "detection": {"taps": "auto", "recipe": "auto", **_RETINA, "box_scaling": "img_shape"},
     }
 
+    @dataclass
+    class Config:
+        """Options of ``fgd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('auto', 'taps distilled (auto: P3–P7 one-stage, P2–P5 two-stage)')
+        recipe: Literal["auto", "retinanet", "gfl", "faster_rcnn", "fcos", "reppoints"] = opt(
+            'auto', "row of the official configs (auto: by the student's detector)"
+        )
+        temp: float | None = opt(0.5, 'attention temperature T (none: from the recipe)')
+        alpha: float | None = opt(0.001, 'foreground weight α (none: from the recipe)')
+        beta: float | None = opt(0.0005, 'background weight β (none: from the recipe)')
+        gamma: float | None = opt(0.0005, 'attention-loss weight γ (none: from the recipe)')
+        lambda_: float | None = opt(5e-06, 'global-loss weight λ (none: from the recipe)', key="lambda")
+        box_scaling: Literal["img_shape", "input", "stride"] = opt('img_shape', 'how boxes map onto the feature maps')
+
     @classmethod
-    def resolve_hparams(cls, task: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    def resolve_hparams(
+        cls, task: str, overrides: dict[str, Any] | None = None, where: str = "--set "
+    ) -> dict[str, Any]:
         """Preset, then the recipe's row for the weights not overridden, then the overrides.
 
         With ``recipe="auto"`` the row depends on the student, so the weights not overridden are
         left as ``None`` here and filled in by the constructor (``self.hp`` shows the values used).
         """
-        hp = super().resolve_hparams(task, overrides)
+        hp = super().resolve_hparams(task, overrides, where)
         recipe = str(hp["recipe"])
         if recipe != "auto" and recipe not in RECIPES:
             raise ConfigError(f"--set recipe={recipe}: not one of auto, {', '.join(RECIPES)}")

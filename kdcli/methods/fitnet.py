@@ -40,15 +40,16 @@ smaller grid: the same result up to round-off, without regressing pixels that ar
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
-from ..errors import MethodError
-from ..models.taps import ModelOutput, TapInfo
+from ..hparams import opt
+from ..models.taps import TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, float32_region, match_spatial, upcast
+from .common import build_adapter, match_spatial
 
 
 @register
@@ -79,6 +80,16 @@ class FitNet(Method):
         },
     }
 
+    @dataclass
+    class Config:
+        """Options of ``fitnet`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        adapter_bias: bool = opt(True, 'the 1×1 student→teacher adapter has a bias')
+        adapter_always: bool = opt(True, 'apply the regressor even when the channel counts are equal')
+        adapter_init: Literal["default", "kaiming"] = opt('default', 'adapter init: PyTorch default or kaiming (mmcv)')
+
     def __init__(
         self,
         student: dict[str, TapInfo],
@@ -105,17 +116,6 @@ class FitNet(Method):
             return adapter(match_spatial(fs, ft))
         return match_spatial(adapter(fs), ft)
 
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for tap in self.taps:
-            fs, ft = s.taps[tap], t.taps[tap]
-            if fs.dim() != 4 or ft.dim() != 4:
-                raise MethodError(
-                    f"method 'fitnet': tap '{tap}' must be a feature map (N, C, H, W); got student "
-                    f"{tuple(fs.shape)}, teacher {tuple(ft.shape)}"
-                )
-            with float32_region(fs):
-                fs, ft = upcast(fs), upcast(ft.detach())
-                fs = self.regress(tap, fs, ft)
-                out[f"{self.name}.{tap}"] = self.weight * (fs - ft).pow(2).mean()
-        return out
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+        """w · mean (r(F_S) − F_T)² of one tap; the per-tap loop is the base's."""
+        return self.weight * (self.regress(tap, fs, ft) - ft).pow(2).mean()

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -151,6 +153,20 @@ class FreeKD(Method):
             "pretrained": "",
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``freekd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        mse_weight: float = opt(5.0, 'weight of the plain MSE term')
+        num_tokens: int = opt(6, 'mask tokens (learnable queries) per tap')
+        levels: int = opt(3, 'levels of the Haar wavelet decomposition')
+        train_prompts: bool = opt(False, 'train the prompts with the student (official: frozen)')
+        pretrained: str = opt(
+            '', "file of pre-trained mask tokens/prompts (safetensors or weights-only torch); '' = none"
+        )
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)

@@ -50,11 +50,13 @@ otherwise a :class:`~kdcli.errors.MethodError` asks for a feature method instead
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from ._logits import (
@@ -108,6 +110,24 @@ class KD(Method):
             "ignore_index": 255,
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``kd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('cls_logits', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        tau: float = opt(1.0, 'softmax temperature τ')
+        mode: Literal["softmax", "bernoulli", "positives"] = opt(
+            'bernoulli', 'softmax over classes, per-class bernoulli, or positives only'
+        )
+        class_reduction: Literal["sum", "mean"] = opt('sum', 'sum or mean of the KL over classes')
+        sample_reduction: Literal["mean", "sum", "avg_factor", "level"] = opt(
+            'mean', 'how per-sample losses are reduced'
+        )
+        drop_ignored: bool = opt(False, 'drop locations the detector ignores')
+        ignore_index_mask: bool = opt(False, 'leave out pixels labelled ignore_index')
+        ignore_index: int = opt(255, 'label of ignored pixels')
 
     def __init__(
         self,

@@ -60,12 +60,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -168,6 +170,24 @@ class MasKD(Method):
             "pretrained": "",
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``maskd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(7.0, 'loss weight per tap')
+        num_tokens: int = opt(6, 'mask tokens (learnable queries) per tap')
+        weight_mask: bool = opt(True, "weight each mask's loss by its predicted probability")
+        custom_mask: bool = opt(True, "multiply by the student's mask after the warm-up")
+        custom_mask_warmup: int = opt(7000, "iterations before the student's mask is used")
+        align: bool = opt(True, 'always apply the align conv (else only when channels differ)')
+        eps: float = opt(0.0, "ε added to the masked error's normaliser")
+        scale: float = opt(1.0, 'extra factor on the loss (official)')
+        train_masks: bool = opt(False, 'train the mask tokens with the student (official: frozen)')
+        pretrained: str = opt(
+            '', "file of pre-trained mask tokens/prompts (safetensors or weights-only torch); '' = none"
+        )
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)

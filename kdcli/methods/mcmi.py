@@ -48,13 +48,15 @@ options; its model selection on the *test* set is not reproduced (kdcli keeps th
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from ._logits import check_choice, location_samples, pixel_samples
@@ -95,6 +97,17 @@ class MCMI(Method):
         "segmentation": {"taps": ["seg_logits"], "weight": 0.15, "centroids": "epoch", "ignore_index": 255},
         "detection": {"taps": ["cls_logits"], "weight": 0.15, "centroids": "epoch"},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``mcmi`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt(
+            ('seg_logits',), "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)"
+        )
+        weight: float = opt(0.15, 'weight λ of the CMI term (subtracted)')
+        centroids: Literal["epoch", "batch"] = opt('epoch', 'class centroids per epoch or per batch')
+        ignore_index: int = opt(255, 'label of ignored pixels')
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)

@@ -68,12 +68,14 @@ code: R18 ``c5`` 512 → 2048 for an R101 teacher, so G then has 2048 channels).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from .base import Method
@@ -129,6 +131,18 @@ class MGD(Method):
             "draw_order": "reverse",
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``mgd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        alpha_mgd: float = opt(2e-05, 'loss weight α (on the sum over C·H·W, ÷ N)')
+        lambda_mgd: float = opt(0.65, 'fraction λ of positions masked')
+        mask_on_channel: bool = opt(False, 'mask channels (N×C×1×1) instead of positions')
+        draw_order: Literal["reverse", "forward"] = opt(
+            'reverse', 'order of the mask draws over taps (reverse: coarsest first)'
+        )
 
     def __init__(
         self,

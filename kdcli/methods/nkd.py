@@ -28,8 +28,10 @@ official dense config exists. The official student CE term is the student's own 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
+from ..hparams import opt
 from . import register
 from ._logits import NONTARGET_FORMS, DecoupledKD, check_choice
 
@@ -50,6 +52,20 @@ class NKD(DecoupledKD):
         "segmentation": {"taps": "seg_logits", "weight": 1.0, "gamma": 1.5, "tau": 1.0, "form": "ce",
                          "sample_reduction": "mean", "ignore_index": 255},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``nkd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('cls_logits', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        gamma: float = opt(1.5, 'weight γ of the non-target term')
+        tau: float = opt(1.0, 'softmax temperature τ')
+        form: Literal["kl", "ce"] = opt('ce', 'non-target term: kl or ce')
+        sample_reduction: Literal["mean", "sum", "avg_factor", "level"] = opt(
+            'mean', 'how per-sample losses are reduced'
+        )
+        ignore_index: int = opt(255, 'label of ignored pixels')
 
     def coefficients(self, hp: dict[str, Any]) -> tuple[float, float]:
         self.nontarget_form = check_choice("form", str(hp.get("form", "ce")), NONTARGET_FORMS)

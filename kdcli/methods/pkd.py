@@ -53,15 +53,17 @@ only the channel mixing it learns matters. Equal channel counts: no connector.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..models.taps import ModelOutput, TapInfo
+from ..hparams import opt
+from ..models.taps import TapInfo
 from . import register
 from .base import Method
-from .common import build_adapter, check_pair, float32_region, match_spatial, upcast
+from .common import build_adapter, match_spatial
 
 EPS = 1e-6
 
@@ -96,6 +98,15 @@ class PKD(Method):
         "segmentation": {"taps": "c5", "weight": 10.0, "resize_stu": True, "adapter_init": "kaiming"},
     }
 
+    @dataclass
+    class Config:
+        """Options of ``pkd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn:4', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        weight: float = opt(10.0, 'loss weight per tap')
+        resize_stu: bool = opt(True, "resize the student to the teacher's size (else the teacher to the student's)")
+        adapter_init: Literal["default", "kaiming"] = opt('kaiming', 'adapter init: PyTorch default or kaiming (mmcv)')
+
     def __init__(
         self,
         student: dict[str, TapInfo],
@@ -111,19 +122,13 @@ class PKD(Method):
             if cs != ct:
                 self.connectors[tap] = build_adapter(cs, ct, bias=True, init=str(hp["adapter_init"]))
 
-    def loss_tap(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
+    def tap_loss(self, tap: str, fs: Tensor, ft: Tensor) -> Tensor:
         """The weighted loss of one tap: connector, resize, Eq. (1) on both maps, Eq. (2)."""
-        check_pair(self.name, tap, fs, ft)
-        with float32_region(fs):
-            fs, ft = upcast(fs), upcast(ft.detach())
-            if tap in self.connectors:
-                fs = self.connectors[tap](fs)
-            if self.resize_stu:
-                fs = match_spatial(fs, ft)
-            else:
-                ft = match_spatial(ft, fs)
-            diff = pearson_norm(fs) - pearson_norm(ft)
-            return self.weight * 0.5 * diff.pow(2).mean()
-
-    def forward(self, s: ModelOutput, t: ModelOutput, targets: Any = None) -> dict[str, Tensor]:
-        return {f"{self.name}.{tap}": self.loss_tap(tap, s.taps[tap], t.taps[tap]) for tap in self.taps}
+        if tap in self.connectors:
+            fs = self.connectors[tap](fs)
+        if self.resize_stu:
+            fs = match_spatial(fs, ft)
+        else:
+            ft = match_spatial(ft, fs)
+        diff = pearson_norm(fs) - pearson_norm(ft)
+        return self.weight * 0.5 * diff.pow(2).mean()

@@ -52,6 +52,7 @@ into the soft-target one, so that ``task loss + pskd term`` is exactly the PS-KD
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
 from ._logits import box_labels, matched_locations
@@ -99,11 +101,24 @@ class PSKD(Method):
     evidence = "loss parity-tested; dense mapping kdcli's (adapted)"
     needs_targets = True
     needs_teacher = False
+    binds_student = True  # its soft targets come from a snapshot of the student (bind_student)
     presets = {
         # α_T 0.8: the official default (README / main.py); the other options are the task's own loss
         "segmentation": {"taps": ["seg_logits"], "alpha_T": 0.8, "ignore_index": 255},
         "detection": {"taps": ["cls_logits"], "alpha_T": 0.8, "focal_alpha": 0.25, "gamma": 2.0},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``pskd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt(
+            ('seg_logits',), "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)"
+        )
+        alpha_T: float = opt(0.8, 'final weight α_T of the soft targets (linear in the epoch)')
+        ignore_index: int = opt(255, 'label of ignored pixels')
+        focal_alpha: float = opt(0.25, 'focal-loss α of the detection soft targets')
+        gamma: float = opt(2.0, 'focal-loss γ of the detection soft targets')
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)

@@ -87,6 +87,7 @@ over the whole ``cls_logits`` (:meth:`sld_levels`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -94,6 +95,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
 from . import register
 from .base import Method
@@ -234,6 +236,30 @@ class SAMKD(Method):
             "generator_precision": "amp",  # kdcli (speed)
         },
     }
+
+    @dataclass
+    class Config:
+        """Options of ``samkd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('fpn', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        grids: tuple[int, ...] = opt((1, 2, 4), 'grid sizes of the pyramid')
+        alpha: float = opt(2e-05, 'loss weight α of SFD (on the sum, ÷ N)')
+        ratio_spatial: float = opt(0.65, 'fraction of spatial positions masked')
+        ratio_channel: float = opt(0.65, 'fraction of channels masked')
+        temperature: float = opt(0.5, 'temperature of the teacher attention')
+        mask_select: str = opt('top', 'which positions the attention masks keep: top or bottom')
+        mask_mode: str = opt('ranked', 'how masks are drawn from the attention (ranked or sampled)')
+        fusion: str = opt('softmax', 'how the two reconstructions are fused')
+        align: str = opt('auto', 'when the student→teacher align conv is applied')
+        loss_weight: str = opt('none', 'weighting of the reconstruction error: none or attention')
+        grid_weight: str = opt('mean', 'how grids are combined')
+        pyramid_mode: str = opt('joint', 'how the pyramid grids are scheduled')
+        sld_weight: float = opt(1.0, 'weight of the logit term SLD (0: off)')
+        sld_keep: float = opt(0.5, 'fraction of regions SLD keeps')
+        sld_region: str = opt('top', 'which regions SLD keeps')
+        sld_tau: float = opt(1.0, 'temperature of SLD')
+        sld_logits: str = opt('cls_logits', 'logit tap of SLD')
+        generator_precision: str = opt('amp', 'dtype of the generators: amp or float32')
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, teacher, task, **hp)

@@ -41,13 +41,15 @@ ImageNet configs (α = 1, β = 0.1, μ = 0.005) for both tasks.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, MethodError
+from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
 from . import register
 from ._logits import check_choice, location_samples, pixel_samples, reduce_samples, target_split
@@ -105,6 +107,19 @@ class USKD(Method):
         "segmentation": {"taps": "seg_logits", "feat_taps": "auto", "weight": 1.0, "alpha": 1.0, "beta": 0.1,
                          "mu": 0.005, "rank": "official", "ignore_index": 255},
     }
+
+    @dataclass
+    class Config:
+        """Options of ``uskd`` (``--set key=value``); the presets above set them per task."""
+
+        taps: str | tuple[str, ...] = opt('cls_logits', "tap names, 'fpn' (all FPN levels) or 'fpn:K' (the K finest)")
+        feat_taps: str = opt('fpn', "feature tap of the weak supervision (auto: the model's)")
+        weight: float = opt(1.0, 'loss weight per tap')
+        alpha: float = opt(1.0, 'weight of the target term')
+        beta: float = opt(0.1, 'weight of the non-target term')
+        mu: float = opt(0.005, 'weight μ of the weak (feature) term')
+        rank: Literal["official", "prob"] = opt('official', 'ranking of the non-target classes: official or prob')
+        ignore_index: int = opt(255, 'label of ignored pixels')
 
     def __init__(self, student: dict[str, TapInfo], teacher: dict[str, TapInfo], task: str, **hp: Any) -> None:
         super().__init__(student, student, task, **hp)  # self-distillation: only the student's taps matter
