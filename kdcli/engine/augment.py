@@ -23,14 +23,14 @@ def attach_models(method: Any, cfg: Any, student: Any, teacher: Any) -> None:
       set as the submodule ``augment``, so its state is saved with the run's ``method.*`` tensors.
     """
     m = _unwrap(method)
-    for name, sub in getattr(m, "methods", {}).items():
-        if hasattr(sub, "bind_student"):
-            if teacher is not None:
-                # the engine hands a teacher model's output to every method: PS-KD would silently take
-                # the teacher's predictions for its own previous ones
-                raise ConfigError(f"--method {name}: self-distillation takes its soft targets from its own "
-                                  "snapshot of the student; run it without --teacher")
-            sub.bind_student(student)
+    binders = m.student_binders() if m is not None else []
+    if binders and teacher is not None:
+        # the engine hands a teacher model's output to every method: PS-KD would silently take
+        # the teacher's predictions for its own previous ones
+        raise ConfigError(f"--method {binders[0]}: self-distillation takes its soft targets from its own "
+                          "snapshot of the student; run it without --teacher")
+    if binders:
+        m.bind_student(student)
     kind = getattr(cfg, "augment", "none") or "none"
     if kind == "none":
         return

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..errors import ConfigError, KdcliError
+from ..methods import MethodSet
 from ..models import TapModel, build_model, image_size_of
 from ..models.build import imagenet_source, required_file
 from ..models.taps import TapInfo
@@ -184,20 +185,11 @@ def largest_maps(model: TapModel, info: dict[str, TapInfo]) -> dict[str, tuple[i
     return {name: (math.ceil(side / i.stride),) * 2 for name, i in info.items() if i.stride > 0}
 
 
-def degenerate_terms(method: nn.Module | None, maps: dict[str, tuple[int, int]]) -> dict[str, str]:
+def degenerate_terms(method: MethodSet | None, maps: dict[str, tuple[int, int]]) -> dict[str, str]:
     """``method.tap`` -> why, for each term that is exactly 0 for any input at these map sizes (CWD's
     spatial softmax over a 1x1 map is 1; CanKD's instance norm of a 1x1 map is 0), as each method's
     :meth:`~kdcli.methods.base.Method.degenerate` says."""
-    out: dict[str, str] = {}
-    if method is None:
-        return out
-    for name, m in getattr(method, "methods", {"": method}).items():
-        check = getattr(m, "degenerate", None)
-        for tap in getattr(m, "taps", ()):
-            why = check(tap, maps[tap]) if check is not None and tap in maps else None
-            if why:
-                out[f"{name or m.name}.{tap}"] = why
-    return out
+    return {} if method is None else method.degenerate_terms(maps)
 
 
 def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str = "train") -> Run:
@@ -315,11 +307,11 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str =
         # terms that are 0 by construction at this input size: said once here, not counted by the zero guard
         maps = largest_maps(student, teacher.tap_info if teacher is not None else student.tap_info)
         run.degenerate = degenerate_terms(method, maps)
-        members = dict(getattr(method, "methods", {}))
+        members = dict(method.methods)
         for g, why in run.degenerate.items():
             name, _, tap = g.partition(".")
             h, w = maps[tap]
-            keep = [t for t in getattr(members.get(name), "taps", ()) if f"{name}.{t}" not in run.degenerate]
+            keep = [t for t in members[name].taps if f"{name}.{t}" not in run.degenerate]
             key = "taps" if len(members) == 1 else f"{name}.taps"
             drop = f"leave it out with --set {key}={','.join(keep)}" if keep else "choose larger taps with --set"
             log(f"warning: {LossGuard.describe(g)}: the map is {h}x{w} at this input size and {why}; the term "

@@ -67,11 +67,9 @@ class LossGuard:
         self.taps: dict[str, set[str]] = {}
         self.members: dict[str, Any] = {}  # method name -> the method (its current weight factor)
         if method is not None:
-            members = getattr(method, "methods", {"": method})
-            for name, m in members.items():
-                key = name or getattr(m, "name", "")
-                self.taps[key] = set(getattr(m, "needs", ())) | set(getattr(m, "taps", ()))
-                self.members[key] = m
+            for name, m in method.methods.items():
+                self.taps[name] = set(m.needs) | set(m.taps)
+                self.members[name] = m
         # group -> why its term is 0 for any input (not counted by the zero and gradient checks)
         self.exempt: dict[str, str] = dict(exempt or {})
         self.zero_run: dict[str, int] = {}  # group -> consecutive steps at exactly zero

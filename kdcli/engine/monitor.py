@@ -82,7 +82,7 @@ class MaskStats:
     def __init__(self, method: Any, device: torch.device | None = None, every: int = EVERY) -> None:
         self.method, self.device, self.every = method, device, max(1, every)
         self.calls = 0
-        self.enabled = method is not None and hasattr(method, "internals")
+        self.enabled = method is not None
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 

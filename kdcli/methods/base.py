@@ -19,24 +19,6 @@ class NoOptions:
     """The Config of a method without options (the method set itself)."""
 
 
-def _bind_nothing(self: Method, student: nn.Module) -> None:
-    """Called once before training (and before any resume) with the student model, for the methods with
-    ``binds_student = True`` (PS-KD keeps a frozen snapshot of it). Default: nothing."""
-
-
-class _StudentHook:
-    """``Method.bind_student``'s default, visible only on methods with ``binds_student = True``.
-
-    Transitional: kdcli/engine/augment.py still detects self-distillation with
-    ``hasattr(member, "bind_student")``. Once it calls :meth:`MethodSet.bind_student` and
-    :meth:`MethodSet.student_binders`, this becomes a plain method."""
-
-    def __get__(self, obj: Method | None, owner: type) -> Any:
-        if obj is not None and not obj.binds_student:
-            raise AttributeError(f"{owner.__name__} does not bind the student (binds_student is False)")
-        return _bind_nothing if obj is None else _bind_nothing.__get__(obj, owner)
-
-
 class Method(nn.Module):
     """A distillation method: two sets of taps in, named weighted losses out.
 
@@ -152,7 +134,9 @@ class Method(nn.Module):
         """Self-distillation: produce the teacher output when the run has no teacher model."""
         return None
 
-    bind_student = _StudentHook()  # (student: nn.Module) -> None; see _bind_nothing
+    def bind_student(self, student: nn.Module) -> None:
+        """Called once before training (and before any resume) with the student model, for the methods with
+        ``binds_student = True`` (PS-KD keeps a frozen snapshot of it). Default: nothing."""
 
     def on_epoch_end(self, student: nn.Module, epoch: int) -> None:
         """Called after each training epoch, before validation (PS-KD takes its snapshot here)."""
