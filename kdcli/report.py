@@ -32,6 +32,17 @@ def metrics_table(rows: list[tuple[str, dict[str, Any]]], task: str, title: str 
     return table
 
 
+def run_summary(folder: Path, metrics: dict[str, Any]) -> list[Any]:
+    """What ``kdcli train`` / ``distill`` print at the end (stdout): the best epoch's scores as a table
+    (:func:`scores_table`, 80 columns) and the run folder with its size."""
+    epoch = metrics.get("epoch")
+    out: list[Any] = []
+    if any(isinstance(v, float) for v in metrics.values()):
+        out.append(scores_table(metrics, f"best epoch{f' ({epoch})' if epoch else ''}"))
+    out.append(f"run folder: {folder} ({fmt_bytes(folder_size(folder))})")
+    return out
+
+
 def scores_table(metrics: dict[str, Any], title: str = "", per_row: int = 3) -> Any:
     """The float metrics as metric/value pairs, ``per_row`` side by side: a dozen COCO metrics fit
     80 columns (one column per metric does not)."""

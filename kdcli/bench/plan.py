@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import RECIPES
 from ..errors import ConfigError
 
 BASELINE = "baseline"
@@ -53,9 +54,10 @@ class QualityOptions:
     seeds: int = 3
     out: Path = Path("runs/bench-quality")
     batch_size: int = 8
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    amp: str = "auto"  # bf16 where the hardware has native bf16 (kdcli/runtime.py)
+    # the shapes recipe of the demo (kdcli.config.RECIPES); amp auto: bf16 where the hardware has it
+    lr: float = RECIPES["shapes"]["lr"]
+    optimizer: str = RECIPES["shapes"]["optimizer"]
+    amp: str = RECIPES["shapes"]["amp"]
     image_size: int = 0
     max_train_images: int = 0
     max_val_images: int = 0
@@ -152,3 +154,13 @@ def plan_budget(budget: str, n_train: int, batch_size: int) -> Budget:
         return Budget(1, n, n * batch_size, f"{n} steps (1 epoch on {n * batch_size} of {n_train} images)")
     epochs = max(1, round(n / per_epoch))
     return Budget(epochs, epochs * per_epoch, 0, f"{epochs * per_epoch} steps ({epochs} epochs; asked {n})")
+
+
+def choose_pairs(teacher: str | None, student: str | None, pairs: str, teacher_epochs: int = 0) -> list[Pair]:
+    """``--teacher T --student S`` (one pair, named after the student) or, without them, the shapes suite's
+    ``pairs``; ``teacher_epochs`` (0: the suite's default) for teachers the suite trains."""
+    if bool(teacher) != bool(student):
+        raise ConfigError("kdcli bench quality: give --teacher and --student together (or neither: the shapes suite)")
+    if teacher and student:
+        return [Pair(Path(student).name.replace("/", "_"), teacher, student, teacher_epochs)]
+    return [Pair(p.name, p.teacher, p.student, teacher_epochs or p.teacher_epochs) for p in pairs_from(pairs)]

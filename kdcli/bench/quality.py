@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ..config import RECIPES, RunConfig
 from ..errors import ConfigError
 from ..progress import fmt_time
 from .plan import (
@@ -69,8 +69,10 @@ from .ranking import aggregate, compare_rankings, contrasts, correct, read_rows
 
 def recipe(task: str, opts: QualityOptions) -> dict[str, Any]:
     """Run options shared by every student of the suite (and its cached teachers): the demo's recipe."""
+    shapes = RECIPES["shapes"]
     return dict(data=opts.data, batch_size=opts.batch_size, lr=opts.lr, optimizer=opts.optimizer, amp=opts.amp,
-                weight_decay=1e-4, warmup_iters=50, schedule="cosine" if task == "detection" else "poly",
+                weight_decay=shapes["weight_decay"], warmup_iters=shapes["warmup_iters"],
+                schedule="cosine" if task == "detection" else "poly",
                 image_size=opts.image_size, max_val_images=opts.max_val_images, device=opts.device,
                 workers=opts.workers)
 

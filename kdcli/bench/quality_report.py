@@ -197,3 +197,23 @@ def write_outputs(out: Path, opts: QualityOptions, res: SuiteResult, teachers: d
     (out / "options.json").write_text(json.dumps({**asdict(opts), "pairs": [asdict(p) for p in opts.pairs]},
                                                  indent=1, default=str))
     return files
+
+
+def ranked_table(rows: list[dict[str, Any]], pair: Pair) -> Any:
+    """One pair's methods, ranked, for the terminal (MB: peak memory): no borders between columns, so that the longest
+    verdict ("untested (1 seed, +)") still fits 80 columns on one line per method."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"{pair.name}: {pair.teacher} -> {pair.student} (ranked)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, title_justify="left")
+    for col in ("#", "method", "score ± std", "gain", "beats baseline", "run s", "MB"):
+        table.add_column(col, justify="left" if col in ("method", "beats baseline") else "right", no_wrap=True)
+    for r in (r for r in rows if r["pair"] == pair.name):
+        if not r["seeds"]:
+            table.add_row("", r["method"], "failed", "", "", "", "")
+            continue
+        table.add_row(str(r["rank"]), r["method"], f"{r['mean']:.4f} ± {r['std']:.4f}",
+                      "—" if r["method"] == BASELINE else f"{r['gain']:+.4f}", str(r["verdict"]),
+                      f"{r['run_s']:.0f}", f"{r['peak_mem_mb']:.0f}")
+    return table
