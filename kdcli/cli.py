@@ -89,12 +89,11 @@ def _run(command: str, own: dict[str, Any], shared: dict[str, Any]) -> None:
             typer.echo(part) if isinstance(part, str) else Console(soft_wrap=False).print(part)
 
 
-_RECIPE_HELP = """
-
-    Recipe (the reference recipe, for models that start from pretrained weights on real data): SGD with
-    momentum 0.9, lr 0.01, weight decay 1e-4, 100 warm-up steps, grad clip 35, cosine (poly for
-    segmentation), float32. The demo and `kdcli bench quality` train the shapes models from scratch with
-    --optimizer adamw --lr 1e-3 --warmup-iters 50 --amp auto instead (docs/cli.md#recipes)."""
+_RECIPE_HELP = ("\n\nRecipe (the reference recipe, for models that start from pretrained weights on real data): "
+                "SGD with momentum 0.9, lr 0.01, weight decay 1e-4, 100 warm-up steps, grad clip 35, cosine (poly "
+                "for segmentation), float32. The demo and `kdcli bench quality` train the shapes models from "
+                "scratch with --optimizer adamw --lr 1e-3 --warmup-iters 50 --amp auto instead "
+                "(docs/cli.md#recipes).")
 
 
 @app.command(help=f"Train one model (used to make teachers), optionally with a self-KD method or the MCMI "
@@ -290,13 +289,14 @@ def _fmt(d: dict | None) -> str:
     return "—" if not d else ", ".join(f"{k}={v}" for k, v in d.items())
 
 
-@app.command()
+@app.command(help="Teacher, student baseline and distilled student on the embedded shapes data; prints a table."
+                  "\n\nRecipe: the shapes recipe (AdamW, lr 1e-3, 50 warm-up steps, --amp auto), as `kdcli bench "
+                  "quality` (docs/cli.md#recipes).")
 def demo(
     task: str = _O("detection", help="detection | segmentation | all"),
     out: Path = _O(Path("runs/demo")), quick: bool = _O(False, help="a tiny smoke run (seconds)"),
     fresh_teacher: bool = _O(False, help="retrain the cached teacher"),
 ) -> None:
-    """Teacher, student baseline and distilled student on the embedded shapes data; prints a table."""
     from rich.console import Console
 
     from . import api

@@ -16,7 +16,10 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: every method's q
 _SHAPES = RECIPES["shapes"]
 
 
-@bench_app.command("quality")
+@bench_app.command("quality", help="Every applicable method on one student at an equal budget over seeds; tables, "
+                   "plot, ranking.\n\nRecipe: the demo's shapes recipe (AdamW, lr 1e-3, weight decay 1e-4, 50 "
+                   "warm-up steps, --amp auto; cosine, poly for segmentation), with which short runs from scratch "
+                   "converge (docs/cli.md#recipes).")
 def bench_quality(
     teacher: str = _O(None, "--teacher", "-t", help="your teacher (zoo name, run or export folder); with --student"),
     student: str = _O(None, "--student", "-s", help="your student; without the pair: the shapes suite (--pairs)"),
@@ -40,10 +43,6 @@ def bench_quality(
                     "--device, --workers apply, its own pairs, seeds and budgets"),
     keep: str = _O("best", "--keep", help="what each finished run keeps: best | last | all"),
 ) -> None:
-    """Every applicable method on one student at an equal budget over seeds; tables, plot, ranking.
-
-    Recipe: the shapes recipe of the demo (AdamW, lr 1e-3, weight decay 1e-4, 50 warm-up steps, --amp auto;
-    cosine, poly for segmentation): short runs from scratch converge with it (docs/cli.md#recipes)."""
     if suite:
         from .bench.evidence import EvidenceOptions, run_evidence
 
