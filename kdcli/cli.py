@@ -149,10 +149,9 @@ def eval_(
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from . import api
-    from .report import scores_table
+    from .report import per_class_table, scores_table
 
     if max_images is not None:
         max_val_images = max_images
@@ -165,29 +164,11 @@ def eval_(
     if json_:
         typer.echo(json.dumps(metrics, indent=2, default=str))
         return
-    task = "detection" if "mAP" in metrics else "segmentation"
     console = Console()
     console.print(scores_table(metrics, f"{model} on {data or 'its own data'}"))
     if not per_class:
         return
-    def fmt(v: float | None) -> str:
-        return "—" if v is None else f"{v:.4f}"
-
-    table = Table(title="per class")
-    if task == "detection":
-        cols = ["id", "class", "AP", "AP50"] + (["mask AP"] if "mask_per_class" in metrics else [])
-        for c in cols:
-            table.add_column(c, justify="left" if c == "class" else "right")
-        masks = {r["id"]: r["AP"] for r in metrics.get("mask_per_class", [])}
-        for r in metrics["per_class"]:
-            extra = [fmt(masks.get(r["id"]))] if masks else []
-            table.add_row(str(r["id"]), r["name"], fmt(r["AP"]), fmt(r["AP50"]), *extra)
-    else:
-        for c in ("id", "class", "IoU"):
-            table.add_column(c, justify="left" if c == "class" else "right")
-        for i, (name, iou) in enumerate(zip(names, metrics["per_class_iou"], strict=True)):
-            table.add_row(str(i), name, fmt(iou))
-    console.print(table)
+    console.print(per_class_table(metrics, names))
     if write_labelids:
         typer.echo(f"labelId predictions written under {write_labelids}")
 

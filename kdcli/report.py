@@ -59,6 +59,30 @@ def scores_table(metrics: dict[str, Any], title: str = "", per_row: int = 3) -> 
     return table
 
 
+def per_class_table(metrics: dict[str, Any], names: list[str]) -> Any:
+    """``kdcli eval --per-class``: AP and AP50 per category (and mask AP), or IoU per class."""
+    from rich.table import Table
+
+    def fmt(v: float | None) -> str:
+        return "—" if v is None else f"{v:.4f}"
+
+    table = Table(title="per class")
+    if "per_class" in metrics:  # detection
+        cols = ["id", "class", "AP", "AP50"] + (["mask AP"] if "mask_per_class" in metrics else [])
+        for c in cols:
+            table.add_column(c, justify="left" if c == "class" else "right")
+        masks = {r["id"]: r["AP"] for r in metrics.get("mask_per_class", [])}
+        for r in metrics["per_class"]:
+            extra = [fmt(masks.get(r["id"]))] if masks else []
+            table.add_row(str(r["id"]), r["name"], fmt(r["AP"]), fmt(r["AP50"]), *extra)
+    else:
+        for c in ("id", "class", "IoU"):
+            table.add_column(c, justify="left" if c == "class" else "right")
+        for i, (name, iou) in enumerate(zip(names, metrics["per_class_iou"], strict=True)):
+            table.add_row(str(i), name, fmt(iou))
+    return table
+
+
 def markdown_table(rows: list[tuple[str, dict[str, Any]]], task: str) -> str:
     cols = ["mAP", "AP50", "AP75"] if task == "detection" else ["mIoU", "pixel_acc"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]

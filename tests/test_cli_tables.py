@@ -52,3 +52,21 @@ def test_scores_and_metrics_tables_fit_80_columns(tmp_path: Path):
 
 def lines_of(table: object) -> list[str]:
     return render(table)
+
+
+def test_per_class_tables_fit_80_columns():
+    from kdcli.report import per_class_table
+
+    det = {"mAP": 0.3, "per_class": [{"id": 10, "name": "traffic light", "AP": 0.25, "AP50": None},
+                                     {"id": 90, "name": "toothbrush", "AP": 0.5, "AP50": 0.75}],
+           "mask_per_class": [{"id": 90, "AP": 0.125}]}
+    lines = render(per_class_table(det, ["traffic light", "toothbrush"]))
+    assert all(len(ln) <= 80 for ln in lines)
+    [row] = [ln for ln in lines if "toothbrush" in ln]
+    assert re.search(r"90 │ toothbrush\s+│ 0\.5000 │ 0\.7500 │\s+0\.1250", row), row
+    [row] = [ln for ln in lines if "traffic light" in ln]
+    assert "—" in row  # no AP50 and no mask AP for that class
+    seg = {"mIoU": 0.5, "per_class_iou": [0.25, None]}
+    lines = render(per_class_table(seg, ["road", "sky"]))
+    assert any(re.search(r"0 │ road\s+│\s+0\.2500", ln) for ln in lines)
+    assert any(re.search(r"1 │ sky\s+│\s+—", ln) for ln in lines)
