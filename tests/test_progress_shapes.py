@@ -1,4 +1,5 @@
-"""Generating the shapes data reports progress: periodic plain lines in a log, a bar on a terminal."""
+"""Slow data preparation is never silent: generating the shapes data (periodic lines in a log, a bar on a
+terminal) and parsing a large COCO annotation file (a line first)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ def test_shapes_generation_shows_a_bar_on_a_terminal(tmp_path: Path):
     bars = [ln for ln in screen.seen if re.search(r"generating shapes data \(32 px\) .*\d+/200 ", ln)]
     assert bars, "\n".join(screen.seen)
     assert not any(" step " in ln for ln in screen.seen)  # no plain log lines on a terminal
+
+
+def test_a_large_annotation_file_is_announced_before_parsing(tmp_path: Path, monkeypatch, capsys):
+    from kdcli.data import coco
+
+    small = tmp_path / "small.json"
+    small.write_text('{"images": []}')
+    assert coco.load_json(small) == {"images": []}
+    assert capsys.readouterr().err == ""  # under the threshold: silent
+    monkeypatch.setattr(coco, "ANNOUNCE_BYTES", 4)
+    assert coco.load_json(small) == {"images": []}
+    assert capsys.readouterr().err == f"reading {small} (0 MB of annotations; this takes a while)\n"
