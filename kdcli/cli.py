@@ -54,7 +54,6 @@ def _global(offline: bool = typer.Option(False, "--offline", help="no downloads 
         set_offline()
 
 
-# Training options shared by `train` and `distill` (None = not given: the config file/defaults decide).
 def _maybe_launch(nproc: int | None, devices: str | None) -> None:
     """``--nproc N`` / ``--devices 0,1``: re-run this command under torch.distributed.run (one machine)."""
     if not (devices or (nproc or 1) > 1):
@@ -85,8 +84,11 @@ def _run(command: str, own: dict[str, Any], shared: dict[str, Any]) -> None:
 
         from .report import run_summary
 
-        for part in run_summary(folder, metrics):  # a line of text as it is: a path is never re-wrapped
-            typer.echo(part) if isinstance(part, str) else Console(soft_wrap=False).print(part)
+        for part in run_summary(folder, metrics):
+            if isinstance(part, str):  # a line of text as it is: a long path is never re-wrapped
+                typer.echo(part)
+            else:
+                Console(soft_wrap=False).print(part)
 
 
 _RECIPE_HELP = ("\n\nRecipe (the reference recipe, for models that start from pretrained weights on real data): "
@@ -127,7 +129,6 @@ def distill(
     _run("distill", {"method": method, "teacher": teacher, "model": student, "inherit": inherit,
                      "skip_teacher_check": skip_teacher_check, "teacher_check_images": teacher_check_images,
                      "augment": augment}, shared)
-
 
 
 @app.command("eval")
