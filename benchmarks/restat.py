@@ -18,7 +18,9 @@ import math
 import re
 from pathlib import Path
 
-from kdcli.bench.quality import BASELINE, CONTRAST_COLUMNS, METRICS, contrasts, write_csv
+from kdcli.bench.plan import BASELINE, METRICS
+from kdcli.bench.quality_report import write_csv
+from kdcli.bench.ranking import CONTRAST_COLUMNS, contrasts
 from kdcli.bench.stats import holm, summary_test, verdict
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import hub  # noqa: F401 - registers the hf-hub: scheme with the zoo (no torch at import)
-from .config import TASK_DEFAULTS, RunConfig, apply_objective_and_augment
+from .config import RECIPES, TASK_DEFAULTS, RunConfig, apply_objective_and_augment
 from .errors import ConfigError, KdcliError
 
 if TYPE_CHECKING:
@@ -197,6 +197,67 @@ def resume(folder: str | Path, log: Any = print) -> tuple[Path, dict]:
     cfg.out = str(folder)
     # the command that started the run (kdcli train / distill), for the hints of this session
     return train(cfg, resume=True, log=log, command=record.get("command"))
+
+
+# -- what `kdcli train` / `kdcli distill` do with their options --------------------------------------
+def check_teacher_free(spec: str) -> None:
+    """``kdcli train --method``: only methods that need no teacher."""
+    from .catalog import check_method_spec, methods
+
+    for name in check_method_spec(spec):
+        if methods()[name].needs_teacher:
+            raise ConfigError(f"--method {name}: needs a teacher; use `kdcli distill --teacher ...` "
+                              "(`kdcli train --method` takes self-KD methods only, see `kdcli methods`)")
+
+
+def _check_command(command: str, options: dict[str, Any], config: Path | None, resume: Path | None) -> None:
+    """What a command needs when neither ``--config`` nor ``--resume`` supplies it."""
+    alone = config is None and resume is None
+    if command == "train":
+        if alone and not options.get("model"):
+            raise ConfigError("kdcli train: missing --model (a zoo name, run folder or exported folder), "
+                              "or give --config / --resume")
+        if options.get("method"):
+            check_teacher_free(options["method"])
+    elif alone:
+        # a self-KD method (pskd, uskd) runs without --teacher; the engine names a method that needs one
+        missing = [flag for flag, key in (("--method", "method"), ("--student", "model")) if not options.get(key)]
+        if missing:
+            raise ConfigError(f"kdcli distill: missing {', '.join(missing)} (or give --config / --resume)")
+
+
+def _command_config(options: dict[str, Any], config: Path | None) -> tuple[RunConfig, set[str]]:
+    """Precedence: RunConfig's defaults < the task's defaults < the ``config`` file < ``options``;
+    with the keys given (file and options), which the task's defaults never override."""
+    from .config import read_config_file
+
+    base = read_config_file(config) if config is not None else {}
+    cfg = (RunConfig.from_dict(base, str(config)) if base else RunConfig()).merged(options)
+    return cfg, set(base) | set(options)
+
+
+def resolved_run_config(command: str, options: dict[str, Any], config: Path | None = None,
+                        resume_folder: Path | None = None) -> RunConfig:
+    """The config ``kdcli COMMAND ... --print-config`` shows: what :func:`run` would train with."""
+    _check_command(command, options, config, resume_folder)
+    cfg, explicit = _command_config(options, resume_folder if resume_folder is not None else config)
+    return resolve_config(cfg, explicit)
+
+
+def run(command: str, options: dict[str, Any], config: Path | None = None, resume_folder: Path | None = None,
+        log: Any = None) -> tuple[Path, dict]:
+    """``kdcli train`` (``command="train"``) or ``kdcli distill``: ``options`` are the
+    :class:`~kdcli.config.RunConfig` keys given on the command line (the student is ``model``), over
+    the ``config`` file; ``resume_folder``: continue that run with its recorded config instead.
+    Returns the run folder and the best epoch's metrics."""
+    log = log or _stderr
+    _check_command(command, options, config, resume_folder)
+    if resume_folder is not None:
+        if config is not None or set(options) - {"model", "teacher", "method"}:
+            log("note: --resume continues the run with its recorded config.json; other options are ignored")
+        return resume(resume_folder, log=log)
+    cfg, explicit = _command_config(options, config)
+    return train(cfg, log=log, explicit=explicit)
 
 
 def evaluate(ref: str, data: str | None = None, batch_size: int = 8, device: str = "auto",
@@ -446,11 +507,11 @@ def cached_teacher(model: str, epochs: int, base: dict[str, Any], log: Any = pri
 DEMO = {
     "detection": {
         "teacher": "shapes-r34-fcos", "student": "shapes-r18-fcos", "method": "cankd",
-        "teacher_epochs": 16, "student_epochs": 8, "lr": 1e-3, "optimizer": "adamw", "amp": "auto",
+        "teacher_epochs": 16, "student_epochs": 8,
     },
     "segmentation": {
         "teacher": "shapes-r18-deeplabv3", "student": "shapes-mbv3-lraspp", "method": "kd",
-        "teacher_epochs": 8, "student_epochs": 6, "lr": 1e-3, "optimizer": "adamw", "amp": "auto",
+        "teacher_epochs": 8, "student_epochs": 6,
     },
 }
 
@@ -461,8 +522,8 @@ def demo(tasks: list[str], out: Path = Path("runs/demo"), log: Any = print, quic
     tables: dict[str, list[tuple[str, dict]]] = {}
     for task in tasks:
         d = DEMO[task]
-        base = dict(optimizer=d["optimizer"], lr=d["lr"], amp=d["amp"], data="shapes", warmup_iters=50,
-                    weight_decay=1e-4, schedule="cosine", seed=0, eval_every=2)
+        # the shapes recipe (kdcli.config.RECIPES): these models train from scratch in minutes
+        base = dict(RECIPES["shapes"], data="shapes", schedule="cosine", seed=0, eval_every=2)
         if task == "segmentation":
             base["schedule"] = "poly"
         if quick:

@@ -32,6 +32,17 @@ def metrics_table(rows: list[tuple[str, dict[str, Any]]], task: str, title: str 
     return table
 
 
+def run_summary(folder: Path, metrics: dict[str, Any]) -> list[Any]:
+    """What ``kdcli train`` / ``distill`` print at the end (stdout): the best epoch's scores as a table
+    (:func:`scores_table`, 80 columns) and the run folder with its size."""
+    epoch = metrics.get("epoch")
+    out: list[Any] = []
+    if any(isinstance(v, float) for v in metrics.values()):
+        out.append(scores_table(metrics, f"best epoch{f' ({epoch})' if epoch else ''}"))
+    out.append(f"run folder: {folder} ({fmt_bytes(folder_size(folder))})")
+    return out
+
+
 def scores_table(metrics: dict[str, Any], title: str = "", per_row: int = 3) -> Any:
     """The float metrics as metric/value pairs, ``per_row`` side by side: a dozen COCO metrics fit
     80 columns (one column per metric does not)."""
@@ -45,6 +56,30 @@ def scores_table(metrics: dict[str, Any], title: str = "", per_row: int = 3) -> 
     for i in range(0, len(items), per_row):
         chunk = items[i:i + per_row]
         table.add_row(*(x for kv in chunk for x in kv), *([""] * (2 * (per_row - len(chunk)))))
+    return table
+
+
+def per_class_table(metrics: dict[str, Any], names: list[str]) -> Any:
+    """``kdcli eval --per-class``: AP and AP50 per category (and mask AP), or IoU per class."""
+    from rich.table import Table
+
+    def fmt(v: float | None) -> str:
+        return "—" if v is None else f"{v:.4f}"
+
+    table = Table(title="per class")
+    if "per_class" in metrics:  # detection
+        cols = ["id", "class", "AP", "AP50"] + (["mask AP"] if "mask_per_class" in metrics else [])
+        for c in cols:
+            table.add_column(c, justify="left" if c == "class" else "right")
+        masks = {r["id"]: r["AP"] for r in metrics.get("mask_per_class", [])}
+        for r in metrics["per_class"]:
+            extra = [fmt(masks.get(r["id"]))] if masks else []
+            table.add_row(str(r["id"]), r["name"], fmt(r["AP"]), fmt(r["AP50"]), *extra)
+    else:
+        for c in ("id", "class", "IoU"):
+            table.add_column(c, justify="left" if c == "class" else "right")
+        for i, (name, iou) in enumerate(zip(names, metrics["per_class_iou"], strict=True)):
+            table.add_row(str(i), name, fmt(iou))
     return table
 
 

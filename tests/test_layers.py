@@ -1,7 +1,8 @@
 """The package's layers: imports point one way, function-level imports included.
 
     base (errors, config, hparams, io, runtime, progress, _version) → data, zoo/weights → models
-    → methods, convert, catalog → augment → engine → api, export, hub, report, viz → cli, bench, checks
+    → methods, convert, catalog → augment → engine → api, export, hub, report, viz
+    → cli (with cli_options, cli_bench, cli_zoo), bench, checks
 
 ``viz`` (results.png, ``kdcli viz``) sits with the API, which wires results.png into every run; it imports
 nothing above the engine.
@@ -29,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"augment"},
     {"engine"},
     {"api", "export", "hub", "report", "viz"},
-    {"cli", "bench", "checks", "__main__", "__init__"},
+    {"cli", "cli_options", "cli_bench", "cli_zoo", "bench", "checks", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

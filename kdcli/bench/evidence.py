@@ -34,28 +34,10 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from .quality import (
-    BASELINE,
-    CONTRAST_COLUMNS,
-    METRICS,
-    QUALITY_COLUMNS,
-    Budget,
-    Pair,
-    QualityOptions,
-    SuiteResult,
-    _loadavg,
-    _run_row,
-    aggregate,
-    contrasts,
-    correct,
-    markdown,
-    plan_budget,
-    prepare_teacher,
-    recipe,
-    run_one,
-    train_size,
-    write_csv,
-)
+from .plan import BASELINE, METRICS, Budget, Pair, QualityOptions, SuiteResult, plan_budget
+from .quality import _run_row, prepare_teacher, recipe, run_one, train_size
+from .quality_report import _loadavg, markdown, write_csv
+from .ranking import CONTRAST_COLUMNS, QUALITY_COLUMNS, aggregate, contrasts, correct
 
 # the seed methods and the methods their papers compare against (FreeKD: detection only)
 METHODS = ("acam", "samkd", "dmkd", "cankd", "maskd", "fgd", "freekd", "cwd", "mgd")
@@ -182,7 +164,7 @@ def map_sizes(pair: Pair, method: str, image_size: int = IMAGE_SIZE) -> dict[str
 
 def estimate_s(opts: EvidenceOptions) -> dict[str, float]:
     """The suite's expected time from an empty cache (seconds), from :data:`RUN_S_PER_EPOCH`."""
-    from .quality import parse_budget
+    from .plan import parse_budget
 
     runs = 0.0
     for p in plan(opts):

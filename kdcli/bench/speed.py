@@ -358,7 +358,7 @@ def precision(amp: str) -> str:
 
 def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
     from ..engine.record import versions
-    from .quality import machine
+    from .quality_report import machine
 
     v = versions()
     lines = ["# Step time and memory per method (`kdcli bench speed`)", ""]
@@ -395,7 +395,7 @@ def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
 
 
 def write_outputs(out: Path, opts: SpeedOptions, res: SpeedResult) -> list[Path]:
-    from .quality import write_csv
+    from .quality_report import write_csv
 
     out.mkdir(parents=True, exist_ok=True)
     md = out / "speed.md"

@@ -14,6 +14,8 @@ Label spaces (``labels=``): a detector's class index must mean what the model wa
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,8 +38,20 @@ def first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+# COCO's instances_train2017.json (448 MB) takes tens of seconds to parse: say so rather than sit silent
+ANNOUNCE_BYTES = 50 * 2**20
+
+
 def load_json(path: Path) -> Any:
-    """Read a json file, turning I/O and syntax problems into a one-line :class:`DataError`."""
+    """Read a json file, turning I/O and syntax problems into a one-line :class:`DataError`; a file over
+    :data:`ANNOUNCE_BYTES` is announced on stderr first."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        size = 0
+    if size > ANNOUNCE_BYTES:
+        print(f"reading {path} ({size / 2**20:.0f} MB of annotations; this takes a while)", file=sys.stderr,
+              flush=True)
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)

@@ -159,7 +159,7 @@ def _default_point(task: str, ref_out: Any, size: tuple[int, int], score: float)
 
 
 def visualise(run: str | Path, image: str | Path, out: str | Path | None = None,
-              point: tuple[float, float] | None = None, taps: list[str] | None = None, device: str = "cpu",
+              point: tuple[float, float] | None = None, taps: list[str] | None = None, device: str = "auto",
               score: float = 0.3, weights: str = "best") -> VizResult:
     """Draw ``predictions.png`` and the internals of ``run``'s method on ``image`` (module docstring)."""
     import torch
