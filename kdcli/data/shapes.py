@@ -209,7 +209,7 @@ def ensure_shapes(root: Path | None = None, **kw: int) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        write_shapes(tmp, **args)
+        write_shapes(tmp, n_train=args["n_train"], n_val=args["n_val"], size=args["size"], seed=args["seed"])
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; it is a shared cache, not a secret
         if root.exists():  # stale version: move aside first, os.replace cannot overwrite a full folder
             stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
