@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kdcli.bench import evidence as ev
+from kdcli.bench.ranking import CONTRASTS
 from kdcli.weights import read_state_dict
 
 
@@ -20,21 +21,28 @@ def test_plan_pairs_seeds_methods_budget():
     wanted = {"baseline", "acam", "samkd", "dmkd", "cankd", "maskd", "fgd", "freekd", "cwd", "mgd"}
     det = {r.method for r in runs if r.task == "detection"}
     seg = {r.method for r in runs if r.task == "segmentation"}
-    assert det == wanted and seg == wanted - {"freekd", "fgd"}  # FreeKD and FGD have no segmentation preset
+    # the inherit-only control runs where some method inherits (detection); FreeKD/FGD: no segmentation preset
+    assert det == wanted | {"inherit"} and seg == wanted - {"freekd", "fgd"}
     for pair in opts.pairs:
         for m in {r.method for r in runs if r.pair == pair}:
             seeds = sorted(r.seed for r in runs if r.pair == pair and r.method == m)
             assert seeds == list(range(5))
-    assert len(runs) == 5 * (10 + 8)
-    # the papers' inheriting strategy where their detection configs use it, nowhere else
-    assert {r.method for r in runs if r.inherit} == {"acam", "maskd", "fgd", "mgd"}
+    assert len(runs) == 5 * (11 + 8)
+    # the papers' inheriting strategy where their detection configs use it (and its control), nowhere else
+    assert {r.method for r in runs if r.inherit} == {"acam", "maskd", "fgd", "mgd", "inherit"}
+    control = [r for r in runs if r.method == "inherit"]
+    assert all(r.set == {} for r in control)  # no distillation, so no taps
+    extra = set(ev.evidence_contrasts(ev.method_list("detection", ev.METHODS))) - set(CONTRASTS)
+    assert extra == {(m, "inherit") for m in ("acam", "maskd", "fgd", "mgd")}
+    assert set(ev.evidence_contrasts(ev.method_list("segmentation", ev.METHODS))) == set(CONTRASTS)
     assert all(r.task == "detection" for r in runs if r.inherit)
     est = ev.estimate_s(opts)
     # by hand: detection 2 epochs x 5 seeds x per-epoch seconds, segmentation 1 epoch x 5 seeds
-    det_s = 2 * 5 * sum(ev.RUN_S_PER_EPOCH["fcos"].values())
+    fcos = ev.RUN_S_PER_EPOCH["fcos"]
+    det_s = 2 * 5 * (sum(fcos.values()) + fcos["baseline"])  # the inherit-only control costs a baseline
     seg_s = 5 * sum(ev.RUN_S_PER_EPOCH["lraspp"].values())
     assert abs(est["runs"] - (det_s + seg_s)) < 1e-6
-    assert est["total"] == est["runs"] + est["teachers"] + est["standins"] <= 125 * 60
+    assert est["total"] == est["runs"] + est["teachers"] + est["standins"] <= 131 * 60
 
 
 def test_no_distilled_map_under_4x4():
@@ -45,6 +53,8 @@ def test_no_distilled_map_under_4x4():
         pair = ev.PAIRS[name]
         task = "detection" if name == "fcos" else "segmentation"
         for m in ev.method_list(task, ev.METHODS)[1:]:
+            if m == ev.INHERIT_ONLY:
+                continue  # the control distils nothing
             sizes = ev.map_sizes(pair, m)
             assert sizes and min(min(s) for s in sizes.values()) >= ev.MIN_MAP, (name, m, sizes)
         if task == "detection":
@@ -65,6 +75,12 @@ def test_standin_backbone_cached_and_reused(tmp_path: Path):
     logs: list[str] = []
     path = ev.standin_backbone("shapes-r18-fcos", steps=2, log=logs.append)
     assert path.is_file() and path.with_suffix(".json").is_file()
+    meta = json.loads(path.with_suffix(".json").read_text())
+    # 2 steps learn nothing: the accuracy is compared with the majority-label floor, and the log says so
+    assert 0.5 <= meta["heldout_majority_accuracy"] <= 1.0
+    assert any("majority labels" in s for s in logs)
+    if meta["heldout_label_accuracy"] < meta["heldout_majority_accuracy"] + 0.05:
+        assert any(s.startswith("warning: the stand-in backbone") for s in logs)
     trained = read_state_dict(path)
     torch.manual_seed(0)  # the initialisation the pretraining starts from
     fresh = backbone_body(build_model(resolve_ref("shapes-r18-fcos").spec).net).state_dict()
@@ -92,7 +108,7 @@ def test_evidence_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
                               command="kdcli bench quality --suite evidence (test)")
     ev.run_evidence(opts, log=lambda s: None)
     rows = list(csv.DictReader(open(tmp_path / "ev" / "evidence_runs.csv")))
-    assert [r["method"] for r in rows] == ["baseline", "acam"]
+    assert [r["method"] for r in rows] == ["baseline", "acam", "inherit"]
     assert list(rows[0])[:18] == ev.RUN_COLUMNS[:18] and {"init", "image_size"} <= set(rows[0])
     for r in rows:
         assert r["status"] == "ok" and r["image_size"] == "128" and r["steps"] == "2"
@@ -107,6 +123,11 @@ def test_evidence_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
     base = json.loads((tmp_path / "ev" / "runs" / "fcos" / "baseline" / "seed0" / "config.json").read_text())
     base = base.get("config", base)
     assert base["inherit"] is False and base["student_weights"] == cfg["student_weights"]
+    ctl = json.loads((tmp_path / "ev" / "runs" / "fcos" / "inherit" / "seed0" / "config.json").read_text())
+    ctl = ctl.get("config", ctl)
+    assert ctl["inherit"] is True and ctl["method"] is None and ctl["teacher"] and rows[2]["status"] == "ok"
+    versus = list(csv.DictReader(open(tmp_path / "ev" / "evidence_contrasts.csv")))
+    assert [(r["method"], r["versus"]) for r in versus] == [("acam", "inherit")]
     md = (tmp_path / "ev" / "evidence.md").read_text()
     assert md.startswith("# Evidence suite") and "--suite evidence (test)" in md and "stand-in" in md
 

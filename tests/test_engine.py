@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from kdcli import api
 from kdcli.config import RunConfig
-from kdcli.errors import KdcliError, TrainingError
+from kdcli.errors import ConfigError, KdcliError, TrainingError
 from kdcli.models import build_model
 from kdcli.zoo import load_model_config
 
@@ -144,3 +144,21 @@ def test_inherit_copies_neck_and_head_not_backbone(teacher_run: Path, tiny_shape
     assert copied and all(torch.equal(s[k], t[k]) for k in copied)
     # the backbone body keeps its own initialisation
     assert not all(torch.equal(s[k], t[k]) for k in t if k.startswith("backbone.body.") and k.endswith("weight"))
+
+
+def test_inherit_without_a_method_is_the_inherited_start_alone(teacher_run: Path, tiny_shapes: Path,
+                                                               tmp_path: Path):
+    """``--inherit`` and no method: the teacher initialises the neck and head, then the run is plain training
+    (the control of the evidence suite); a teacher without --inherit or a method is still refused."""
+    from kdcli.engine.build import build_run
+
+    cfg = _cfg(tiny_shapes, tmp_path / "ctl", model="shapes-r18-fcos", teacher=str(teacher_run), inherit=True)
+    run = build_run(cfg, log=lambda s: None)
+    assert run.teacher is None and run.method is None
+    t = build_run(_cfg(tiny_shapes, tmp_path / "t", model="shapes-r18-fcos", teacher=str(teacher_run), method="cankd",
+                       inherit=True), log=lambda s: None).teacher.net.state_dict()
+    s = run.student.net.state_dict()
+    assert all(torch.equal(s[k], t[k]) for k in t if not k.startswith("backbone.body."))
+    with pytest.raises(ConfigError, match="--method"):
+        build_run(_cfg(tiny_shapes, tmp_path / "no", model="shapes-r18-fcos", teacher=str(teacher_run)),
+                  log=lambda s: None)

@@ -54,6 +54,9 @@ BUDGETS = {"detection": "2e", "segmentation": "1e"}
 TAPS = {"detection": "fpn:3", "segmentation": None}
 # methods whose official detection configs inherit the teacher's neck and head (docs/methods/*.md)
 INHERIT = {"detection": frozenset({"acam", "maskd", "fgd", "mgd"}), "segmentation": frozenset()}
+# the control for those: the plain student that inherits the teacher's neck and head, no distillation loss;
+# each inheriting method is also tested against it (does the loss help beyond the inherited start?)
+INHERIT_ONLY = "inherit"
 # measured seconds per run per epoch on this 2-core AVX2 CPU (float32), docs/results/quality_runs.csv
 # (1-epoch runs: model building + training + evaluation); the fallback is the method mean of the pair
 RUN_S_PER_EPOCH: dict[str, dict[str, float]] = {
@@ -109,12 +112,22 @@ def method_list(task: str, methods: tuple[str, ...]) -> list[str]:
     """Baseline first, then the methods of ``methods`` that have a preset for ``task``."""
     from ..methods import get
 
-    return [BASELINE] + [m for m in methods if task in get(m).tasks and task in get(m).presets]
+    names = [BASELINE] + [m for m in methods if task in get(m).tasks and task in get(m).presets]
+    return names + ([INHERIT_ONLY] if INHERIT[task] & set(names) else [])
+
+
+def evidence_contrasts(task_methods: list[str]) -> tuple[tuple[str, str], ...]:
+    """The seeds' contrasts, plus each inheriting method against the inherit-only control."""
+    from .ranking import CONTRASTS
+
+    extra = tuple((m, INHERIT_ONLY) for m in task_methods if INHERIT_ONLY in task_methods
+                  and any(m in v for v in INHERIT.values()))
+    return CONTRASTS + extra
 
 
 def overrides(task: str, method: str) -> dict[str, Any]:
     """``--set`` of a method in the suite: the taps that keep every map at least 4×4."""
-    return {} if method == BASELINE or TAPS[task] is None else {"taps": TAPS[task]}
+    return {} if method in (BASELINE, INHERIT_ONLY) or TAPS[task] is None else {"taps": TAPS[task]}
 
 
 def plan(opts: EvidenceOptions) -> list[RunPlan]:
@@ -125,7 +138,7 @@ def plan(opts: EvidenceOptions) -> list[RunPlan]:
         task = resolve_ref(PAIRS[name].student).spec.task
         for seed in range(opts.seeds):
             for m in method_list(task, opts.methods):
-                out.append(RunPlan(name, task, m, seed, overrides(task, m), m in INHERIT[task]))
+                out.append(RunPlan(name, task, m, seed, overrides(task, m), m in INHERIT[task] or m == INHERIT_ONLY))
     return out
 
 
@@ -169,7 +182,8 @@ def estimate_s(opts: EvidenceOptions) -> dict[str, float]:
     runs = 0.0
     for p in plan(opts):
         table = RUN_S_PER_EPOCH[p.pair]
-        per = table.get(p.method, sum(table.values()) / len(table))
+        # the inherit-only control trains like the baseline
+        per = table.get(BASELINE if p.method == INHERIT_ONLY else p.method, sum(table.values()) / len(table))
         kind, n = parse_budget(opts.budgets[p.task])
         runs += per * (n if kind == "epochs" else max(1, n // 50))
     teachers = sum(TEACHER_S[n] for n in opts.pairs)
@@ -260,11 +274,20 @@ def standin_backbone(student: str, steps: int = STANDIN_STEPS, size: int = STAND
     with torch.no_grad():  # held-out images: generator seeds after the training ones
         x, y = shapes_batch(np.random.default_rng(10**6 + 1), 64, size, mean, std)
         acc = float(((head(_body_features(body, x).mean(dim=(2, 3))) > 0).float() == y).float().mean())
+    # what always answering each class's majority label scores on the same images: the floor to beat
+    prevalence = y.mean(dim=0)
+    majority = float(torch.maximum(prevalence, 1 - prevalence).mean())
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in body.state_dict().items()}, str(path))
     meta.write_text(json.dumps({"student": student, "steps": steps, "batch": STANDIN_BATCH, "size": size,
-                                "heldout_label_accuracy": round(acc, 4), "seconds": round(time.time() - t0, 1)}))
-    log(f"stand-in backbone of {student}: held-out label accuracy {acc:.3f} ({time.time() - t0:.0f}s)")
+                                "heldout_label_accuracy": round(acc, 4),
+                                "heldout_majority_accuracy": round(majority, 4),
+                                "seconds": round(time.time() - t0, 1)}))
+    log(f"stand-in backbone of {student}: held-out label accuracy {acc:.3f} (majority labels: {majority:.3f}; "
+        f"{time.time() - t0:.0f}s)")
+    if acc < majority + 0.05:
+        log(f"warning: the stand-in backbone of {student} barely beats always answering the majority labels "
+            f"({acc:.3f} vs {majority:.3f}): it is close to an untrained body, not a pretrained one")
     return path
 
 
@@ -330,7 +353,8 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
             folder.parent.mkdir(parents=True, exist_ok=True)
             init = student_init(pair.student, backbone, p.seed, out / "inits")
             cfg = RunConfig(model=pair.student, teacher=teachers[pair.name][0] if p.method != BASELINE else None,
-                            method=None if p.method == BASELINE else p.method, set=dict(p.set), inherit=p.inherit,
+                            method=None if p.method in (BASELINE, INHERIT_ONLY) else p.method, set=dict(p.set),
+                            inherit=p.inherit,
                             out=str(folder), seed=p.seed, epochs=budget.epochs,
                             max_train_images=budget.max_train_images or opts.max_train_images, eval_every=0,
                             skip_teacher_check=True, student_weights=str(init), **recipe(task, qopts))
@@ -349,7 +373,8 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
                 + (f"{a} {row[a]:.4f}" if row["status"] == "ok" else row["status"]) + f" ({time.time() - t0:.0f}s)")
     res.wall_s = round(time.time() - t_start, 1)
     res.rows = aggregate(res.runs, {p: t[1] for p, t in teachers.items()}, plans)
-    res.contrasts = contrasts(res.runs, plans)
+    res.contrasts = [c for name, (_t, names, _b) in plans.items()
+                     for c in contrasts(res.runs, {name: plans[name]}, evidence_contrasts(names))]
     correct(res.rows, res.contrasts)
     res.files = [write_csv(out / "evidence_runs.csv", res.runs, RUN_COLUMNS),
                  write_csv(out / "evidence.csv", res.rows, list(QUALITY_COLUMNS)),

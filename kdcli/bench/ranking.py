@@ -69,13 +69,15 @@ CONTRASTS: tuple[tuple[str, str], ...] = (
 )
 
 
-def contrasts(runs: list[dict[str, Any]], plans: dict[str, tuple[str, list[str], Budget]]) -> list[dict[str, Any]]:
-    """Method-against-method paired tests (same pair, same seed) for the :data:`CONTRASTS` both present."""
+def contrasts(runs: list[dict[str, Any]], plans: dict[str, tuple[str, list[str], Budget]],
+              which: tuple[tuple[str, str], ...] | None = None) -> list[dict[str, Any]]:
+    """Method-against-method paired tests (same pair, same seed) for the pairs of ``which`` (default
+    :data:`CONTRASTS`) both present."""
     out: list[dict[str, Any]] = []
     for pair_name, (task, _names, _budget) in plans.items():
         a = METRICS[task][0]
         score = {(r["method"], r["seed"]): r[a] for r in runs if r["pair"] == pair_name and r["status"] == "ok"}
-        for x, y in CONTRASTS:
+        for x, y in (CONTRASTS if which is None else which):
             diffs = [score[(x, s)] - score[(y, s)] for (m, s) in score if m == x and (y, s) in score]
             if not diffs:
                 continue

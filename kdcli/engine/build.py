@@ -264,7 +264,9 @@ def build_run(cfg: RunConfig, log: Callable[[str], None] = print, command: str =
             inherited = inherit_from_teacher(student, teacher)
             log(f"inherit: {inherited} tensors of the neck/head copied from the teacher")
         if not cfg.method:
-            raise ConfigError("--method: name a distillation method (see `kdcli methods`)")
+            if not cfg.inherit:
+                raise ConfigError("--method: name a distillation method (see `kdcli methods`)")
+            teacher = None  # --inherit alone: the teacher only initialised the student's neck and head
     if cfg.method:
         # self-distillation methods (no teacher model) see the student's taps on both sides
         t_info = teacher.tap_info if teacher is not None else student.tap_info
