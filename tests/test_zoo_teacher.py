@@ -60,7 +60,21 @@ def test_threshold_against_the_recorded_metric(seg_data: str, tmp_path: Path):
         (folder / "config.json").write_text(json.dumps(cfg))
 
     record(measured)  # as good as recorded: passes, and says so next to the reference
-    res = teacher_check(teacher, str(folder), ds, torch.device("cpu"), images=2, log=logs.append)
+    import kdcli.progress
+
+    labels: list[str] = []
+    real_track = kdcli.progress.track
+
+    def spy(items, label, *a, **kw):  # noqa: ANN001, ANN002, ANN003 - the progress display's own signature
+        labels.append(label)
+        return real_track(items, label, *a, **kw)
+
+    kdcli.progress.track = spy
+    try:
+        res = teacher_check(teacher, str(folder), ds, torch.device("cpu"), images=2, log=logs.append)
+    finally:
+        kdcli.progress.track = real_track
+    assert labels == ["teacher check"]  # its progress says what is being evaluated
     assert res["measured"] == pytest.approx(measured) and res["reference"] == pytest.approx(measured)
     assert f"{measured:.4f} on 2 validation images vs {measured:.4f}" in logs[-1]
     record(2 * measured + 0.04)  # below half, but within the absolute margin of 0.05: a noisy tiny teacher

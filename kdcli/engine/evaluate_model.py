@@ -30,7 +30,7 @@ Window = tuple[tuple[int, int], tuple[int, int]]  # ((crop_h, crop_w), (stride_h
 def evaluate_model(
     model: TapModel, loader: Any, dataset: Any, device: torch.device, out_dir: Path | None = None,
     amp: str = "none", shard: Any = None, *, per_class: bool = False, slide: Window | None = None,
-    label_ids_dir: Path | None = None, progress: bool = True,
+    label_ids_dir: Path | None = None, progress: bool = True, label: str = "eval",
 ) -> dict[str, Any]:
     """``shard`` (a :class:`~kdcli.engine.distributed.EvalShard`): ``loader`` holds this rank's share of
     the images; results are merged across ranks and every rank returns the same metrics.
@@ -41,7 +41,7 @@ def evaluate_model(
     from ..runtime import autocast_ctx
 
     if progress and (shard is None or shard.is_main):
-        loader = _Tracked(loader, track)
+        loader = _Tracked(loader, track, label)
 
     was = model.training
     model.eval()
@@ -57,14 +57,14 @@ def evaluate_model(
 class _Tracked:
     """``loader`` iterated with a progress display; its length unchanged."""
 
-    def __init__(self, loader: Any, track: Callable[..., Any]) -> None:
-        self.loader, self.track = loader, track
+    def __init__(self, loader: Any, track: Callable[..., Any], label: str = "eval") -> None:
+        self.loader, self.track, self.label = loader, track, label
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Any:
-        return iter(self.track(self.loader, "eval"))
+        return iter(self.track(self.loader, self.label))
 
 
 def _detection(model: TapModel, loader: Any, dataset: Any, device: torch.device, out_dir: Path | None,

@@ -88,7 +88,7 @@ def teacher_check(teacher: Any, source: str, val_ds: Any, device: Any, images: i
     ds = subset(val_ds, images)
     collate = collate_detection if spec.task == "detection" else collate_segmentation
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate, num_workers=0)
-    metrics = evaluate_model(teacher, loader, ds, device, amp=amp)
+    metrics = evaluate_model(teacher, loader, ds, device, amp=amp, label="teacher check")
     teacher.eval()  # evaluate_model restores the mode it found; a teacher stays in eval anyway
     measured = float(metrics.get(key, 0.0))
     reference, where = ref
