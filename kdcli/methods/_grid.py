@@ -36,7 +36,9 @@ class Pyramid:
     """
 
     def __init__(self, h: int, w: int, grids: tuple[int, ...], device: torch.device) -> None:
-        ids, counts, offset = [], [], 0
+        ids: list[Tensor] = []
+        counts: list[int] = []
+        offset = 0
         for g in grids:
             cell, n = cell_index(h, w, g, device)
             ids.append(cell + offset)
