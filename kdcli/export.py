@@ -97,8 +97,8 @@ def load_source(path: str | Path) -> Source:
     (``config.json`` + ``model.safetensors``). The tensors are loaded strictly into the built model,
     which proves they are the student alone (an adapter or teacher key would be unexpected)."""
     from ._version import __version__
+    from .checkpoint_files import load_strict, read_checkpoint
     from .models import build_model
-    from .weights import load_strict, read_checkpoint
     from .zoo import load_model_config
 
     folder = Path(path)

@@ -10,7 +10,7 @@ import torch
 
 from kdcli.bench import evidence as ev
 from kdcli.bench.ranking import CONTRASTS
-from kdcli.weights import read_state_dict
+from kdcli.checkpoint_files import read_state_dict
 
 
 def test_plan_pairs_seeds_methods_budget():

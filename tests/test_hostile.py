@@ -23,6 +23,7 @@ from test_cli import assert_one_line_error, kdcli
 from test_export import model_folder
 
 from kdcli import api
+from kdcli.checkpoint_files import read_state_dict
 from kdcli.config import RunConfig
 from kdcli.data import CocoDetection
 from kdcli.engine import build as engine_build
@@ -32,7 +33,6 @@ from kdcli.engine.result import StepResult
 from kdcli.engine.runlock import RunLock
 from kdcli.errors import ConfigError, DataError, KdcliError, TrainingError, ZooError
 from kdcli.export import export
-from kdcli.weights import read_state_dict
 
 
 def _one_line(err: BaseException) -> str:

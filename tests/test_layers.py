@@ -1,6 +1,6 @@
 """The package's layers: imports point one way, function-level imports included.
 
-    base (errors, config, hparams, io, runtime, progress, _version) → data, zoo/weights → models
+    base (errors, config, hparams, io, runtime, progress, _version, checkpoint_files) → data, zoo/weights → models
     → methods, convert, catalog → augment → engine → api, export, hub, report, viz
     → cli (with cli_options, cli_bench, cli_zoo), bench, checks
 
@@ -23,7 +23,7 @@ import kdcli
 
 ROOT = Path(kdcli.__file__).parent
 LAYERS: list[set[str]] = [
-    {"errors", "config", "hparams", "io", "runtime", "progress", "_version"},
+    {"errors", "config", "hparams", "io", "runtime", "progress", "_version", "checkpoint_files"},
     {"data", "zoo", "weights"},
     {"models"},
     {"methods", "convert", "catalog"},

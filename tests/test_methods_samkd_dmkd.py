@@ -16,8 +16,9 @@ from torch import Tensor
 
 import kdcli.methods as methods
 from kdcli.errors import ConfigError
+from kdcli.methods._grid import cell_index
 from kdcli.methods.dmkd import DMKD, DualReconstruction, grid_reconstruction_losses, num_masked, ranked_keep_mask
-from kdcli.methods.samkd import SAMKD, binary_kl, cell_index
+from kdcli.methods.samkd import SAMKD, binary_kl
 from kdcli.models.taps import ModelOutput, TapInfo
 
 

@@ -25,7 +25,7 @@ import torch
 from hubserver import Background, HubServer  # tests/ is on sys.path (pytest prepends it)
 from safetensors.torch import save as st_save
 
-from kdcli import weights
+from kdcli import checkpoint_files, weights
 from kdcli.errors import KdcliError, ZooError
 from kdcli.models import build_model
 from kdcli.zoo import get_spec
@@ -153,7 +153,7 @@ def test_torchvision_source_is_fetched_with_its_hash_prefix(server: FileServer, 
     path = weights.fetch(source, log=lambda _m: None, progress=False)
     assert path == Path(torch.hub.get_dir()) / "checkpoints" / f"tiny-{good}.pth"  # where torchvision keeps it
     assert weights.cached_file(source) == path
-    torch.testing.assert_close(weights.read_state_dict(path)["w"], state["w"])
+    torch.testing.assert_close(checkpoint_files.read_state_dict(path)["w"], state["w"])
     n = len(server.requests)
     assert weights.fetch(source, log=lambda _m: None) == path and len(server.requests) == n  # cached: no request
     with pytest.raises(ZooError, match="does not start with deadbeef; nothing was written"):
@@ -175,7 +175,7 @@ def test_url_source_needs_and_checks_sha256(server: FileServer):
     dest = weights.kdcli_home() / "weights" / "teacher.safetensors"
     assert not dest.exists()
     assert weights.fetch(f"url:{url}#sha256={sha}", log=lambda _m: None, progress=False) == dest
-    assert weights.read_state_dict(dest)["w"].sum() == 3
+    assert checkpoint_files.read_state_dict(dest)["w"].sum() == 3
     dest.write_bytes(data[:-1] + b"x")  # a damaged cached file is named, with the fetch command
     with pytest.raises(ZooError, match="sha256 differs from the zoo's.*kdcli zoo fetch"):
         weights.cached_file(f"url:{url}#sha256={sha}")
@@ -210,7 +210,7 @@ def test_hf_hub_source_fetch_pins_revisions(hf_online: FileServer, monkeypatch: 
     assert path.name == "model.safetensors" and path.parent.name == sha  # snapshots/<commit>/ in the HF cache
     assert sha in msgs[-1]
     assert weights.cached_file(f"hf-hub:timm/tiny.in1k@{sha}") == path
-    assert weights.read_state_dict(path)["conv1.weight"].sum() == 3
+    assert checkpoint_files.read_state_dict(path)["conv1.weight"].sum() == 3
     # a repo holding only pytorch_model.bin (older timm uploads)
     bin_sha = hf_online.add_repo("org/old", {"pytorch_model.bin": pth_bytes({"a": torch.ones(2)})})
     p2 = weights.fetch("hf-hub:org/old", log=lambda _m: None)
@@ -286,12 +286,12 @@ def test_safe_loading_refuses_pickled_objects(tmp_path: Path):
     path = tmp_path / "obj.pth"
     torch.save({"state_dict": {"w": torch.ones(1)}, "meta": {"hook": threading.Lock}}, path)
     with pytest.raises(ZooError, match=r"refused by torch.load\(weights_only=True\)"):
-        weights.read_state_dict(path)
+        checkpoint_files.read_state_dict(path)
     ok = tmp_path / "ok.pth"
     torch.save({"meta": {"CLASSES": ("a", "b"), "config": "x = 1"}, "state_dict": {"w": torch.ones(1)}}, ok)
-    assert list(weights.read_state_dict(ok)) == ["w"]  # mmdet-style wrapper, plain containers: fine
+    assert list(checkpoint_files.read_state_dict(ok)) == ["w"]  # mmdet-style wrapper, plain containers: fine
     with pytest.raises(ZooError, match="no such file"):
-        weights.read_state_dict(tmp_path / "missing.pth")
+        checkpoint_files.read_state_dict(tmp_path / "missing.pth")
 
 
 def test_cli_offline_sets_hf_hub_offline_before_huggingface_hub_loads(tmp_path: Path):
@@ -463,13 +463,13 @@ def test_an_unpinned_zoo_source_is_refused_until_the_user_names_a_commit(hub: Hu
     assert weights.cached_file(source, "timm-r18d-fcos") == path
     assert [p for _n, p in api.fetch_weights(["timm-r18d-deeplabv3"], log=lambda _m: None)] == [path]
     assert len(hub.state.requests) == n
-    assert weights.read_state_dict(weights.cached_file(source))["w"].sum() == 0
+    assert checkpoint_files.read_state_dict(weights.cached_file(source))["w"].sum() == 0
     # naming another commit replaces it; a branch or tag names none
     weights.fetch(f"hf-hub:{repo}@main", log=msgs.append)
     assert json.loads(weights.pins_path().read_text()) == {repo: old}
     weights.fetch(f"hf-hub:{repo}@{new}", log=msgs.append)
     assert f"(was {old})" in msgs[-1] and json.loads(weights.pins_path().read_text()) == {repo: new}
-    assert weights.read_state_dict(weights.cached_file(source))["w"].sum() == 2
+    assert checkpoint_files.read_state_dict(weights.cached_file(source))["w"].sum() == 2
     # a named commit that is not cached: the miss names the commit and the fetch command
     weights.pins_path().write_text(json.dumps({repo: "f" * 40}))
     with pytest.raises(ZooError, match=r"\(your commit f{40}\): .* not in the Hugging Face cache; "

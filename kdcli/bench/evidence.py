@@ -296,9 +296,9 @@ def student_init(student: str, backbone: Path, seed: int, out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from ..checkpoint_files import load_strict, read_state_dict
     from ..models import build_model
     from ..models.build import backbone_body
-    from ..weights import load_strict, read_state_dict
     from ..zoo import resolve_ref
 
     path = out / f"{backbone.stem}-seed{seed}.safetensors"

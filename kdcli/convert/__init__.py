@@ -119,9 +119,10 @@ def import_checkpoint(path: str | Path, arch: str, out: str | Path | None = None
     defaults): ``resnet_style`` (pytorch|caffe), ``bgr`` (bool), ``mean``/``std`` (0-255, network
     channel order), ``fcos_centerness`` (reg|cls), ``fcos_regression`` (relu|exp),
     ``relu_before_extra_convs`` (bool), ``name``."""
+    from ..checkpoint_files import read_checkpoint
     from ..io import save_json, save_tensors
     from ..models import build_model
-    from ..weights import read_checkpoint, sha256
+    from ..weights import sha256
 
     if arch not in ARCHS:
         raise ConfigError(f"--arch {arch}: expected one of {', '.join(ARCHS)}")
@@ -203,7 +204,7 @@ def import_checkpoint(path: str | Path, arch: str, out: str | Path | None = None
                      notes=f"imported from {framework} checkpoint {path.name} by kdcli zoo import", **fields)
     model = build_model(spec)
     m.check_fits(model.net.state_dict(), arch)
-    from ..weights import load_strict
+    from ..checkpoint_files import load_strict
 
     load_strict(model.net, m.out, where)
     folder = Path(out) if out else Path(name)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ..checkpoint_files import load_strict, read_state_dict
 from ..errors import ZooError
-from ..weights import cached_file, load_strict, read_state_dict
+from ..weights import cached_file
 from ..zoo import ModelSpec
 from .base import TapModel
 from .narrow_conv import guard_strided_convs
