@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned in the same command as timm so pip takes the local wheels
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-slow lint install clean
 
 $(BIN)/kdcli: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,11 @@ demo: install
 test: install
 	$(BIN)/ruff check kdcli tests benchmarks
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -m "not slow" --durations=15 tests
+
+# the end-to-end runs (real training, torchrun with 2 ranks, a pty, full disks): CI runs them after `make test`
+test-slow: install
+	$(BIN)/python -m pytest -m slow --durations=15 tests
 
 # mypy reads [tool.mypy] in pyproject.toml: the kdcli package, minus the allow-list that only shrinks
 lint: install

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from kdcli.bench import evidence as ev
@@ -100,6 +101,7 @@ def test_standin_backbone_cached_and_reused(tmp_path: Path):
     assert heads and any(not torch.equal(a[k], b[k]) for k in heads)
 
 
+@pytest.mark.slow
 def test_evidence_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
     opts = ev.EvidenceOptions(out=tmp_path / "ev", data=f"coco:{tiny_shapes / 'coco'}", pairs=("fcos",),
                               methods=("acam",), seeds=1,

@@ -134,6 +134,7 @@ def run_in_pty(args: list[str], cols: int, cwd: Path, timeout: float = 240) -> S
 BAR = re.compile(r"epoch 1/2 .*\b(\d+)/6 .*(it/s|s/it) eta \d:\d\d:\d\d run \d:\d\d:\d\d")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cols", [80, 120])
 def test_training_bar_fits_the_terminal(tiny_shapes: Path, tmp_path: Path, cols: int):
     (tmp_path / "d").symlink_to(tiny_shapes / "coco")  # short paths: the header's lines fit 80 columns
@@ -158,6 +159,7 @@ def test_training_bar_fits_the_terminal(tiny_shapes: Path, tmp_path: Path, cols:
         assert any(re.search(r"eval .*\b\d/6 .*eta \d:\d\d:\d\d", ln) for ln in ev.seen), "\n".join(ev.seen)
 
 
+@pytest.mark.slow
 def test_log_file_gets_plain_progress_lines(tiny_shapes: Path, tmp_path: Path):
     log = tmp_path / "log.txt"
     with open(log, "w") as err:

@@ -16,6 +16,8 @@ from kdcli.errors import ConfigError, KdcliError, TrainingError
 from kdcli.models import build_model
 from kdcli.zoo import load_model_config
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` (CI) runs these
+
 
 def _cfg(tiny_shapes: Path, out: Path, **kw) -> RunConfig:
     base = dict(data=f"coco:{tiny_shapes / 'coco'}", out=str(out), epochs=1, batch_size=4, image_size=64,

@@ -136,6 +136,7 @@ def two_ranks(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     return root, teacher
 
 
+@pytest.mark.slow
 def test_every_rank_holds_the_same_checkpoint(two_ranks: tuple[Path, Path]):
     root, _ = two_ranks
     for name, folder in (("bn", "ddp"), ("frozen", "ddp-frozen")):
@@ -153,6 +154,7 @@ def test_every_rank_holds_the_same_checkpoint(two_ranks: tuple[Path, Path]):
     assert record["training"]["backend"] == "gloo" and record["training"]["lr_used"] == 0.01
 
 
+@pytest.mark.slow
 def test_sharded_evaluation_equals_one_process(two_ranks: tuple[Path, Path], tiny_shapes: Path):
     root, _ = two_ranks
     e0, e1 = (json.loads((root / f"eval{r}.json").read_text()) for r in (0, 1))
@@ -200,6 +202,7 @@ def _one_process_equals_ranks(root: Path, tiny_shapes: Path, e0: dict) -> None:
     assert not (root / "det1" / "predictions.json").exists()  # rank 1 only sent its results
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(two_ranks: tuple[Path, Path], tiny_shapes: Path, tmp_path: Path):
     """Two processes with batch 1 each against one process (SGD, 4 steps).
 
@@ -246,6 +249,7 @@ def test_two_processes_match_one_process(two_ranks: tuple[Path, Path], tiny_shap
     assert moved > 0 and apart / moved < 0.05, float(apart / moved)
 
 
+@pytest.mark.slow
 def test_kdcli_nproc_runs_the_command_under_torchrun(tiny_shapes: Path, tmp_path: Path):
     out = tmp_path / "cli"
     (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")

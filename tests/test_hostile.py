@@ -261,6 +261,7 @@ def _cannot_create(folder: str) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_shapes: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch):
     """The disk fills up at the second checkpoint: one line, and the first checkpoint is still loadable."""
@@ -285,6 +286,7 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(tiny_shap
     assert not [p for p in weights.iterdir() if p.name.startswith(".last")]  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_cli_file_size_limit_is_one_line(tiny_shapes: Path, tmp_path: Path):
     """A real refused write (RLIMIT_FSIZE: the kernel's EFBIG, as a quota gives) at the first checkpoint."""
     import resource

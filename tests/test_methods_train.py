@@ -12,6 +12,9 @@ from kdcli.methods import available, build
 from kdcli.models import build_model
 from kdcli.zoo import get_spec
 
+pytestmark = pytest.mark.slow  # end-to-end: `make test-slow` (CI) runs these
+
+
 PAIRS = {
     "fcos": ("shapes-r34-fcos", "shapes-r18-fcos"),
     "retinanet": ("shapes-r34-retina", "shapes-r18-retina"),

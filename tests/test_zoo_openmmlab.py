@@ -326,6 +326,7 @@ def tiny_coco(root: Path, n: int = 2, size: int = 64) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_headline_pair_fetch_then_distil(releases: Releases, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`kdcli zoo fetch r101-retina` (a full-size R101 RetinaNet in mmdet's layout) then
     `kdcli distill --method acam --teacher r101-retina --student r50-retina`, 2 steps at 64 px."""
