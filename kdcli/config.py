@@ -208,7 +208,7 @@ AUGMENTS = ("none", "hard")
 
 
 def apply_objective_and_augment(cfg: RunConfig) -> RunConfig:
-    """Issue 4: turn ``objective``/``augment`` into what the engine builds (idempotent, so a resumed
+    """Turn ``objective``/``augment`` into what the engine builds (idempotent, so a resumed
     run's recorded config maps to the same thing).
 
     - ``objective = "mcmi"`` adds the teacher-free method ``mcmi`` (CE − λ·CMI) to ``method``;
