@@ -70,3 +70,19 @@ def test_per_class_tables_fit_80_columns():
     lines = render(per_class_table(seg, ["road", "sky"]))
     assert any(re.search(r"0 │ road\s+│\s+0\.2500", ln) for ln in lines)
     assert any(re.search(r"1 │ sky\s+│\s+—", ln) for ln in lines)
+
+
+def test_epoch_summary_wraps_the_losses_at_80_columns_between_terms():
+    from kdcli.engine.record import epoch_summary
+
+    terms = ["classification", "bbox_regression", "bbox_ctrness"] + [f"cankd.p{i}" for i in range(3, 8)]
+    row = {"epoch": 3, "lr": 1e-3, "train_time_s": 41.0, "eval_time_s": 9.0, "val/mAP": 0.25,
+           **{f"loss/{k}": 1.2345 + i for i, k in enumerate(terms)}}
+    lines = epoch_summary(row, 8, "mAP", 0.3).splitlines()
+    assert lines[0] == "epoch 3/8 | mAP 0.2500 (best 0.3000) | lr 0.001 | train 41s eval 9s"
+    assert len(lines) > 2 and all(len(line) <= 80 for line in lines)
+    joined = " ".join(line.strip() for line in lines[1:])
+    total = sum(1.2345 + i for i in range(len(terms)))
+    assert joined.startswith(f"loss {total:.4g}: ")
+    for i, k in enumerate(terms):  # every term whole, with its value
+        assert f"{k} {1.2345 + i:.3g}" in joined

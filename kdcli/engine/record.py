@@ -153,5 +153,10 @@ def epoch_summary(row: dict[str, Any], epochs: int, metric: str, best: float) ->
     parts.append(times)
     text = " | ".join(parts)
     if losses:
-        text += f"\n  loss {sum(losses.values()):.4g}: " + ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+        # wrapped at 80 columns between terms, never inside one: a method with many taps adds lines
+        import textwrap
+
+        body = f"loss {sum(losses.values()):.4g}: " + ", ".join(f"{k} {v:.3g}" for k, v in losses.items())
+        text += "\n" + textwrap.fill(body, width=80, initial_indent="  ", subsequent_indent="    ",
+                                     break_long_words=False, break_on_hyphens=False)
     return text
