@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 
@@ -32,6 +34,7 @@ def test_import_kdcli_is_light_and_checks_come_first():
     assert "optimiser (did you mean optimizer?)" in out[3]
 
 
+@pytest.mark.slow
 def test_docs_example_runs(tmp_path: Path):
     text = DOC.read_text()
     code = re.search(r"## Example.*?```python\n(.*?)```", text, re.S).group(1)

@@ -118,6 +118,7 @@ def _png_size(path: Path) -> tuple[int, int]:
         return im.size
 
 
+@pytest.mark.slow
 def test_quality_suite_tiny(tiny_shapes: Path, tmp_path: Path):
     """Teacher trained and cached by the suite, baseline + a teacher method + a self-KD method, 1 seed."""
     (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
@@ -163,6 +164,7 @@ def test_quality_suite_tiny(tiny_shapes: Path, tmp_path: Path):
     assert ("Kendall τ-b = undefined" if tied else "Kendall τ-b = 1.00 over 3 common methods") in md
 
 
+@pytest.mark.slow
 def test_quality_suite_two_jobs_in_child_processes(tiny_shapes: Path, tmp_path: Path, monkeypatch):
     """--jobs 2: runs go to child processes two at a time, each told to use its share of the cores, and the
     tables keep the plan's order; --jobs needs --isolate."""
@@ -254,6 +256,7 @@ def test_tensor_peak_known_value():
     assert tensor_peak_mb(work) == pytest.approx(150.0, abs=0.5)
 
 
+@pytest.mark.slow
 def test_speed_tiny(tmp_path: Path):
     opts = SpeedOptions(teacher="shapes-mbv3-lraspp", student="shapes-mbv3-lraspp", size=64, batch=2, steps=2,
                         methods="kd", device="cpu", memory=True, out=tmp_path, amp="none", sets={"kd.tau": "0"})

@@ -134,6 +134,7 @@ def test_print_config_shows_the_resolved_config(tmp_path: Path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_run_repeats_from_its_folder_numbered_and_kept(tiny_shapes: Path, tmp_path: Path):
     first = tmp_path / "first"
     args = ("--data", f"coco:{tiny_shapes / 'coco'}", "--epochs", "1", "--image-size", "64", "--workers", "0",
@@ -222,6 +223,7 @@ def test_cheap_checks_come_before_torch(args: tuple[str, ...], needle: str, tmp_
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_eval_missing_folder_and_json(tiny_shapes: Path, tmp_path: Path):
     assert_one_line_error(kdcli("eval", str(tmp_path / "runs" / "x")), "runs/x: no such folder")
     run = tmp_path / "run"

@@ -123,6 +123,7 @@ def test_sigkill_after_a_random_step_then_resume_is_bit_identical(reference: tup
     _same_run(root / "full", root / "killed")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference: tuple[Path, Path], tiny_shapes: Path):
     root, teacher = reference
     out = root / "term"
@@ -228,6 +229,7 @@ def test_started_by_reads_the_command_line_or_else_the_config(monkeypatch: pytes
     assert started_by(RunConfig(model="m", method="cwd", teacher="t")) == "distill"
 
 
+@pytest.mark.slow
 def test_the_resume_hint_names_the_command_that_started_the_run(tiny_shapes: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch):
     """`kdcli train --method pskd` interrupted: the hint says `kdcli train --resume`, not `distill`; a run

@@ -124,6 +124,7 @@ def test_segmentation_onnx_matches_pytorch_at_any_size(distilled: Path, tmp_path
     assert got.shape == (1, 4, 96, 80) and close(got, want) <= 1.0
 
 
+@pytest.mark.slow
 def test_detection_onnx_and_torchscript_boxes_scores_and_decoding(tmp_path: Path):
     import onnxruntime as ort
 

@@ -199,6 +199,7 @@ def det_runs(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return teacher, student
 
 
+@pytest.mark.slow
 def test_every_run_gets_results_png_and_mask_columns(det_runs: tuple[Path, Path]):
     teacher, student = det_runs
     assert _png(teacher / "results.png") == (1000, 400)  # losses + validation
@@ -240,6 +241,7 @@ def test_viz_cli_and_bad_image(det_runs: tuple[Path, Path], tiny_shapes: Path, t
     assert r.exit_code != 0 and "not a readable image" in str(r.exception)
 
 
+@pytest.mark.slow
 def test_segmentation_viz_masks(tiny_shapes: Path, tmp_path: Path):
     data = f"semantic:{tiny_shapes / 'cityscapes'}"
     (tiny_shapes / "cityscapes" / "classes.txt").write_text("background\ncircle\nsquare\ntriangle\n")
