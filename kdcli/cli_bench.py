@@ -39,16 +39,24 @@ def bench_quality(
     isolate: bool = _O(True, "--isolate/--in-process", help="one child process per run (its own peak memory)"),
     jobs: int = _O(1, help="runs at once, each with cores/jobs threads (CPU: 2 often beats 1)"),
     reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
-    suite: str = _O("", help="evidence: the fixed paper-like suite (docs/results/evidence.md); --out, "
-                    "--device, --workers apply, its own pairs, seeds and budgets"),
+    suite: str = _O("", help="evidence: the fixed paper-like suite (docs/results/evidence.md); ablation: its "
+                    "ACAM-KD/FGD ablations (reuses the evidence runs in --out); --out, --device, --workers "
+                    "apply, their own pairs, seeds and budgets"),
     keep: str = _O("best", "--keep", help="what each finished run keeps: best | last | all"),
 ) -> None:
     if suite:
+        if suite not in ("evidence", "ablation"):
+            raise ConfigError(f"--suite {suite}: expected evidence or ablation")
+        ev_out = Path("runs/bench-evidence") if out == Path("runs/bench-quality") else out
+        if suite == "ablation":
+            from .bench.ablation import AblationOptions, run_ablation
+
+            files = run_ablation(AblationOptions(out=ev_out, device=device, workers=workers,
+                                                 command=_command_line()), log=_echo)
+            typer.echo(f"wrote {', '.join(str(p) for p in files)}")
+            return
         from .bench.evidence import EvidenceOptions, run_evidence
 
-        if suite != "evidence":
-            raise ConfigError(f"--suite {suite}: expected evidence")
-        ev_out = Path("runs/bench-evidence") if out == Path("runs/bench-quality") else out
         res = run_evidence(EvidenceOptions(out=ev_out, device=device, workers=workers,
                                            command=_command_line()), log=_echo)
         typer.echo(f"wrote {', '.join(str(p) for p in res.files)} ({res.wall_s / 60:.1f} min)")

@@ -142,4 +142,4 @@ def test_cli_unknown_suite_is_one_line():
     res = subprocess.run([sys.executable, "-m", "kdcli", "bench", "quality", "--suite", "papers"], capture_output=True,
                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode != 0 and err == ["error: --suite papers: expected evidence"], res.stderr
+    assert res.returncode != 0 and err == ["error: --suite papers: expected evidence or ablation"], res.stderr

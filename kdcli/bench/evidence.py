@@ -105,6 +105,11 @@ class RunPlan:
     seed: int
     set: dict[str, Any]
     inherit: bool
+    label: str = ""  # an ablation variant's name (folder and CSV ``method``); empty: the method's
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
 
 
 # -- the plan --------------------------------------------------------------------------------------------
@@ -349,28 +354,7 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
         plans[pair.name] = (task, names, budget)
         log(f"[{pair.name}] {len(names) - 1} methods + baseline x {opts.seeds} seeds, budget {budget.text}")
         for p in (r for r in runs if r.pair == pair.name):
-            folder = out / "runs" / pair.name / p.method / f"seed{p.seed}"
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            init = student_init(pair.student, backbone, p.seed, out / "inits")
-            cfg = RunConfig(model=pair.student, teacher=teachers[pair.name][0] if p.method != BASELINE else None,
-                            method=None if p.method in (BASELINE, INHERIT_ONLY) else p.method, set=dict(p.set),
-                            inherit=p.inherit,
-                            out=str(folder), seed=p.seed, epochs=budget.epochs,
-                            max_train_images=budget.max_train_images or opts.max_train_images, eval_every=0,
-                            skip_teacher_check=True, student_weights=str(init), **recipe(task, qopts))
-            t0 = time.time()
-            try:
-                rec = run_one(cfg, opts.isolate, log, opts.jobs)
-            except Exception as err:  # noqa: BLE001 - a broken run is reported; the others go on
-                rec = {"config": cfg.to_dict(), "status": f"failed: {type(err).__name__}: {err}"}
-            row = _run_row(pair, task, p.method, p.seed, budget, rec)
-            row["init"] = f"stand-in {backbone.stem}" + (" + inherit" if p.inherit else "")
-            row["image_size"] = IMAGE_SIZE
-            row["taps"] = p.set.get("taps", "preset")
-            res.runs.append(row)
-            a = METRICS[task][0]
-            log(f"[{pair.name}] seed {p.seed} {p.method}: "
-                + (f"{a} {row[a]:.4f}" if row["status"] == "ok" else row["status"]) + f" ({time.time() - t0:.0f}s)")
+            res.runs.append(train_planned(p, pair, backbone, teachers[pair.name][0], budget, qopts, opts, log))
     res.wall_s = round(time.time() - t_start, 1)
     res.rows = aggregate(res.runs, {p: t[1] for p, t in teachers.items()}, plans)
     res.contrasts = [c for name, (_t, names, _b) in plans.items()
@@ -384,6 +368,34 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
     md.write_text(header(opts, est) + body.split("\n", 1)[1])
     res.files.append(md)
     return res
+
+
+def train_planned(p: RunPlan, pair: Pair, backbone: Path, teacher: str, budget: Budget, qopts: QualityOptions,
+                  opts: EvidenceOptions, log: Any) -> dict[str, Any]:
+    """Train (or reuse) one planned run in ``OUT/runs/<pair>/<label>/seed<k>`` and return its CSV row."""
+    out = Path(opts.out)
+    folder = out / "runs" / pair.name / p.name / f"seed{p.seed}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    init = student_init(pair.student, backbone, p.seed, out / "inits")
+    cfg = RunConfig(model=pair.student, teacher=teacher if p.method != BASELINE else None,
+                    method=None if p.method in (BASELINE, INHERIT_ONLY) else p.method, set=dict(p.set),
+                    inherit=p.inherit,
+                    out=str(folder), seed=p.seed, epochs=budget.epochs,
+                    max_train_images=budget.max_train_images or opts.max_train_images, eval_every=0,
+                    skip_teacher_check=True, student_weights=str(init), **recipe(p.task, qopts))
+    t0 = time.time()
+    try:
+        rec = run_one(cfg, opts.isolate, log, opts.jobs)
+    except Exception as err:  # noqa: BLE001 - a broken run is reported; the others go on
+        rec = {"config": cfg.to_dict(), "status": f"failed: {type(err).__name__}: {err}"}
+    row = _run_row(pair, p.task, p.name, p.seed, budget, rec)
+    row["init"] = f"stand-in {backbone.stem}" + (" + inherit" if p.inherit else "")
+    row["image_size"] = IMAGE_SIZE
+    row["taps"] = p.set.get("taps", "preset")
+    a = METRICS[p.task][0]
+    log(f"[{pair.name}] seed {p.seed} {p.name}: "
+        + (f"{a} {row[a]:.4f}" if row["status"] == "ok" else row["status"]) + f" ({time.time() - t0:.0f}s)")
+    return row
 
 
 RUN_COLUMNS = ["pair", "task", "teacher", "student", "method", "seed", "status", "mAP", "AP50", "run_s", "train_s",

@@ -1,0 +1,90 @@
+"""The ablation suite (``kdcli bench quality --suite ablation``): its plan, its paired tests, one tiny run."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from kdcli.bench import ablation as ab
+from kdcli.bench import evidence as ev
+from kdcli.errors import ConfigError
+
+
+def test_plan_pairs_every_variant_with_its_references():
+    runs = ab.ablation_plan(ab.AblationOptions(seeds=2), "detection")
+    seed0 = [r for r in runs if r.seed == 0]
+    names = [r.name for r in seed0]
+    assert names[:4] == ["baseline", "inherit", "acam", "fgd"]
+    assert names[4:] == [ab.label(v) for v in ab.VARIANTS] and len(runs) == 2 * len(seed0)
+    by = {r.name: r for r in seed0}
+    # a variant is its parent's run in the suite (same taps, --inherit) with its options on top
+    assert by["acam"].set == {"taps": "fpn:3"} and by["acam"].inherit
+    assert by["acam@mask_power=1"].set == {"taps": "fpn:3", "mask_power": "1"}
+    assert by["acam@mask_power=1"].inherit and by["acam@mask_power=1"].method == "acam"
+    assert not by["acam@no-inherit"].inherit and by["acam@no-inherit"].set == {"taps": "fpn:3"}
+    assert by["fgd@weights×0.1"].set["lambda"] == "5e-7"
+    assert not by["baseline"].inherit and by["inherit"].inherit
+    # the reference runs are exactly the suite's (so its finished runs are reused)
+    suite = {(r.method, r.seed): r for r in ev.plan(ev.EvidenceOptions(pairs=("fcos",), seeds=2))}
+    for r in runs:
+        if not r.label:
+            assert suite[(r.method, r.seed)] == r
+
+
+def test_unknown_variant_and_too_few_seeds_are_refused():
+    with pytest.raises(ConfigError, match="unknown variant acam@nope"):
+        ab.select(("acam@nope",))
+    with pytest.raises(ConfigError, match="at least 2"):
+        ab.run_ablation(ab.AblationOptions(seeds=1))
+
+
+def _row(method: str, seed: int, v: float) -> dict:
+    return {"pair": "fcos", "method": method, "seed": seed, "status": "ok", "mAP": v}
+
+
+def test_tests_are_paired_two_sided_against_the_parent_and_holm_corrected():
+    v = ab.select(("acam@mask_power=1",))
+    base = [0.10, 0.12, 0.11]
+    parent = [0.20, 0.21, 0.19]
+    var = [0.15, 0.17, 0.13]  # below the parent by 0.05 ± 0.01: a two-sided test finds it
+    runs = [_row("baseline", s, x) for s, x in enumerate(base)] + [_row("acam", s, x) for s, x in enumerate(parent)]
+    runs += [_row("inherit", s, 0.16) for s in range(3)]
+    runs += [_row("acam@mask_power=1", s, x) for s, x in enumerate(var)]
+    rows = ab.tests(runs, "detection", v)
+    assert [(r["versus"], r["sided"]) for r in rows] == [("acam", "two"), ("baseline", "greater"),
+                                                         ("inherit", "greater")]
+    vs_parent, vs_base, vs_ctl = rows
+    assert vs_parent["diff"] == pytest.approx(-0.05) and vs_parent["diff_std"] == pytest.approx(0.01)
+    # t = -0.05 / (0.01 / √3) = -8.66, df 2: two-sided p = 0.01307
+    assert vs_parent["t"] == pytest.approx(-8.660, abs=1e-3) and vs_parent["p"] == pytest.approx(0.01307, abs=1e-4)
+    # one-sided against the plain student: diffs 0.05, 0.05, 0.02 (mean 0.04, sd 0.01732), t = 4.0, p = 0.0286
+    assert vs_base["p"] == pytest.approx(0.0286, abs=1e-3)
+    # against the control: diffs -0.01, 0.01, -0.03: mean below 0, one-sided p > 0.5
+    assert vs_ctl["p"] > 0.5 and vs_ctl["verdict"] == "no"
+    ps = sorted(r["p"] for r in rows)
+    assert min(r["p_holm"] for r in rows) == pytest.approx(3 * ps[0])
+    assert all(r["p_holm"] >= r["p"] for r in rows)
+    assert vs_parent["verdict"] == "yes" and vs_base["verdict"] == "no"  # 3 × 0.0286 > 0.05
+
+
+@pytest.mark.slow
+def test_ablation_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
+    suite = ev.EvidenceOptions(data=f"coco:{tiny_shapes / 'coco'}", budgets={"detection": "2", "segmentation": "2"},
+                               teacher_epochs=1, standin_steps=2, max_train_images=8, max_val_images=4,
+                               isolate=False)
+    opts = ab.AblationOptions(out=tmp_path / "ev", seeds=2, variants=("acam@alpha=0.1",), device="cpu", workers=0,
+                              command="kdcli bench quality --suite ablation (test)")
+    files = ab.run_ablation(opts, log=lambda s: None, suite=suite)
+    assert [f.name for f in files] == ["ablation_runs.csv", "ablation.csv", "ablation.md"]
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "ablation_runs.csv")))
+    assert [r["method"] for r in rows] == ["baseline", "inherit", "acam", "acam@alpha=0.1"] * 2
+    assert all(r["status"] == "ok" for r in rows)
+    var = (tmp_path / "ev" / "runs" / "fcos" / "acam@alpha=0.1" / "seed1" / "results.csv")
+    assert var.is_file() and any(k.startswith("mask/") for k in next(csv.DictReader(open(var))))
+    tests = list(csv.DictReader(open(tmp_path / "ev" / "ablation.csv")))
+    assert [t["versus"] for t in tests] == ["acam", "baseline", "inherit"]
+    assert all(t["seeds"] == "2" and not math.isnan(float(t["p_holm"])) for t in tests)
+    assert "--suite ablation (test)" in (tmp_path / "ev" / "ablation.md").read_text()
