@@ -87,6 +87,8 @@ def bench_speed(
     teacher: str = _O("shapes-r34-fcos", "--teacher", "-t"), student: str = _O("shapes-r18-fcos", "--student", "-s"),
     image_size: str = _O("128", "--image-size", help="input size: H (square) or HxW, e.g. 800x1333"),
     batch_size: int = _O(8, "--batch-size", "-b"), steps: int = _O(10, help="timed pairs"),
+    warmup: int = _O(2, help="untimed pairs first (1 suffices for real sizes on a CPU)"),
+    channels_last: bool = _O(False, "--channels-last/--no-channels-last", help="NHWC models and inputs"),
     size: str = _O(None, "--size", hidden=True), batch: int = _O(None, "--batch", hidden=True),  # old names
     amp: str = _O("auto", help="none | bf16 | auto (bf16 where the hardware has native bf16)"),
     method: str = _O("all", "--method", help="all, or a+b+c (a,b,c too)"),
@@ -105,7 +107,8 @@ def bench_speed(
     size = image_size if size is None else size
     batch = batch_size if batch is None else batch
     methods = (methods or method).replace("+", ",")
-    opts = SpeedOptions(teacher=teacher, student=student, size=size, batch=batch, steps=steps, amp=amp,
+    opts = SpeedOptions(teacher=teacher, student=student, size=size, batch=batch, steps=steps, warmup=warmup,
+                        channels_last=channels_last, amp=amp,
                         methods=methods, device=device, clock=clock, threads=threads, memory=memory,
                         sets=parse_sets(set_), out=out, command=_command_line())
     res = run_speed(opts, log=_echo)

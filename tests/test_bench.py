@@ -369,3 +369,33 @@ def test_suite_reports_runs_done_and_its_eta(monkeypatch: pytest.MonkeyPatch, tm
     runs = [ln for ln in lines if "suite eta" in ln]
     assert [ln.split()[1] for ln in runs] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
     assert runs[0].endswith("(10s); suite eta 0:00:30") and runs[-1].endswith("suite eta 0:00:00")
+
+
+def test_speed_warmup_pairs_and_channels_last(monkeypatch: pytest.MonkeyPatch):
+    import torch
+
+    from kdcli.bench import speed
+
+    seen: list[tuple[bool, bool, bool]] = []
+    orig = speed.Stepper.__call__
+
+    def spy(self: speed.Stepper) -> float:
+        conv = next(p for p in self.student.parameters() if p.dim() == 4)
+        seen.append((self.method is not None,
+                     self.batch.images.is_contiguous(memory_format=torch.channels_last),
+                     conv.is_contiguous(memory_format=torch.channels_last)))
+        return orig(self)
+
+    monkeypatch.setattr(speed.Stepper, "__call__", spy)
+    for warmup, channels_last in ((0, True), (1, False)):
+        seen.clear()
+        opts = SpeedOptions(teacher="shapes-mbv3-lraspp", student="shapes-mbv3-lraspp", size=64, batch=2, steps=2,
+                            warmup=warmup, channels_last=channels_last, methods="kd", device="cpu", memory=False,
+                            amp="none")
+        (row,) = run_speed(opts, log=lambda s: None).rows
+        assert row["status"] == "ok"
+        # one trial floor step, then warm-up and timed pairs
+        assert sum(m for m, _, _ in seen) == 2 + warmup and sum(not m for m, _, _ in seen) == 1 + 2 + warmup
+        assert all(img == channels_last and w == channels_last for _, img, w in seen)
+    with pytest.raises(ConfigError, match="--warmup"):
+        run_speed(SpeedOptions(warmup=-1, device="cpu"), log=lambda s: None)

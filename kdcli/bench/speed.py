@@ -1,12 +1,13 @@
 """``kdcli bench speed``: the cost of each method's training step against the floor.
 
-The floor is what any distillation step pays: the frozen teacher's inference (under ``torch.no_grad()``)
-plus a plain training step of the student (forward, task losses, backward, SGD step). A method's step adds
-its own forward, its learnable parts and their backward. Per method:
+The floor is what any distillation step pays: the frozen teacher's inference (under ``torch.no_grad()``, not
+``torch.inference_mode()``, whose tensors cannot be saved for backward: every feature loss saves the teacher's
+maps for its gradient) plus a plain training step of the student (forward, task losses, backward, SGD step).
+A method's step adds its own forward, its learnable parts and their backward. Per method:
 
-- time: floor steps (A) and method steps (B) alternate A B B A A B … for ``--steps`` pairs after two
-  warm-up pairs, so both see the same machine load; the ratio is median(B) / median(A), with the 25th–75th
-  percentile of the per-pair ratios as the noise. ``--clock cpu`` times with the process's CPU time
+- time: floor steps (A) and method steps (B) alternate A B B A A B … for ``--steps`` pairs after
+  ``--warmup`` (default 2) untimed pairs, so both see the same machine load; the ratio is median(B) / median(A),
+  with the 25th–75th percentile of the per-pair ratios as the noise. ``--clock cpu`` times with the process's CPU time
   (``time.process_time``), steadier than the wall clock on a machine shared with other jobs (use it with
   ``--threads 1``); CUDA is timed on the wall clock with ``torch.cuda.synchronize``.
 - memory: the peak memory of two training steps (``SpeedOptions.memory_steps``, after one unmeasured step)
@@ -16,6 +17,9 @@ its own forward, its learnable parts and their backward. Per method:
   and frees recorded by ``torch.profiler``
   (``profile_memory=True``) are summed in time order (:func:`kdcli.bench._proc.tensor_peak_mb`): tensor
   memory only, like CUDA's figure.
+
+``--channels-last`` puts models, methods and inputs in NHWC for floor and method alike (as training with
+``--channels-last`` does).
 
 Models are built untrained (speed does not depend on the weights: no download) and fed one random batch
 (one box per image, or an all-background mask) of ``--size`` (``H`` or ``HxW``, e.g. ``800x1333``): a
@@ -47,6 +51,8 @@ class SpeedOptions:
     size: int | str | tuple[int, int] = 128  # H (square) or "HxW" / (H, W): parse_size
     batch: int = 8
     steps: int = 10
+    warmup: int = 2  # untimed pairs before the timed ones (1 is enough for the long steps of real sizes on a CPU)
+    channels_last: bool = False  # NHWC models and inputs, for floor and methods alike (as --channels-last trains)
     amp: str = "auto"  # bf16 where the hardware has native bf16 (kdcli/runtime.py)
     methods: str = "all"
     device: str = "all"  # all | cpu | cuda
@@ -146,9 +152,10 @@ class Stepper:
         return self.clock() - t0
 
 
-def interleaved(floor: Stepper, step: Stepper, pairs: int) -> dict[str, float]:
-    """Alternate floor (A) and method (B) steps A B B A A B …; medians and the spread of per-pair ratios."""
-    for _ in range(2):
+def interleaved(floor: Stepper, step: Stepper, pairs: int, warmup: int = 2) -> dict[str, float]:
+    """Alternate floor (A) and method (B) steps A B B A A B … after ``warmup`` untimed pairs; medians and the
+    spread of per-pair ratios."""
+    for _ in range(warmup):
         floor()
         step()
     tf: list[float] = []
@@ -214,6 +221,9 @@ def build_models(opts: SpeedOptions, device: Any) -> tuple[Any, Any]:
     s_spec, t_spec = fixed_size_spec(s_spec, hw), fixed_size_spec(t_spec, hw)
     student = build_model(s_spec).to(device).train()
     teacher = build_model(t_spec).to(device).eval().requires_grad_(False)
+    if opts.channels_last:
+        student.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
     return student, teacher
 
 
@@ -234,7 +244,11 @@ def step_memory(opts: SpeedOptions, method_name: str | None, device: Any,
     method = None
     if method_name:
         method = build(method_name, student.tap_info, teacher.tap_info, student.task, overrides).to(device)
+        if opts.channels_last:
+            method.to(memory_format=torch.channels_last)
     batch = make_batch(student, opts.batch, opts.size, device)
+    if opts.channels_last:
+        batch.images = batch.images.contiguous(memory_format=torch.channels_last)
     step = Stepper(student, teacher, method, batch, opts.amp)
     step()
     # no gradient left from the warm-up: the measured steps allocate (and free) every tensor they use, so
@@ -289,8 +303,8 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
     from ..runtime import flush_denormals, resolve_amp
 
     hw = parse_size(opts.size)
-    if opts.steps < 1 or opts.batch < 1:
-        raise ConfigError("--steps and --batch must be >= 1")
+    if opts.steps < 1 or opts.batch < 1 or opts.warmup < 0:
+        raise ConfigError("--steps and --batch must be >= 1, --warmup >= 0")
     if opts.amp not in ("none", "bf16", "auto") or opts.clock not in ("wall", "cpu"):
         raise ConfigError(f"--amp {opts.amp} / --clock {opts.clock}: expected none|bf16|auto and wall|cpu")
     if opts.threads > 0:
@@ -308,6 +322,8 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
         names = speed_methods(student.task, opts.methods)
         per = method_overrides(names, opts.sets)
         batch = make_batch(student, opts.batch, opts.size, dev)
+        if opts.channels_last:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         shape = f"{batch.images.shape[-2]}x{batch.images.shape[-1]}"
         if shape != f"{hw[0]}x{hw[1]}":
             log(f"[{dev.type}] input {shape}: --size {hw[0]}x{hw[1]} padded by the model's transform")
@@ -324,8 +340,10 @@ def run_speed(opts: SpeedOptions, log: Any = print) -> SpeedResult:
                                    "teacher": opts.teacher, "student": opts.student, "size": shape}
             try:
                 method = build(name, student.tap_info, teacher.tap_info, student.task, per[name]).to(dev)
+                if opts.channels_last:
+                    method.to(memory_format=torch.channels_last)
                 row.update(interleaved(floor, Stepper(student, teacher, method, batch, opts.amp, opts.clock),
-                                       opts.steps))
+                                       opts.steps, opts.warmup))
                 if opts.memory:
                     mem = step_memory(opts, name, dev, (student, teacher), per[name])
                     row.update(floor_mem_mb=floor_mem, method_mem_mb=mem,
@@ -368,8 +386,9 @@ def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
               f"- machine: {machine()}",
               f"- pair {opts.teacher} → {opts.student} (random weights), batch {opts.batch}, --size "
               f"{size_text(opts.size)} (input after the model's padding: the table), amp {opts.amp} "
-              f"(precision per device: the table), {opts.steps} interleaved pairs, clock {opts.clock}, "
-              f"threads {opts.threads or 'default'}",
+              f"(precision per device: the table), {opts.steps} interleaved pairs after {opts.warmup} warm-up "
+              f"pairs, clock {opts.clock}, threads {opts.threads or 'default'}, "
+              f"{'channels-last' if opts.channels_last else 'contiguous (NCHW)'}",
               "- floor = teacher inference + plain student step; ratio = median(method) / median(floor); "
               "memory = tensor memory of the steps above what was held before them (CPU: torch.profiler "
               "memory events; CUDA: max allocated)", "",
