@@ -1,10 +1,12 @@
 """Copy each method's rows of the evidence suite onto its page (docs/methods/<method>.md).
 
-    python benchmarks/evidence_rows.py [docs/results/evidence_runs.csv]
+    python benchmarks/evidence_rows.py [docs/results/evidence_runs.csv [docs/results/ablation_runs.csv]]
 
 Every run of the method, its paired baseline (same seed) and, for methods trained from the teacher's
-neck and head (``--inherit``), the inherit-only control of the same seed: negatives included. The section
-between the two markers below is rewritten; the rest of the page is left as it is.
+neck and head (``--inherit``), the inherit-only control of the same seed: negatives included. Where the
+ablation suite (``kdcli bench quality --suite ablation``) ran variants of the method, every variant run too,
+beside the method's own run of the same seed. The section between the two markers below is rewritten; the
+rest of the page is left as it is.
 """
 
 from __future__ import annotations
@@ -21,7 +23,26 @@ CONTROLS = ("baseline", "inherit")
 METRIC = {"detection": "mAP", "segmentation": "mIoU"}
 
 
-def section(method: str, runs: list[dict[str, str]]) -> str:
+def ablation_lines(method: str, runs: list[dict[str, str]]) -> list[str]:
+    mine = [r for r in runs if r["method"].startswith(f"{method}@")]
+    if not mine:
+        return []
+    a = METRIC[mine[0]["task"]]
+    score = {(r["method"], r["seed"]): r for r in runs if r["status"] == "ok"}
+    lines = ["**Ablations** (`kdcli bench quality --suite ablation`, [ablation.md](../results/ablation.md), "
+             f"per-run file `docs/results/ablation_runs.csv`): each variant beside this method's run of the same "
+             f"seed ({a}).", "", f"| variant | options | seed | variant {a} | {method} | difference |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(mine, key=lambda r: (r["method"], int(r["seed"]))):
+        parent = score.get((method, r["seed"]))
+        me = f"{float(r[a]):.4f}" if r["status"] == "ok" else r["status"]
+        ref = f"{float(parent[a]):.4f}" if parent else "—"
+        diff = f"{float(r[a]) - float(parent[a]):+.4f}" if parent and r["status"] == "ok" else "—"
+        lines.append(f"| {r['method'].split('@', 1)[1]} | `{r['set']}` | {r['seed']} | {me} | {ref} | {diff} |")
+    return [*lines, ""]
+
+
+def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, str]] | None = None) -> str:
     by_pair: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in runs:
         by_pair[r["pair"]].append(r)
@@ -53,21 +74,23 @@ def section(method: str, runs: list[dict[str, str]]) -> str:
                     cells += ["—", "—"]
                     continue
                 o = float(other[a])
-                cells += [f"{o:.4f}", f"{me - o:+.4f}"]
+                cells += [f"{o:.4f}", f"{me - o:+.4f}" if r["status"] == "ok" else "—"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ablation_lines(method, ablation or [])
     lines.append(END)
     return "\n".join(lines)
 
 
-def main(path: Path) -> None:
+def main(path: Path, ablation_path: Path) -> None:
     with path.open() as f:
         runs = list(csv.DictReader(f))
+    ablation = list(csv.DictReader(ablation_path.open())) if ablation_path.is_file() else []
     methods = sorted({r["method"] for r in runs} - set(CONTROLS))
     for m in methods:
         page = ROOT / "docs" / "methods" / f"{m}.md"
         text = page.read_text()
-        new = section(m, runs)
+        new = section(m, runs, ablation)
         if BEGIN in text and END in text:
             head, rest = text.split(BEGIN, 1)
             text = head + new + rest.split(END, 1)[1]
@@ -78,4 +101,6 @@ def main(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "results" / "evidence_runs.csv")
+    results = ROOT / "docs" / "results"
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else results / "evidence_runs.csv",
+         Path(sys.argv[2]) if len(sys.argv) > 2 else results / "ablation_runs.csv")
