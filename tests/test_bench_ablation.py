@@ -17,8 +17,8 @@ def test_plan_pairs_every_variant_with_its_references():
     runs = ab.ablation_plan(ab.AblationOptions(seeds=2), "detection")
     seed0 = [r for r in runs if r.seed == 0]
     names = [r.name for r in seed0]
-    assert names[:4] == ["baseline", "inherit", "acam", "fgd"]
-    assert names[4:] == [ab.label(v) for v in ab.VARIANTS] and len(runs) == 2 * len(seed0)
+    assert names[:5] == ["baseline", "inherit", "acam", "fgd", "pskd"]
+    assert names[5:] == [ab.label(v) for v in ab.VARIANTS] and len(runs) == 2 * len(seed0)
     by = {r.name: r for r in seed0}
     # a variant is its parent's run in the suite (same taps, --inherit) with its options on top
     assert by["acam"].set == {"taps": "fpn:3"} and by["acam"].inherit
@@ -27,10 +27,12 @@ def test_plan_pairs_every_variant_with_its_references():
     assert not by["acam@no-inherit"].inherit and by["acam@no-inherit"].set == {"taps": "fpn:3"}
     assert by["fgd@weights×0.1"].set["lambda"] == "5e-7"
     assert not by["baseline"].inherit and by["inherit"].inherit
+    # PS-KD is not in the suite: its preset taps (class logits), no --inherit
+    assert by["pskd"].set == {} and not by["pskd"].inherit and by["pskd@alpha_T=0.2"].set == {"alpha_T": "0.2"}
     # the reference runs are exactly the suite's (so its finished runs are reused)
     suite = {(r.method, r.seed): r for r in ev.plan(ev.EvidenceOptions(pairs=("fcos",), seeds=2))}
     for r in runs:
-        if not r.label:
+        if not r.label and r.method != "pskd":
             assert suite[(r.method, r.seed)] == r
 
 
@@ -41,8 +43,8 @@ def test_unknown_variant_and_too_few_seeds_are_refused():
         ab.run_ablation(ab.AblationOptions(seeds=1))
 
 
-def _row(method: str, seed: int, v: float) -> dict:
-    return {"pair": "fcos", "method": method, "seed": seed, "status": "ok", "mAP": v}
+def _row(method: str, seed: int, v: float, init: str = "stand-in") -> dict:
+    return {"pair": "fcos", "method": method, "seed": seed, "status": "ok", "mAP": v, "init": init}
 
 
 def test_tests_are_paired_two_sided_against_the_parent_and_holm_corrected():
@@ -52,7 +54,7 @@ def test_tests_are_paired_two_sided_against_the_parent_and_holm_corrected():
     var = [0.15, 0.17, 0.13]  # below the parent by 0.05 ± 0.01: a two-sided test finds it
     runs = [_row("baseline", s, x) for s, x in enumerate(base)] + [_row("acam", s, x) for s, x in enumerate(parent)]
     runs += [_row("inherit", s, 0.16) for s in range(3)]
-    runs += [_row("acam@mask_power=1", s, x) for s, x in enumerate(var)]
+    runs += [_row("acam@mask_power=1", s, x, "stand-in + inherit") for s, x in enumerate(var)]
     rows = ab.tests(runs, "detection", v)
     assert [(r["versus"], r["sided"]) for r in rows] == [("acam", "two"), ("baseline", "greater"),
                                                          ("inherit", "greater")]
@@ -88,3 +90,15 @@ def test_ablation_tiny_end_to_end(tiny_shapes: Path, tmp_path: Path):
     assert [t["versus"] for t in tests] == ["acam", "baseline", "inherit"]
     assert all(t["seeds"] == "2" and not math.isnan(float(t["p_holm"])) for t in tests)
     assert "--suite ablation (test)" in (tmp_path / "ev" / "ablation.md").read_text()
+
+
+def test_a_parent_outside_the_suite_is_tested_against_the_baseline_and_no_inherit_control_without_inherit():
+    v = ab.select(("pskd@alpha_T=0.2",))
+    runs = [_row("baseline", s, 0.1) for s in range(3)] + [_row("inherit", s, 0.2) for s in range(3)]
+    runs += [_row("pskd", s, x) for s, x in enumerate([0.08, 0.09, 0.07])]
+    runs += [_row("pskd@alpha_T=0.2", s, x) for s, x in enumerate([0.11, 0.10, 0.12])]
+    rows = ab.tests(runs, "detection", v)
+    assert [(r["parent"], r["variant"], r["versus"], r["sided"]) for r in rows] == [
+        ("pskd", "—", "baseline", "greater"), ("pskd", "alpha_T=0.2", "pskd", "two"),
+        ("pskd", "alpha_T=0.2", "baseline", "greater")]
+    assert rows[0]["diff"] == pytest.approx(-0.02) and rows[0]["p"] > 0.9

@@ -1,4 +1,4 @@
-"""``kdcli bench quality --suite ablation``: why ACAM-KD and FGD do what they do in the evidence suite.
+"""``kdcli bench quality --suite ablation``: why ACAM-KD, FGD and PS-KD do what they do in the evidence suite.
 
 Each variant is its parent method with some options changed (or without ``--inherit``), trained in the
 evidence suite's regime (:mod:`kdcli.bench.evidence`: the same pair, stand-in start, taps, budget and
@@ -7,9 +7,11 @@ inherit-only runs. Runs live beside the suite's (``OUT/runs/<pair>/<parent>@<var
 keeps its ``results.csv`` with the ``mask/...`` collapse-monitor columns) and finished ones are reused.
 
 Tests, one family with Holm's correction over all of them (apart from the suite's own family): each
-variant against its parent (two-sided: an ablation may help or hurt), against the plain student and against
-the inherit-only control (one-sided, as in the suite). Outputs: ``ablation_runs.csv`` (the suite's
-columns plus ``variant`` and ``set``), ``ablation.csv`` (one row per test) and ``ablation.md``.
+variant against its parent (two-sided: an ablation may help or hurt), against the plain student and, when it
+inherits the teacher's neck and head, against the inherit-only control (one-sided, as in the suite); a
+parent that is not in the suite (PS-KD, self-distillation on its class logits) against the plain student.
+Outputs: ``ablation_runs.csv`` (the suite's columns plus ``variant`` and ``set``), ``ablation.csv`` (one row
+per test) and ``ablation.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..errors import ConfigError
 from .evidence import (
     INHERIT,
     INHERIT_ONLY,
+    METHODS,
     PAIRS,
     RUN_COLUMNS,
     EvidenceOptions,
@@ -64,6 +67,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fgd", "weights×0.1", {"alpha": "0.0001", "beta": "0.00005", "gamma": "0.00005", "lambda": "5e-7"},
             why="the loss scale: every FGD weight ×0.1"),
     Variant("fgd", "no-inherit", {}, inherit=False, why="the start: the student's own neck and head"),
+    Variant("pskd", "alpha_T=0.2", {"alpha_T": "0.2"},
+            why="how much of the target the previous epoch's student gives (0.8 in the paper's 300 epochs)"),
 )
 SEEDS = 3
 ABLATION_COLUMNS = [*RUN_COLUMNS, "variant", "set"]
@@ -94,17 +99,22 @@ def select(names: tuple[str, ...]) -> list[Variant]:
     return [known[n] for n in names] if names else list(VARIANTS)
 
 
+def _sets(task: str, method: str) -> dict[str, Any]:
+    """The suite's options of a method; a parent outside the suite (PS-KD: class logits) keeps its preset."""
+    return overrides(task, method) if method in (*METHODS, BASELINE, INHERIT_ONLY) else {}
+
+
 def ablation_plan(opts: AblationOptions, task: str) -> list[RunPlan]:
     """For each seed: the references (baseline, inherit-only control, each parent) then the variants."""
     variants = select(opts.variants)
-    parents = sorted({v.parent for v in variants})
+    parents = list(dict.fromkeys(v.parent for v in variants))
     out: list[RunPlan] = []
     for seed in range(opts.seeds):
         for m in [BASELINE, INHERIT_ONLY, *parents]:
-            out.append(RunPlan(opts.pair, task, m, seed, overrides(task, m), m in INHERIT[task] or m == INHERIT_ONLY))
+            out.append(RunPlan(opts.pair, task, m, seed, _sets(task, m), m in INHERIT[task] or m == INHERIT_ONLY))
         for v in variants:
             inherit = v.parent in INHERIT[task] if v.inherit is None else v.inherit
-            out.append(RunPlan(opts.pair, task, v.parent, seed, {**overrides(task, v.parent), **v.set}, inherit,
+            out.append(RunPlan(opts.pair, task, v.parent, seed, {**_sets(task, v.parent), **v.set}, inherit,
                                label(v)))
     return out
 
@@ -117,21 +127,29 @@ def _signed_p(diffs: list[float], sided: str) -> tuple[Any, float]:
 
 
 def tests(runs: list[dict[str, Any]], task: str, variants: list[Variant]) -> list[dict[str, Any]]:
-    """Each variant against its parent (two-sided), the plain student and the inherit-only control (one-sided),
-    paired by seed; Holm over all of them."""
+    """Paired by seed, Holm over all of them: a parent outside the evidence suite against the plain student
+    (one-sided); each variant against its parent (two-sided), the plain student and, when it inherits the
+    teacher's neck and head, the inherit-only control (one-sided)."""
     a = METRICS[task][0]
     score = {(r["method"], r["seed"]): r[a] for r in runs if r["status"] == "ok"}
-    out: list[dict[str, Any]] = []
+    inherits = {r["method"]: "inherit" in r.get("init", "") for r in runs}
+    checks: list[tuple[str, str, str, str]] = []  # (run, parent, versus, sided)
+    for parent in dict.fromkeys(v.parent for v in variants):
+        if parent not in METHODS:
+            checks.append((parent, parent, BASELINE, "greater"))
     for v in variants:
-        for versus, sided in ((v.parent, "two"), (BASELINE, "greater"), (INHERIT_ONLY, "greater")):
-            diffs = [score[(label(v), s)] - score[(versus, s)] for (m, s) in list(score)
-                     if m == label(v) and (versus, s) in score]
-            if not diffs:
-                continue
-            t, p = _signed_p(diffs, sided)
-            out.append({"pair": runs[0]["pair"], "parent": v.parent, "variant": v.name, "versus": versus,
-                        "sided": sided, "seeds": t.n, "diff": t.mean, "diff_std": t.sd, "t": t.t, "df": t.df,
-                        "p": p})
+        checks += [(label(v), v.parent, v.parent, "two"), (label(v), v.parent, BASELINE, "greater")]
+        if inherits.get(label(v)):
+            checks.append((label(v), v.parent, INHERIT_ONLY, "greater"))
+    out: list[dict[str, Any]] = []
+    for run, parent, versus, sided in checks:
+        diffs = [score[(run, s)] - score[(versus, s)] for (m, s) in list(score) if m == run and (versus, s) in score]
+        if not diffs:
+            continue
+        t, p = _signed_p(diffs, sided)
+        out.append({"pair": runs[0]["pair"], "parent": parent, "variant": run.partition("@")[2] or "—",
+                    "versus": versus, "sided": sided, "seeds": t.n, "diff": t.mean, "diff_std": t.sd, "t": t.t,
+                    "df": t.df, "p": p})
     for r, ph in zip(out, holm([r["p"] for r in out]), strict=True):
         r["p_holm"] = ph
         r["verdict"] = ("untested" if r["seeds"] < 2 else "yes" if ph <= 0.05 else "no")
@@ -157,7 +175,8 @@ def markdown(opts: AblationOptions, runs: list[dict[str, Any]], rows: list[dict[
               "reference), Holm over the table:", "",
               "| variant | versus | diff ± std | t | p | p Holm | verdict |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['parent']}@{r['variant']} | {r['versus']} | {r['diff']:+.4f} ± {r['diff_std']:.4f} | "
+        name = r["parent"] + ("" if r["variant"] == "—" else f"@{r['variant']}")
+        lines.append(f"| {name} | {r['versus']} | {r['diff']:+.4f} ± {r['diff_std']:.4f} | "
                      f"{r['t']:.2f} | {r['p']:.3g} | {r['p_holm']:.3g} | {r['verdict']} |")
     if opts.command:
         lines += ["", f"Command: `{opts.command}`"]

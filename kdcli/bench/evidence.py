@@ -377,7 +377,11 @@ def train_planned(p: RunPlan, pair: Pair, backbone: Path, teacher: str, budget: 
     folder = out / "runs" / pair.name / p.name / f"seed{p.seed}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     init = student_init(pair.student, backbone, p.seed, out / "inits")
-    cfg = RunConfig(model=pair.student, teacher=teacher if p.method != BASELINE else None,
+    from ..methods import get
+
+    # the inherit-only control reads the teacher's neck and head; self-distillation (PS-KD) has no teacher
+    uses_teacher = p.method == INHERIT_ONLY or (p.method != BASELINE and get(p.method).needs_teacher)
+    cfg = RunConfig(model=pair.student, teacher=teacher if uses_teacher else None,
                     method=None if p.method in (BASELINE, INHERIT_ONLY) else p.method, set=dict(p.set),
                     inherit=p.inherit,
                     out=str(folder), seed=p.seed, epochs=budget.epochs,
