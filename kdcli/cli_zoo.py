@@ -15,27 +15,37 @@ zoo_app = typer.Typer(no_args_is_help=True, help="The model zoo: list, show, fet
 data_app = typer.Typer(no_args_is_help=True, help="Embedded data sets.")
 
 
+SHORT_METRIC = {"box_map": "mAP", "miou": "mIoU", "mask_map": "mask mAP"}
+
+
 @zoo_app.command("list")
 def zoo_list(task: str = _O(None, help="detection | segmentation")) -> None:
-    """List zoo entries: role, the data their weights were trained on, metric, download size, cached."""
+    """List zoo entries: task, role, weights kind, headline metric, download size, cached (the rest: zoo show)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     from . import api
     from .zoo import names, raw_spec
 
-    table = Table()
-    for col in ("name", "task", "architecture", "role", "dataset", "kind", "metric", "download", "cached"):
-        table.add_column(col)
+    # 80 columns (a log, a narrow terminal): no borders, short cells; the architecture, the data set of the
+    # weights and the sources are in `kdcli zoo show`
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("name", "task", "role", "kind", "metric", "size", "cached"):
+        table.add_column(col, no_wrap=True)
     for n in names():
         s = raw_spec(n)
         if task and s.task != task:
             continue
         st = api.zoo_status(n)
-        table.add_row(n, s.task, s.architecture, st["role"], st["dataset"], s.weights_kind,
-                      ", ".join(f"{k} {v}" for k, v in s.metric.items()), st["download_size"] or "—",
+        role = {"teacher, student": "both"}.get(st["role"], st["role"])
+        role = "scratch" if s.weights_kind == "none" else role
+        metric = next(iter(s.metric.items()), None)  # the headline one; all of them in `zoo show`
+        size = (st["download_size"] or "—").replace("about ", "~")
+        table.add_row(n, s.task[:3], role, s.weights_kind,
+                      f"{SHORT_METRIC.get(metric[0], metric[0])} {metric[1]}" if metric else "", size,
                       st["cached"].split(" ")[0])
-    Console(width=200).print(table)
+    Console().print(table)
 
 
 @zoo_app.command("show")

@@ -318,10 +318,14 @@ def test_zoo_list_and_show_say_the_weights_kind():
 
     from kdcli.cli import app
 
-    res = CliRunner().invoke(app, ["zoo", "list"])
+    res = CliRunner().invoke(app, ["zoo", "list"], env={"COLUMNS": "80"})
     assert res.exit_code == 0
-    rows = {line.split("│")[1].strip(): line for line in res.stdout.splitlines() if line.count("│") > 3}
-    assert "backbone" in rows["r18-retina"] and "full" in rows["r50-retina"] and "none" in rows["shapes-r18-fcos"]
+    lines = res.stdout.splitlines()
+    # 80 columns, nothing cut short (no ellipsis), one line per entry
+    assert max(len(ln.rstrip()) for ln in lines) <= 80 and "…" not in res.stdout
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.strip() and not ln.strip().startswith(("name", "─"))}
+    assert rows["r18-retina"][3] == "backbone" and rows["r50-retina"][3] == "full"
+    assert rows["shapes-r18-fcos"][2:4] == ["scratch", "none"] and rows["r50-retina"][4:6] == ["mAP", "36.4"]
     shown = json.loads(CliRunner().invoke(app, ["zoo", "show", "r50-retina"]).stdout)
     assert shown["weights_kind"] == "full" and shown["backbone_weights"].startswith("torchvision:ResNet50")
 
