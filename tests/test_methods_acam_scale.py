@@ -67,3 +67,32 @@ def test_loss_scales_with_the_square_of_the_features() -> None:
     assert float(ten["acam.p3"]) == pytest.approx(100 * float(one["acam.p3"]), rel=1e-10)
     delta = t["p3"] - torch.cat([s["p3"], s["p3"].new_zeros(1, 2, 4, 4)], 1)
     assert float(one["acam.p3"]) == pytest.approx(float((delta**2).mean()), rel=1e-10)  # ½ + ½ of mean(Δ²)
+
+
+def test_collapsed_spatial_masks_are_reported_once_per_tap():
+    from types import SimpleNamespace
+
+    from kdcli.engine.monitor import MaskMonitor
+    from kdcli.methods import MethodSet
+    from kdcli.methods.acam import ACAM, COLLAPSED
+
+    acam = ACAM.__new__(ACAM)  # the check reads only the columns and the name
+    row = {"epoch": 2, "mask/acam.p3.spatial_mask.mean": 0.0003, "mask/acam.p4.spatial_mask.mean": COLLAPSED,
+           "mask/acam.p3.channel_mask.mean": 0.001, "mask/cwd.p3.spatial_mask.mean": 0.0}
+    warnings = acam.stat_warnings({k: v for k, v in row.items() if k.startswith("mask/")})
+    # P3's spatial masks only: P4 sits at the threshold, channel masks and other methods' maps are not read
+    assert list(warnings) == ["acam.p3.collapse"]
+    assert "p3" in warnings["acam.p3.collapse"] and "0.0003" in warnings["acam.p3.collapse"]
+    assert "mask_grad=detach" in warnings["acam.p3.collapse"]
+    assert acam.stat_warnings({"mask/acam.p3.spatial_mask.mean": 0.4}) == {}
+
+    lines: list[str] = []
+    ms = MethodSet.__new__(MethodSet)
+    ms.methods = {"acam": acam}
+    run = SimpleNamespace(method=ms, log=lines.append)
+    monitor = MaskMonitor()
+    monitor.on_epoch_end(run, row)
+    monitor.on_epoch_end(run, {**row, "mask/acam.p3.spatial_mask.mean": 0.0001})
+    assert len(lines) == 1 and lines[0].startswith("warning: acam: the spatial masks at p3 have collapsed")
+    MaskMonitor().on_epoch_end(SimpleNamespace(method=None, log=lines.append), row)
+    assert len(lines) == 1

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..methods import MethodSet
 from .callbacks import Callback
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class MaskMonitor(Callback):
 
     def __init__(self) -> None:
         self.stats: MaskStats | None = None
+        self.warned: set[str] = set()
 
     def _stats(self, run: Run) -> MaskStats:
         if self.stats is None:
@@ -151,6 +153,16 @@ class MaskMonitor(Callback):
     def epoch_columns(self, run: Run) -> dict[str, Any]:
         """The epoch's ``mask/...`` averages; empty when nothing was sampled."""
         return self.stats.pop() if self.stats is not None else {}
+
+    def on_epoch_end(self, run: Run, row: dict[str, Any]) -> None:
+        """The method's own reading of its statistics (e.g. ACAM's collapsed masks), each warning once."""
+        if not isinstance(run.method, MethodSet):
+            return
+        columns = {k: float(v) for k, v in row.items() if k.startswith("mask/")}
+        for key, message in run.method.stat_warnings(columns).items():
+            if key not in self.warned:
+                self.warned.add(key)
+                run.log(f"warning: {message}")
 
     def state_dict(self, run: Run) -> dict[str, Any]:
         return self._stats(run).state_dict()

@@ -101,6 +101,9 @@ class MethodSet(Method):
             if m.binds_student:
                 m.bind_student(student)
 
+    def stat_warnings(self, columns: dict[str, float]) -> dict[str, str]:
+        return {k: v for m in self.methods.values() for k, v in m.stat_warnings(columns).items()}
+
     @property
     def last_stats(self) -> dict[str, float]:
         """Every member's :attr:`Method.last_stats`, keys prefixed with the member's name."""

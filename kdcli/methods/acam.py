@@ -253,6 +253,11 @@ class ACAMBlock(nn.Module):
         return spatial, channel
 
 
+# a spatial mask mean under this (from 0.5 at the start) is the scale collapse: the evidence suite's runs
+# reached 0.0003 at P3 in two epochs (docs/methods/acam.md)
+COLLAPSED = 0.01
+
+
 @register
 class ACAM(Method):
     """Cross-attention fusion + adaptive spatial/channel masks (reconstruction; module docstring)."""
@@ -368,6 +373,20 @@ class ACAM(Method):
                 cs, ct, c_q, self.num_masks, str(hp["channel_units"]), float(hp["mask_init_std"]), str(hp["align"])
             )
         self._stats: dict[str, Tensor] = {}
+
+    def stat_warnings(self, columns: dict[str, float]) -> dict[str, str]:
+        """The scale collapse (docs/methods/acam.md, Collapse monitor): a tap's spatial masks averaging under
+        :data:`COLLAPSED` switch its masked terms off (Σ M²E / Σ M falls with the masks' scale)."""
+        out = {}
+        for key, value in columns.items():
+            parts = key.split(".")
+            if key.startswith(f"mask/{self.name}.") and key.endswith(".spatial_mask.mean") and value < COLLAPSED:
+                tap = ".".join(parts[1:-2])
+                out[f"{self.name}.{tap}.collapse"] = (
+                    f"{self.name}: the spatial masks at {tap} have collapsed (mean {value:.4f}), so its masked loss "
+                    "is near zero there (docs/methods/acam.md, Collapse monitor); --set mask_grad=detach keeps them "
+                    "from shrinking")
+        return out
 
     @property
     def last_stats(self) -> dict[str, float]:

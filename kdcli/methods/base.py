@@ -141,6 +141,12 @@ class Method(nn.Module):
     def on_epoch_end(self, student: nn.Module, epoch: int) -> None:
         """Called after each training epoch, before validation (PS-KD takes its snapshot here)."""
 
+    def stat_warnings(self, columns: dict[str, float]) -> dict[str, str]:
+        """Warnings about this method's epoch statistics (``columns``: the ``mask/<method>.<tap>.<map>.<stat>``
+        averages of :mod:`kdcli.engine.monitor`, keyed with the method's registered name), ``{key: message}``;
+        the engine prints each key once per run. Default: none."""
+        return {}
+
     @property
     def last_stats(self) -> dict[str, float]:
         """Diagnostics of the last forward (``<tap>.<stat>``: ACAM's mask means, DMKD's kept fractions),
