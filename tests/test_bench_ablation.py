@@ -25,7 +25,7 @@ def test_plan_pairs_every_variant_with_its_references():
     assert by["acam@mask_power=1"].set == {"taps": "fpn:3", "mask_power": "1"}
     assert by["acam@mask_power=1"].inherit and by["acam@mask_power=1"].method == "acam"
     assert not by["acam@no-inherit"].inherit and by["acam@no-inherit"].set == {"taps": "fpn:3"}
-    assert by["fgd@weights×0.1"].set["lambda"] == "5e-7"
+    assert by["fgd@weights×0.1"].set["lambda"] == "8e-7"  # FGD's FCOS row ×0.1
     assert not by["baseline"].inherit and by["inherit"].inherit
     # PS-KD is not in the suite: its preset taps (class logits), no --inherit
     assert by["pskd"].set == {} and not by["pskd"].inherit and by["pskd@alpha_T=0.2"].set == {"alpha_T": "0.2"}

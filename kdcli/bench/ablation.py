@@ -66,8 +66,9 @@ VARIANTS: tuple[Variant, ...] = (
             why="masks from the teacher's map, the attention fusion skipped"),
     Variant("acam", "alpha=0.1", {"alpha": "0.1"}, why="the loss scale: masked errors ×0.1"),
     Variant("acam", "no-inherit", {}, inherit=False, why="the start: the student's own neck and head"),
-    Variant("fgd", "weights×0.1", {"alpha": "0.0001", "beta": "0.00005", "gamma": "0.00005", "lambda": "5e-7"},
-            why="the loss scale: every FGD weight ×0.1"),
+    # FGD's FCOS row (recipe=auto on the FCOS student): α 1.6e-3, β 8e-4, γ 8e-4, λ 8e-6
+    Variant("fgd", "weights×0.1", {"alpha": "0.00016", "beta": "0.00008", "gamma": "0.00008", "lambda": "8e-7"},
+            why="the loss scale: every weight of FGD's FCOS row ×0.1"),
     Variant("fgd", "no-inherit", {}, inherit=False, why="the start: the student's own neck and head"),
     Variant("pskd", "alpha_T=0.2", {"alpha_T": "0.2"},
             why="how much of the target the previous epoch's student gives (0.8 in the paper's 300 epochs)"),
