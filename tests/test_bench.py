@@ -399,3 +399,32 @@ def test_speed_warmup_pairs_and_channels_last(monkeypatch: pytest.MonkeyPatch):
         assert all(img == channels_last and w == channels_last for _, img, w in seen)
     with pytest.raises(ConfigError, match="--warmup"):
         run_speed(SpeedOptions(warmup=-1, device="cpu"), log=lambda s: None)
+
+
+def test_a_finished_run_is_not_reused_after_its_method_options_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    from kdcli import api
+    from kdcli.config import RunConfig
+
+    cfg = RunConfig(model="shapes-r18-fcos", teacher="shapes-r34-fcos", method="acam", set={"taps": "fpn:3"},
+                    out=str(tmp_path / "acam" / "seed0"))
+    options = q.method_options(cfg)
+    assert options["acam"]["taps"] == "fpn:3" and options["acam"]["mask_grad"] == "full"
+    assert q.method_options(RunConfig(model="shapes-r18-fcos", out=str(tmp_path))) is None
+
+    def train(*a, **k):
+        raise RuntimeError("trained again")
+
+    monkeypatch.setattr(api, "train", train)
+    result = tmp_path / "acam" / "seed0.result.json"
+    for stored, reused in ((options, True), (None, True), ({"acam": {**options["acam"], "mask_grad": "detach"}}, False)):
+        rec = {"config": cfg.to_dict(), "status": "ok", "metrics": {"mAP": 0.5}}
+        if stored is not None:
+            rec["method_options"] = stored
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps(rec))
+        out = q.run_one(cfg, isolate=False, log=lambda s: None)
+        # the same options (or a record from before they were kept): reused; a changed default: trained again
+        assert (out.get("metrics") == {"mAP": 0.5}) is reused
+        assert reused or "trained again" in out["status"]

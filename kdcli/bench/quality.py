@@ -191,6 +191,24 @@ def child_env(jobs: int) -> dict[str, str] | None:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
+def method_options(cfg: RunConfig) -> dict[str, Any] | None:
+    """Every option of the run's method(s) as the code resolves them now (defaults < preset < ``--set``), in
+    JSON form (as a run record keeps them); None without a method."""
+    if not cfg.method:
+        return None
+    from ..methods import get, split_overrides
+    from ..zoo import resolve_ref
+
+    try:  # a reuse guard, not a check: a bad name or option fails the run itself, with its own message
+        task = resolve_ref(cfg.model).spec.task
+        names = cfg.method.split("+")
+        per = split_overrides(names, dict(cfg.set))
+        resolved = {n: get(n).resolve_hparams(task, per[n]) for n in names}
+    except Exception:  # noqa: BLE001
+        return None
+    return json.loads(json.dumps(resolved, default=str))
+
+
 def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1, stop: threading.Event | None = None,
             ) -> dict[str, Any]:
     """Train one run (``cfg.out``) and measure it; a finished run with the same config is reused."""
@@ -199,16 +217,20 @@ def run_one(cfg: RunConfig, isolate: bool, log: Any, jobs: int = 1, stop: thread
 
     folder = Path(cfg.out)
     result_path = folder.with_name(folder.name + ".result.json")
+    options = method_options(cfg)
     if result_path.is_file():
         rec = json.loads(result_path.read_text())
         # what a run keeps on disk and how often it logs do not change its result
         same = {k: v for k, v in rec.get("config", {}).items() if k not in RESULT_NEUTRAL} == \
             {k: v for k, v in cfg.to_dict().items() if k not in RESULT_NEUTRAL}
+        # a method default or preset changed since the run (same --set, other options): not the same run;
+        # records written before the options were kept have none and are compared by config alone
+        same = same and rec.get("method_options", options) == options
         if same and rec.get("status") == "ok":
             return rec
     shutil.rmtree(folder, ignore_errors=True)
     result_path.unlink(missing_ok=True)
-    rec: dict[str, Any] = {"config": cfg.to_dict(), "status": "ok"}
+    rec: dict[str, Any] = {"config": cfg.to_dict(), "status": "ok", "method_options": options}
     if isolate:
         job = folder.with_name(folder.name + ".job.json")
         child_out = folder.with_name(folder.name + ".child.json")
