@@ -418,7 +418,8 @@ def test_a_finished_run_is_not_reused_after_its_method_options_changed(tmp_path:
 
     monkeypatch.setattr(api, "train", train)
     result = tmp_path / "acam" / "seed0.result.json"
-    for stored, reused in ((options, True), (None, True), ({"acam": {**options["acam"], "mask_grad": "detach"}}, False)):
+    changed = {"acam": {**options["acam"], "mask_grad": "detach"}}
+    for stored, reused in ((options, True), (None, True), (changed, False)):
         rec = {"config": cfg.to_dict(), "status": "ok", "metrics": {"mAP": 0.5}}
         if stored is not None:
             rec["method_options"] = stored
