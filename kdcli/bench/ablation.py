@@ -70,6 +70,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fgd", "weights×0.1", {"alpha": "0.00016", "beta": "0.00008", "gamma": "0.00008", "lambda": "8e-7"},
             why="the loss scale: every weight of FGD's FCOS row ×0.1"),
     Variant("fgd", "no-inherit", {}, inherit=False, why="the start: the student's own neck and head"),
+    Variant("fgd", "feature-terms-only", {"gamma": "0", "lambda": "0"},
+            why="the focal feature terms alone (α, β): no attention loss, no global relation loss"),
+    Variant("fgd", "attention+global-only", {"alpha": "0", "beta": "0"},
+            why="the attention and global relation losses alone (γ, λ): no focal feature terms"),
     Variant("pskd", "alpha_T=0.2", {"alpha_T": "0.2"},
             why="how much of the target the previous epoch's student gives (0.8 in the paper's 300 epochs)"),
 )
