@@ -23,13 +23,23 @@ CONTROLS = ("baseline", "inherit")
 METRIC = {"detection": "mAP", "segmentation": "mIoU"}
 
 
-def ablation_lines(method: str, runs: list[dict[str, str]]) -> list[str]:
+def ablation_lines(method: str, runs: list[dict[str, str]], in_suite: bool = True) -> list[str]:
     mine = [r for r in runs if r["method"].startswith(f"{method}@")]
     if not mine:
         return []
     a = METRIC[mine[0]["task"]]
     score = {(r["method"], r["seed"]): r for r in runs if r["status"] == "ok"}
-    lines = ["**Ablations** (`kdcli bench quality --suite ablation`, [ablation.md](../results/ablation.md), "
+    lines = []
+    if not in_suite:  # the method's own runs beside the plain student of the same seed
+        lines += [f"**{method}** in the suite's regime, beside the plain student of the same seed ({a}):", "",
+                  f"| seed | {method} | baseline | gain |", "|---|---|---|---|"]
+        for seed in sorted({r["seed"] for r in runs if r["method"] == method}, key=int):
+            me, base = score.get((method, seed)), score.get(("baseline", seed))
+            if me and base:
+                lines.append(f"| {seed} | {float(me[a]):.4f} | {float(base[a]):.4f} | "
+                             f"{float(me[a]) - float(base[a]):+.4f} |")
+        lines.append("")
+    lines += ["**Ablations** (`kdcli bench quality --suite ablation`, [ablation.md](../results/ablation.md), "
              f"per-run file `docs/results/ablation_runs.csv`): each variant beside this method's run of the same "
              f"seed ({a}).", "", f"| variant | options | seed | variant {a} | {method} | difference |",
              "|---|---|---|---|---|---|"]
@@ -46,6 +56,12 @@ def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, st
     by_pair: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in runs:
         by_pair[r["pair"]].append(r)
+    in_suite = any(r["method"] == method for r in runs)
+    if not in_suite:
+        lines = [BEGIN, "", "## Evidence suite rows", "",
+                 "This method is not in the evidence suite ([evidence.md](../results/evidence.md)); the ablation "
+                 "suite trained it in that suite's regime.", ""]
+        return "\n".join([*lines, *ablation_lines(method, ablation or [], in_suite=False), END])
     lines = [BEGIN, "", "## Evidence suite rows", "",
              "Every run of this method in the evidence suite ([evidence.md](../results/evidence.md), "
              "per-run file `docs/results/evidence_runs.csv`), beside the plain student of the same seed "
@@ -86,7 +102,8 @@ def main(path: Path, ablation_path: Path) -> None:
     with path.open() as f:
         runs = list(csv.DictReader(f))
     ablation = list(csv.DictReader(ablation_path.open())) if ablation_path.is_file() else []
-    methods = sorted({r["method"] for r in runs} - set(CONTROLS))
+    # the suite's methods, and those only the ablation suite trained (PS-KD: self-distillation, not in the suite)
+    methods = sorted(({r["method"] for r in runs} | {r["method"].split("@")[0] for r in ablation}) - set(CONTROLS))
     for m in methods:
         page = ROOT / "docs" / "methods" / f"{m}.md"
         text = page.read_text()

@@ -33,3 +33,12 @@ def test_section_pairs_runs_with_baseline_control_and_ablations():
     assert '| alpha=0.1 | `{"alpha": "0.1"}` | 0 | 0.1900 | 0.1500 | +0.0400 |' in lines
     assert not any("no-inherit" in ln for ln in lines)
     assert "Ablations" not in er.section("cwd", [_run("cwd", 0, 0.1)], ablation)
+
+
+def test_a_method_only_the_ablation_suite_trained_gets_its_runs_beside_the_baseline():
+    runs = [_run("baseline", 0, 0.05), _run("acam", 0, 0.15)]
+    ablation = [_run("baseline", 0, 0.05), _run("pskd", 0, 0.04), _run("pskd@alpha_T=0.2", 0, 0.06, set="{}")]
+    lines = er.section("pskd", runs, ablation).splitlines()
+    assert any("not in the evidence suite" in ln for ln in lines)
+    assert "| 0 | 0.0400 | 0.0500 | -0.0100 |" in lines
+    assert "| alpha_T=0.2 | `{}` | 0 | 0.0600 | 0.0400 | +0.0200 |" in lines
