@@ -29,10 +29,11 @@ def dflt(text: str, default: Any) -> str:
 
 
 def command_line() -> str:
-    """This process's command line, as recorded in benchmark reports."""
+    """This process's command line, as recorded in benchmark reports (``python -m kdcli`` reads as kdcli)."""
     import shlex
 
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    prog = Path(sys.argv[0]).name
+    return shlex.join(["kdcli" if prog == "__main__.py" else prog, *sys.argv[1:]])
 
 
 _REF = RECIPES["reference"]

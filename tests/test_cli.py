@@ -250,3 +250,14 @@ def test_eval_checks_classes_before_making_shapes(tmp_path: Path):
                          env={**os.environ, **env_home, "PYTHONWARNINGS": "ignore"}, timeout=300)
     assert_one_line_error(res, "r50-fcos: predicts 90 classes but --data shapes has 3")
     assert not (tmp_path / "home" / "data").exists()  # no shapes set was generated first
+
+
+def test_reports_name_the_command_kdcli_when_run_as_a_module(monkeypatch: pytest.MonkeyPatch):
+    import sys
+
+    from kdcli.cli_options import command_line
+
+    monkeypatch.setattr(sys, "argv", ["/x/kdcli/__main__.py", "bench", "quality", "--suite", "evidence"])
+    assert command_line() == "kdcli bench quality --suite evidence"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/kdcli", "bench", "speed", "--set", "a b"])
+    assert command_line() == "kdcli bench speed --set 'a b'"
