@@ -373,12 +373,12 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
 def train_planned(p: RunPlan, pair: Pair, backbone: Path, teacher: str, budget: Budget, qopts: QualityOptions,
                   opts: EvidenceOptions, log: Any) -> dict[str, Any]:
     """Train (or reuse) one planned run in ``OUT/runs/<pair>/<label>/seed<k>`` and return its CSV row."""
+    from ..methods import get
+
     out = Path(opts.out)
     folder = out / "runs" / pair.name / p.name / f"seed{p.seed}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     init = student_init(pair.student, backbone, p.seed, out / "inits")
-    from ..methods import get
-
     # the inherit-only control reads the teacher's neck and head; self-distillation (PS-KD) has no teacher
     uses_teacher = p.method == INHERIT_ONLY or (p.method != BASELINE and get(p.method).needs_teacher)
     cfg = RunConfig(model=pair.student, teacher=teacher if uses_teacher else None,
