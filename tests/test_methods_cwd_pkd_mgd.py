@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import make, one, out  # tests/ is on sys.path (pytest prepends it)
 from torch import Tensor
 
 import kdcli.methods as methods
@@ -18,7 +19,7 @@ from kdcli.errors import ConfigError, MethodError
 from kdcli.methods.cwd import CWD
 from kdcli.methods.mgd import MGD
 from kdcli.methods.pkd import PKD
-from kdcli.models.taps import ModelOutput, TapInfo
+from kdcli.models.taps import TapInfo
 
 # KL([0.75, 0.25] ‖ [0.5, 0.5]), by hand
 KL_34_12 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
@@ -31,19 +32,6 @@ def infos(**channels: int) -> dict[str, TapInfo]:
         stride = 2 ** int(name[1]) if name[0] == "p" else 8
         out[name] = TapInfo(name, c, stride, "logits" if "logits" in name else "feature")
     return out
-
-
-def out(**taps: Tensor) -> ModelOutput:
-    return ModelOutput(taps=dict(taps))
-
-
-def make(cls: type, task: str, student: dict, teacher: dict, **overrides: object):
-    return cls(student, teacher, task, **cls.resolve_hparams(task, overrides))
-
-
-def one(losses: dict[str, Tensor]) -> Tensor:
-    assert len(losses) == 1
-    return next(iter(losses.values()))
 
 
 def rnd(*shape: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:

@@ -11,36 +11,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_helpers import infos, make, one, out  # tests/ is on sys.path (pytest prepends it)
 from torch import Tensor
 
 from kdcli.errors import MethodError
 from kdcli.methods.cankd import CanKD, nonlocal_aggregate
 from kdcli.methods.fitnet import FitNet
 from kdcli.methods.kd import KD
-from kdcli.models.taps import ModelOutput, TapInfo
 
 # KL(Bern(0.75) ‖ Bern(0.5)) = KL([0.75, 0.25] ‖ [0.5, 0.5]), by hand
 KL_34_12 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
-
-
-def infos(**channels: int) -> dict[str, TapInfo]:
-    return {
-        name: TapInfo(name, c, 0 if name == "cls_logits" else 8, "logits" if "logits" in name else "feature")
-        for name, c in channels.items()
-    }
-
-
-def out(**taps: Tensor) -> ModelOutput:
-    return ModelOutput(taps=dict(taps))
-
-
-def make(cls: type, task: str, student: dict, teacher: dict, **overrides: object):
-    return cls(student, teacher, task, **cls.resolve_hparams(task, overrides))
-
-
-def one(losses: dict[str, Tensor]) -> Tensor:
-    assert len(losses) == 1
-    return next(iter(losses.values()))
 
 
 def in_by_hand(x: Tensor, eps: float = 1e-5) -> Tensor:

@@ -5,27 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
+from method_helpers import infos, make, out  # tests/ is on sys.path (pytest prepends it)
 
 import kdcli.methods as methods
 from kdcli.errors import ConfigError, MethodError
 from kdcli.methods.kd import KD
-from kdcli.models.taps import ModelOutput, TapInfo
-
-
-def infos(**channels: int) -> dict[str, TapInfo]:
-    return {
-        name: TapInfo(name, c, 0 if name == "cls_logits" else 8, "logits" if "logits" in name else "feature")
-        for name, c in channels.items()
-    }
-
-
-def out(**taps: Tensor) -> ModelOutput:
-    return ModelOutput(taps=dict(taps))
-
-
-def make(cls: type, task: str, student: dict, teacher: dict, **overrides: object):
-    return cls(student, teacher, task, **cls.resolve_hparams(task, overrides))
 
 
 def test_get_unknown_method_lists_names() -> None:
