@@ -40,8 +40,8 @@ def bench_quality(
     jobs: int = _O(1, help="runs at once, each with cores/jobs threads (CPU: 2 often beats 1)"),
     reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
     suite: str = _O("", help="evidence: the fixed paper-like suite (docs/results/evidence.md); ablation: its "
-                    "ACAM-KD/FGD ablations (reuses the evidence runs in --out); --out, --device, --workers "
-                    "apply, their own pairs, seeds and budgets"),
+                    "methods' ablations (reuses the evidence runs in --out; --method picks the parents); --out, "
+                    "--device, --workers apply, their own pairs, seeds and budgets"),
     keep: str = _O("best", "--keep", help="what each finished run keeps: best | last | all"),
 ) -> None:
     if suite:
@@ -49,9 +49,10 @@ def bench_quality(
             raise ConfigError(f"--suite {suite}: expected evidence or ablation")
         ev_out = Path("runs/bench-evidence") if out == Path("runs/bench-quality") else out
         if suite == "ablation":
-            from .bench.ablation import AblationOptions, run_ablation
+            from .bench.ablation import AblationOptions, run_ablation, variants_of
 
             files = run_ablation(AblationOptions(out=ev_out, device=device, workers=workers,
+                                                 variants=variants_of(methods or method),
                                                  command=_command_line()), log=_echo)
             typer.echo(f"wrote {', '.join(str(p) for p in files)}")
             return

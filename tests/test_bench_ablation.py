@@ -17,8 +17,8 @@ def test_plan_pairs_every_variant_with_its_references():
     runs = ab.ablation_plan(ab.AblationOptions(seeds=2), "detection")
     seed0 = [r for r in runs if r.seed == 0]
     names = [r.name for r in seed0]
-    assert names[:5] == ["baseline", "inherit", "acam", "fgd", "pskd"]
-    assert names[5:] == [ab.label(v) for v in ab.VARIANTS] and len(runs) == 2 * len(seed0)
+    assert names[:8] == ["baseline", "inherit", "acam", "fgd", "pskd", "samkd", "dmkd", "cankd"]
+    assert names[8:] == [ab.label(v) for v in ab.VARIANTS] and len(runs) == 2 * len(seed0)
     by = {r.name: r for r in seed0}
     # a variant is its parent's run in the suite (same taps, --inherit) with its options on top
     assert by["acam"].set == {"taps": "fpn:3"} and by["acam"].inherit
@@ -29,6 +29,9 @@ def test_plan_pairs_every_variant_with_its_references():
     assert not by["baseline"].inherit and by["inherit"].inherit
     # PS-KD is not in the suite: its preset taps (class logits), no --inherit
     assert by["pskd"].set == {} and not by["pskd"].inherit and by["pskd@alpha_T=0.2"].set == {"alpha_T": "0.2"}
+    # a seed method that does not inherit in the suite gets --inherit as a variant, its taps unchanged
+    assert not by["samkd"].inherit and by["samkd@inherit"].inherit and by["samkd@inherit"].set == {"taps": "fpn:3"}
+    assert by["cankd@weight=1"].set == {"taps": "fpn:3", "weight": "1"} and not by["cankd@weight=1"].inherit
     # the reference runs are exactly the suite's (so its finished runs are reused)
     suite = {(r.method, r.seed): r for r in ev.plan(ev.EvidenceOptions(pairs=("fcos",), seeds=2))}
     for r in runs:
@@ -41,6 +44,17 @@ def test_unknown_variant_and_too_few_seeds_are_refused():
         ab.select(("acam@nope",))
     with pytest.raises(ConfigError, match="at least 2"):
         ab.run_ablation(ab.AblationOptions(seeds=1))
+
+
+
+def test_method_picks_the_parents_whose_variants_run():
+    got = ab.variants_of("samkd+cankd")
+    assert got == ("samkd@inherit", "samkd@mask_mode=random", "samkd@sld_weight=0", "cankd@inherit", "cankd@weight=1")
+    assert ab.variants_of("all") == () and ab.select(ab.variants_of("all")) == list(ab.VARIANTS)
+    with pytest.raises(ConfigError, match="--method mgd: the ablation suite has variants of acam, fgd"):
+        ab.variants_of("mgd,acam")
+    plan = ab.ablation_plan(ab.AblationOptions(seeds=2, variants=got), "detection")
+    assert [r.name for r in plan if r.seed == 0] == ["baseline", "inherit", "samkd", "cankd", *got]
 
 
 def _row(method: str, seed: int, v: float, init: str = "stand-in") -> dict:

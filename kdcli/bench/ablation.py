@@ -1,4 +1,5 @@
-"""``kdcli bench quality --suite ablation``: why ACAM-KD, FGD and PS-KD do what they do in the evidence suite.
+"""``kdcli bench quality --suite ablation``: why ACAM-KD, FGD, PS-KD, SAMKD, DMKD and CanKD do what they do in
+the evidence suite.
 
 Each variant is its parent method with some options changed (or without ``--inherit``), trained in the
 evidence suite's regime (:mod:`kdcli.bench.evidence`: the same pair, stand-in start, taps, budget and
@@ -39,7 +40,7 @@ from .evidence import (
 )
 from .plan import BASELINE, METRICS, QualityOptions, plan_budget
 from .quality import prepare_teacher, train_size
-from .quality_report import write_csv
+from .quality_report import machine, write_csv
 from .stats import holm, paired_test, t_sf
 
 
@@ -76,6 +77,21 @@ VARIANTS: tuple[Variant, ...] = (
             why="the attention and global relation losses alone (γ, λ): no focal feature terms"),
     Variant("pskd", "alpha_T=0.2", {"alpha_T": "0.2"},
             why="how much of the target the previous epoch's student gives (0.8 in the paper's 300 epochs)"),
+    # the seed methods that do not inherit in the suite and stay within noise of the plain student there
+    Variant("samkd", "inherit", {}, inherit=True,
+            why="the start: the teacher's neck and head, as the suite gives ACAM-KD, MasKD, FGD and MGD"),
+    Variant("samkd", "mask_mode=random", {"mask_mode": "random"},
+            why="MGD's random masks instead of the teacher-attention ranking (what the guidance adds)"),
+    Variant("samkd", "sld_weight=0", {"sld_weight": "0"},
+            why="the feature term SFD alone: no logit term SLD"),
+    Variant("dmkd", "inherit", {}, inherit=True,
+            why="the start: the teacher's neck and head, as the suite gives ACAM-KD, MasKD, FGD and MGD"),
+    Variant("dmkd", "mask_mode=random", {"mask_mode": "random"},
+            why="MGD's random masks instead of the teacher-attention ranking (what the guidance adds)"),
+    Variant("cankd", "inherit", {}, inherit=True,
+            why="the start: the teacher's neck and head, as the suite gives ACAM-KD, MasKD, FGD and MGD"),
+    Variant("cankd", "weight=1", {"weight": "1"},
+            why="the loss scale: the official loss_weight 10 ×0.1"),
 )
 SEEDS = 3
 ABLATION_COLUMNS = [*RUN_COLUMNS, "variant", "set"]
@@ -109,6 +125,19 @@ def select(names: tuple[str, ...]) -> list[Variant]:
 def _sets(task: str, method: str) -> dict[str, Any]:
     """The suite's options of a method; a parent outside the suite (PS-KD: class logits) keeps its preset."""
     return overrides(task, method) if method in (*METHODS, BASELINE, INHERIT_ONLY) else {}
+
+
+def variants_of(parents: str) -> tuple[str, ...]:
+    """The variants of some parents (``"samkd,dmkd"``; ``"all"``: every variant) as labels for
+    :attr:`AblationOptions.variants`."""
+    if parents in ("", "all"):
+        return ()
+    names = [n.strip() for n in parents.replace("+", ",").split(",") if n.strip()]
+    known = list(dict.fromkeys(v.parent for v in VARIANTS))
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"--method {', '.join(bad)}: the ablation suite has variants of {', '.join(known)}")
+    return tuple(label(v) for v in VARIANTS if v.parent in names)
 
 
 def ablation_plan(opts: AblationOptions, task: str) -> list[RunPlan]:
@@ -164,7 +193,7 @@ def tests(runs: list[dict[str, Any]], task: str, variants: list[Variant]) -> lis
 
 
 def markdown(opts: AblationOptions, runs: list[dict[str, Any]], rows: list[dict[str, Any]], task: str,
-             variants: list[Variant], wall_s: float) -> str:
+             variants: list[Variant], wall_s: float, precision: str = "") -> str:
     a = METRICS[task][0]
     by: dict[str, list[float]] = {}
     for r in runs:
@@ -173,6 +202,8 @@ def markdown(opts: AblationOptions, runs: list[dict[str, Any]], rows: list[dict[
     lines = [f"# Ablations on the evidence suite's {opts.pair} pair (`kdcli bench quality --suite ablation`)", "",
              f"Seeds 0–{opts.seeds - 1}, the evidence suite's regime (stand-in start, taps, budget); every "
              f"run paired by seed. {wall_s / 60:.0f} min of runs (finished runs reused).", "",
+             # --amp auto is bf16 where the CPU has native bf16, else float32: results depend on the machine
+             f"Machine: {machine()}; precision: {precision or 'not recorded'}.", "",
              f"| run | what it tests | {a} mean ± std | seeds |", "|---|---|---:|---:|"]
     whys = {label(v): v.why for v in variants}
     for m, vals in by.items():
@@ -195,6 +226,7 @@ def run_ablation(opts: AblationOptions, log: Any = print, suite: EvidenceOptions
     files of the module docstring. ``suite``: the evidence suite's options when they are not its defaults (its
     data, budgets, stand-in steps; tests use a tiny one); its out, pair, seeds, device and workers are
     ``opts``'s."""
+    from ..runtime import pick_device, resolve_amp
     from ..zoo import resolve_ref
 
     if opts.pair not in PAIRS:
@@ -225,5 +257,7 @@ def run_ablation(opts: AblationOptions, log: Any = print, suite: EvidenceOptions
     files = [write_csv(out / "ablation_runs.csv", runs, ABLATION_COLUMNS),
              write_csv(out / "ablation.csv", rows, TEST_COLUMNS)]
     md = out / "ablation.md"
-    md.write_text(markdown(opts, runs, rows, task, variants, time.time() - t_start))
+    precision = resolve_amp(qopts.amp, pick_device(opts.device))[0]
+    md.write_text(markdown(opts, runs, rows, task, variants, time.time() - t_start,
+                           "float32" if precision == "none" else precision))
     return [*files, md]
