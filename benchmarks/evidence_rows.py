@@ -1,11 +1,13 @@
 """Copy each method's rows of the evidence suite onto its page (docs/methods/<method>.md).
 
-    python benchmarks/evidence_rows.py [docs/results/evidence_runs.csv [docs/results/ablation_runs.csv]]
+    python benchmarks/evidence_rows.py [docs/results/evidence_runs.csv [ABLATION_RUNS.csv ...]]
 
 Every run of the method, its paired baseline (same seed) and, for methods trained from the teacher's
 neck and head (``--inherit``), the inherit-only control of the same seed: negatives included. Where the
 ablation suite (``kdcli bench quality --suite ablation``) ran variants of the method, every variant run too,
-beside the method's own run of the same seed. The section between the two markers below is rewritten; the
+beside the method's own run of the same seed in the same invocation (default: every
+``docs/results/ablation*_runs.csv``; each invocation has its own references and report, ``<name>_runs.csv``
+beside ``<name>.md``). The section between the two markers below is rewritten; the
 rest of the page is left as it is.
 """
 
@@ -23,7 +25,8 @@ CONTROLS = ("baseline", "inherit")
 METRIC = {"detection": "mAP", "segmentation": "mIoU"}
 
 
-def ablation_lines(method: str, runs: list[dict[str, str]], in_suite: bool = True) -> list[str]:
+def ablation_lines(method: str, runs: list[dict[str, str]], in_suite: bool = True,
+                   report: str = "ablation") -> list[str]:
     mine = [r for r in runs if r["method"].startswith(f"{method}@")]
     if not mine:
         return []
@@ -39,8 +42,8 @@ def ablation_lines(method: str, runs: list[dict[str, str]], in_suite: bool = Tru
                 lines.append(f"| {seed} | {float(me[a]):.4f} | {float(base[a]):.4f} | "
                              f"{float(me[a]) - float(base[a]):+.4f} |")
         lines.append("")
-    lines += ["**Ablations** (`kdcli bench quality --suite ablation`, [ablation.md](../results/ablation.md), "
-             f"per-run file `docs/results/ablation_runs.csv`): each variant beside this method's run of the same "
+    lines += [f"**Ablations** (`kdcli bench quality --suite ablation`, [{report}.md](../results/{report}.md), "
+             f"per-run file `docs/results/{report}_runs.csv`): each variant beside this method's run of the same "
              f"seed ({a}).", "", f"| variant | options | seed | variant {a} | {method} | difference |",
              "|---|---|---|---|---|---|"]
     for r in sorted(mine, key=lambda r: (r["method"], int(r["seed"]))):
@@ -52,7 +55,8 @@ def ablation_lines(method: str, runs: list[dict[str, str]], in_suite: bool = Tru
     return [*lines, ""]
 
 
-def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, str]] | None = None) -> str:
+def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, str]] | None = None,
+            report: str = "ablation") -> str:
     by_pair: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in runs:
         by_pair[r["pair"]].append(r)
@@ -61,7 +65,7 @@ def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, st
         lines = [BEGIN, "", "## Evidence suite rows", "",
                  "This method is not in the evidence suite ([evidence.md](../results/evidence.md)); the ablation "
                  "suite trained it in that suite's regime.", ""]
-        return "\n".join([*lines, *ablation_lines(method, ablation or [], in_suite=False), END])
+        return "\n".join([*lines, *ablation_lines(method, ablation or [], in_suite=False, report=report), END])
     lines = [BEGIN, "", "## Evidence suite rows", "",
              "Every run of this method in the evidence suite ([evidence.md](../results/evidence.md), "
              "per-run file `docs/results/evidence_runs.csv`), beside the plain student of the same seed "
@@ -93,21 +97,25 @@ def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, st
                 cells += [f"{o:.4f}", f"{me - o:+.4f}" if r["status"] == "ok" else "—"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ablation_lines(method, ablation or [])
+    lines += ablation_lines(method, ablation or [], report=report)
     lines.append(END)
     return "\n".join(lines)
 
 
-def main(path: Path, ablation_path: Path) -> None:
+def main(path: Path, ablation_paths: list[Path]) -> None:
     with path.open() as f:
         runs = list(csv.DictReader(f))
-    ablation = list(csv.DictReader(ablation_path.open())) if ablation_path.is_file() else []
+    # one ablation invocation per file, each with its own references: a method's variants are read with the
+    # parent and baseline runs of their own file
+    ablations = {p.name.removesuffix("_runs.csv"): list(csv.DictReader(p.open())) for p in ablation_paths}
+    owner = {r["method"].split("@")[0]: name for name, rows in ablations.items() for r in rows if "@" in r["method"]}
     # the suite's methods, and those only the ablation suite trained (PS-KD: self-distillation, not in the suite)
-    methods = sorted(({r["method"] for r in runs} | {r["method"].split("@")[0] for r in ablation}) - set(CONTROLS))
+    methods = sorted(({r["method"] for r in runs} | set(owner)) - set(CONTROLS))
     for m in methods:
         page = ROOT / "docs" / "methods" / f"{m}.md"
         text = page.read_text()
-        new = section(m, runs, ablation)
+        report = owner.get(m, "ablation")
+        new = section(m, runs, ablations.get(report, []), report)
         if BEGIN in text and END in text:
             head, rest = text.split(BEGIN, 1)
             text = head + new + rest.split(END, 1)[1]
@@ -120,4 +128,4 @@ def main(path: Path, ablation_path: Path) -> None:
 if __name__ == "__main__":
     results = ROOT / "docs" / "results"
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else results / "evidence_runs.csv",
-         Path(sys.argv[2]) if len(sys.argv) > 2 else results / "ablation_runs.csv")
+         [Path(a) for a in sys.argv[2:]] or sorted(results.glob("ablation*_runs.csv")))

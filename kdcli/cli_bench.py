@@ -90,6 +90,7 @@ def bench_speed(
     batch_size: int = _O(8, "--batch-size", "-b"), steps: int = _O(10, help="timed pairs"),
     warmup: int = _O(2, help="untimed pairs first (1 suffices for real sizes on a CPU)"),
     channels_last: bool = _O(False, "--channels-last/--no-channels-last", help="NHWC models and inputs"),
+    compile_: bool = _O(False, "--compile/--no-compile", help="torch.compile student and teacher (keep --warmup)"),
     size: str = _O(None, "--size", hidden=True), batch: int = _O(None, "--batch", hidden=True),  # old names
     amp: str = _O("auto", help="none | bf16 | auto (bf16 where the hardware has native bf16)"),
     method: str = _O("all", "--method", help="all, or a+b+c (a,b,c too)"),
@@ -109,7 +110,7 @@ def bench_speed(
     batch = batch_size if batch is None else batch
     methods = (methods or method).replace("+", ",")
     opts = SpeedOptions(teacher=teacher, student=student, size=size, batch=batch, steps=steps, warmup=warmup,
-                        channels_last=channels_last, amp=amp,
+                        channels_last=channels_last, compile=compile_, amp=amp,
                         methods=methods, device=device, clock=clock, threads=threads, memory=memory,
                         sets=parse_sets(set_), out=out, command=_command_line())
     res = run_speed(opts, log=_echo)

@@ -401,6 +401,29 @@ def test_speed_warmup_pairs_and_channels_last(monkeypatch: pytest.MonkeyPatch):
         run_speed(SpeedOptions(warmup=-1, device="cpu"), log=lambda s: None)
 
 
+
+@pytest.mark.slow
+def test_speed_compile_compiles_student_and_teacher_for_floor_and_method(monkeypatch: pytest.MonkeyPatch):
+    from kdcli.bench import speed
+
+    seen: list[tuple[bool, bool, bool]] = []
+    orig = speed.Stepper.__call__
+
+    def spy(self: speed.Stepper) -> float:
+        seen.append((self.method is not None, self.student.net.backbone._compiled_call_impl is not None,
+                     self.teacher.net.backbone._compiled_call_impl is not None))
+        return orig(self)
+
+    monkeypatch.setattr(speed.Stepper, "__call__", spy)
+    opts = SpeedOptions(teacher="shapes-mbv3-lraspp", student="shapes-mbv3-lraspp", size=64, batch=2, steps=1,
+                        warmup=1, compile=True, methods="kd", device="cpu", memory=False, amp="none")
+    (row,) = run_speed(opts, log=lambda s: None).rows
+    assert row["status"] == "ok" and row["floor_s"] > 0 and row["method_s"] > 0
+    assert seen and all(s and t for _, s, t in seen) and {m for m, _, _ in seen} == {True, False}
+    assert "torch.compile on (student and teacher)" in speed.markdown(opts, [row])
+    assert "torch.compile off" in speed.markdown(SpeedOptions(), [row])
+
+
 def test_a_finished_run_is_not_reused_after_its_method_options_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import json
 

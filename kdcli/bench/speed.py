@@ -19,7 +19,10 @@ A method's step adds its own forward, its learnable parts and their backward. Pe
   memory only, like CUDA's figure.
 
 ``--channels-last`` puts models, methods and inputs in NHWC for floor and method alike (as training with
-``--channels-last`` does).
+``--channels-last`` does). ``--compile`` applies ``torch.compile`` to the student's and the teacher's
+backbone, neck and head (:func:`kdcli.engine.build.compile_student`) for floor and method alike; the methods'
+own modules stay eager, as in training with ``--compile``. Keep ``--warmup`` ≥ 1 with it: the first steps
+compile.
 
 Models are built untrained (speed does not depend on the weights: no download) and fed one random batch
 (one box per image, or an all-background mask) of ``--size`` (``H`` or ``HxW``, e.g. ``800x1333``): a
@@ -53,6 +56,7 @@ class SpeedOptions:
     steps: int = 10
     warmup: int = 2  # untimed pairs before the timed ones (1 is enough for the long steps of real sizes on a CPU)
     channels_last: bool = False  # NHWC models and inputs, for floor and methods alike (as --channels-last trains)
+    compile: bool = False  # torch.compile the student's and teacher's parts (as --compile compiles the student's)
     amp: str = "auto"  # bf16 where the hardware has native bf16 (kdcli/runtime.py)
     methods: str = "all"
     device: str = "all"  # all | cpu | cuda
@@ -224,6 +228,13 @@ def build_models(opts: SpeedOptions, device: Any) -> tuple[Any, Any]:
     if opts.channels_last:
         student.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
+    if opts.compile:
+        from ..engine.build import compile_student
+
+        # the teacher too: the floor is the best the hardware does (the methods' own modules stay eager, as
+        # in training); the warm-up pairs absorb the compilation
+        compile_student(student)
+        compile_student(teacher)
     return student, teacher
 
 
@@ -388,7 +399,8 @@ def markdown(opts: SpeedOptions, rows: list[dict[str, Any]]) -> str:
               f"{size_text(opts.size)} (input after the model's padding: the table), amp {opts.amp} "
               f"(precision per device: the table), {opts.steps} interleaved pairs after {opts.warmup} warm-up "
               f"pairs, clock {opts.clock}, threads {opts.threads or 'default'}, "
-              f"{'channels-last' if opts.channels_last else 'contiguous (NCHW)'}",
+              f"{'channels-last' if opts.channels_last else 'contiguous (NCHW)'}, "
+              f"torch.compile {'on (student and teacher)' if opts.compile else 'off'}",
               "- floor = teacher inference + plain student step; ratio = median(method) / median(floor); "
               "memory = tensor memory of the steps above what was held before them (CPU: torch.profiler "
               "memory events; CUDA: max allocated)", "",
