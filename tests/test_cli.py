@@ -261,3 +261,9 @@ def test_reports_name_the_command_kdcli_when_run_as_a_module(monkeypatch: pytest
     assert command_line() == "kdcli bench quality --suite evidence"
     monkeypatch.setattr(sys, "argv", ["/venv/bin/kdcli", "bench", "speed", "--set", "a b"])
     assert command_line() == "kdcli bench speed --set 'a b'"
+
+
+def test_ablation_suite_with_a_parent_without_variants_is_one_line_before_any_run(tmp_path: Path):
+    res = kdcli("bench", "quality", "--suite", "ablation", "--method", "mgd", "--out", str(tmp_path / "ev"))
+    assert_one_line_error(res, "--method mgd: the ablation suite has variants of acam, fgd, pskd, samkd")
+    assert not (tmp_path / "ev").exists()
