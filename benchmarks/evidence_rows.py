@@ -56,7 +56,10 @@ def ablation_lines(method: str, runs: list[dict[str, str]], in_suite: bool = Tru
 
 
 def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, str]] | None = None,
-            report: str = "ablation") -> str:
+            report: str = "ablation", more: dict[str, list[dict[str, str]]] | None = None) -> str:
+    """``more``: further ablation invocations with variants of ``method`` (report name → its runs), shown
+    after ``report``'s."""
+    extra = [ln for name, rows in (more or {}).items() for ln in ablation_lines(method, rows, report=name)]
     by_pair: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in runs:
         by_pair[r["pair"]].append(r)
@@ -65,7 +68,8 @@ def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, st
         lines = [BEGIN, "", "## Evidence suite rows", "",
                  "This method is not in the evidence suite ([evidence.md](../results/evidence.md)); the ablation "
                  "suite trained it in that suite's regime.", ""]
-        return "\n".join([*lines, *ablation_lines(method, ablation or [], in_suite=False, report=report), END])
+        return "\n".join([*lines, *ablation_lines(method, ablation or [], in_suite=False, report=report), *extra,
+                          END])
     lines = [BEGIN, "", "## Evidence suite rows", "",
              "Every run of this method in the evidence suite ([evidence.md](../results/evidence.md), "
              "per-run file `docs/results/evidence_runs.csv`), beside the plain student of the same seed "
@@ -97,7 +101,7 @@ def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, st
                 cells += [f"{o:.4f}", f"{me - o:+.4f}" if r["status"] == "ok" else "—"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ablation_lines(method, ablation or [], report=report)
+    lines += ablation_lines(method, ablation or [], report=report) + extra
     lines.append(END)
     return "\n".join(lines)
 
@@ -108,14 +112,17 @@ def main(path: Path, ablation_paths: list[Path]) -> None:
     # one ablation invocation per file, each with its own references: a method's variants are read with the
     # parent and baseline runs of their own file
     ablations = {p.name.removesuffix("_runs.csv"): list(csv.DictReader(p.open())) for p in ablation_paths}
-    owner = {r["method"].split("@")[0]: name for name, rows in ablations.items() for r in rows if "@" in r["method"]}
+    owners: dict[str, list[str]] = defaultdict(list)
+    for name, rows in ablations.items():
+        for m in dict.fromkeys(r["method"].split("@")[0] for r in rows if "@" in r["method"]):
+            owners[m].append(name)
     # the suite's methods, and those only the ablation suite trained (PS-KD: self-distillation, not in the suite)
-    methods = sorted(({r["method"] for r in runs} | set(owner)) - set(CONTROLS))
+    methods = sorted(({r["method"] for r in runs} | set(owners)) - set(CONTROLS))
     for m in methods:
         page = ROOT / "docs" / "methods" / f"{m}.md"
         text = page.read_text()
-        report = owner.get(m, "ablation")
-        new = section(m, runs, ablations.get(report, []), report)
+        first, *rest = owners.get(m, ["ablation"])
+        new = section(m, runs, ablations.get(first, []), first, {r: ablations[r] for r in rest})
         if BEGIN in text and END in text:
             head, rest = text.split(BEGIN, 1)
             text = head + new + rest.split(END, 1)[1]

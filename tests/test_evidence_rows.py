@@ -42,3 +42,14 @@ def test_a_method_only_the_ablation_suite_trained_gets_its_runs_beside_the_basel
     assert any("not in the evidence suite" in ln for ln in lines)
     assert "| 0 | 0.0400 | 0.0500 | -0.0100 |" in lines
     assert "| alpha_T=0.2 | `{}` | 0 | 0.0600 | 0.0400 | +0.0200 |" in lines
+
+
+def test_two_ablation_invocations_each_pair_variants_with_their_own_parent_run():
+    runs = [_run("baseline", 0, 0.05), _run("cankd", 0, 0.12)]
+    first = [_run("cankd", 0, 0.12), _run("cankd@weight=1", 0, 0.11, set='{"weight": "1"}')]
+    second = [_run("cankd", 0, 0.13), _run("cankd@inherit", 0, 0.25, set="{}")]  # another machine's references
+    text = er.section("cankd", runs, first, "ablation_a", {"ablation_b": second})
+    lines = text.splitlines()
+    assert '| weight=1 | `{"weight": "1"}` | 0 | 0.1100 | 0.1200 | -0.0100 |' in lines
+    assert "| inherit | `{}` | 0 | 0.2500 | 0.1300 | +0.1200 |" in lines  # beside its own invocation's cankd
+    assert text.index("ablation_a.md") < text.index("ablation_b.md") and text.endswith(er.END)
