@@ -176,7 +176,8 @@ def main() -> None:
     for workers in args.workers:
         cfg = RunConfig(model=args.model or MODELS[args.task], data=args.data, batch_size=args.batch_size,
                         workers=workers, image_size=args.image_size, device=args.device, amp=args.amp,
-                        out="/tmp/kdcli-loader-bench")
+                        # random weights: rates do not depend on them, and a fresh machine has no ImageNet file
+                        student_weights="none", out="/tmp/kdcli-loader-bench")
         run = build_run(cfg, log=lambda s: None)
         run.student.train()
         opt = torch.optim.SGD([p for p in run.student.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
