@@ -121,8 +121,8 @@ def main(path: Path, ablation_paths: list[Path]) -> None:
     for m in methods:
         page = ROOT / "docs" / "methods" / f"{m}.md"
         text = page.read_text()
-        first, *rest = owners.get(m, ["ablation"])
-        new = section(m, runs, ablations.get(first, []), first, {r: ablations[r] for r in rest})
+        first, *others = owners.get(m, ["ablation"])
+        new = section(m, runs, ablations.get(first, []), first, {o: ablations[o] for o in others})
         if BEGIN in text and END in text:
             head, rest = text.split(BEGIN, 1)
             text = head + new + rest.split(END, 1)[1]
