@@ -53,6 +53,9 @@ class Variant:
     why: str = ""
 
 
+# what the seed methods' variants test (shared by several parents)
+_INHERIT_WHY = "the start: the teacher's neck and head, as the suite gives ACAM-KD, MasKD, FGD and MGD"
+_RANDOM_WHY = "MGD's random masks instead of the teacher-attention ranking (what the guidance adds)"
 # the issue the suite left open: ACAM-KD and FGD below the inherit-only control (docs/results/evidence.md)
 VARIANTS: tuple[Variant, ...] = (
     Variant("acam", "masks-off", {"mask_init_std": "0", "mask_grad": "detach", "lambda_div": "0"},
@@ -78,20 +81,13 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("pskd", "alpha_T=0.2", {"alpha_T": "0.2"},
             why="how much of the target the previous epoch's student gives (0.8 in the paper's 300 epochs)"),
     # the seed methods that do not inherit in the suite and stay within noise of the plain student there
-    Variant("samkd", "inherit", {}, inherit=True,
-            why="the start: the teacher's neck and head, as the suite gives ACAM-KD, MasKD, FGD and MGD"),
-    Variant("samkd", "mask_mode=random", {"mask_mode": "random"},
-            why="MGD's random masks instead of the teacher-attention ranking (what the guidance adds)"),
-    Variant("samkd", "sld_weight=0", {"sld_weight": "0"},
-            why="the feature term SFD alone: no logit term SLD"),
-    Variant("dmkd", "inherit", {}, inherit=True,
-            why="the start: the teacher's neck and head, as the suite gives ACAM-KD, MasKD, FGD and MGD"),
-    Variant("dmkd", "mask_mode=random", {"mask_mode": "random"},
-            why="MGD's random masks instead of the teacher-attention ranking (what the guidance adds)"),
-    Variant("cankd", "inherit", {}, inherit=True,
-            why="the start: the teacher's neck and head, as the suite gives ACAM-KD, MasKD, FGD and MGD"),
-    Variant("cankd", "weight=1", {"weight": "1"},
-            why="the loss scale: the official loss_weight 10 ×0.1"),
+    Variant("samkd", "inherit", {}, inherit=True, why=_INHERIT_WHY),
+    Variant("samkd", "mask_mode=random", {"mask_mode": "random"}, why=_RANDOM_WHY),
+    Variant("samkd", "sld_weight=0", {"sld_weight": "0"}, why="the feature term SFD alone: no logit term SLD"),
+    Variant("dmkd", "inherit", {}, inherit=True, why=_INHERIT_WHY),
+    Variant("dmkd", "mask_mode=random", {"mask_mode": "random"}, why=_RANDOM_WHY),
+    Variant("cankd", "inherit", {}, inherit=True, why=_INHERIT_WHY),
+    Variant("cankd", "weight=1", {"weight": "1"}, why="the loss scale: the official loss_weight 10 ×0.1"),
 )
 SEEDS = 3
 ABLATION_COLUMNS = [*RUN_COLUMNS, "variant", "set"]
