@@ -40,8 +40,9 @@ def bench_quality(
     jobs: int = _O(1, help="runs at once, each with cores/jobs threads (CPU: 2 often beats 1)"),
     reference: Path = _O(None, help="quality.csv of another suite: Kendall tau between the two rankings"),
     suite: str = _O("", help="evidence: the fixed paper-like suite (docs/results/evidence.md); ablation: its "
-                    "methods' ablations (reuses the evidence runs in --out; --method picks the parents, --seeds "
-                    "applies); --out, --device, --workers apply, their own pairs, seeds and budgets"),
+                    "methods' ablations (reuses the evidence runs in --out; --method picks the parents, --pairs "
+                    "the pair: fcos or lraspp, --seeds applies); --out, --device, --workers apply, their own "
+                    "pairs, seeds and budgets"),
     keep: str = _O("best", "--keep", help="what each finished run keeps: best | last | all"),
 ) -> None:
     if suite:
@@ -51,7 +52,8 @@ def bench_quality(
         if suite == "ablation":
             from .bench.ablation import AblationOptions, run_ablation, variants_of
 
-            files = run_ablation(AblationOptions(out=ev_out, device=device, workers=workers,
+            pair = "fcos" if pairs == "all" else pairs
+            files = run_ablation(AblationOptions(out=ev_out, pair=pair, device=device, workers=workers,
                                                  variants=variants_of(methods or method), seeds=seeds,
                                                  command=_command_line()), log=_echo)
             typer.echo(f"wrote {', '.join(str(p) for p in files)}")

@@ -57,6 +57,26 @@ def test_method_picks_the_parents_whose_variants_run():
     assert [r.name for r in plan if r.seed == 0] == ["baseline", "inherit", "samkd", "cankd", *got]
 
 
+def test_segmentation_pair_drops_the_start_variants_and_the_inherit_only_control():
+    opts = ab.AblationOptions(pair="lraspp", seeds=2, variants=ab.variants_of("acam,fgd,samkd,cankd"))
+    plan = ab.ablation_plan(opts, "segmentation")
+    names = [r.name for r in plan if r.seed == 0]
+    # no inherit-only control and no (no-)inherit variant: the LR-ASPP student cannot take DeepLabV3's head;
+    # FGD has no segmentation form
+    assert names[:4] == ["baseline", "acam", "samkd", "cankd"]
+    assert "inherit" not in names and not any("inherit" in n or n.startswith("fgd") for n in names)
+    assert "acam@masks-off" in names and "samkd@mask_mode=random" in names and "cankd@weight=1" in names
+    assert not any(r.inherit for r in plan)
+    # the segmentation taps are the presets' (no --set taps), the variant's options only
+    by = {r.name: r for r in plan if r.seed == 0}
+    assert by["acam"].set == {} and by["acam@mask_power=1"].set == {"mask_power": "1"}
+    # the references are the evidence suite's segmentation runs, so they are reused
+    suite = {(r.method, r.seed): r for r in ev.plan(ev.EvidenceOptions(pairs=("lraspp",), seeds=2))}
+    assert all(suite[(r.method, r.seed)] == r for r in plan if not r.label)
+    with pytest.raises(ConfigError, match="no variant of fgd runs on the lraspp pair"):
+        ab.ablation_plan(ab.AblationOptions(pair="lraspp", seeds=2, variants=ab.variants_of("fgd")), "segmentation")
+
+
 def _row(method: str, seed: int, v: float, init: str = "stand-in") -> dict:
     return {"pair": "fcos", "method": method, "seed": seed, "status": "ok", "mAP": v, "init": init}
 

@@ -267,3 +267,12 @@ def test_ablation_suite_with_a_parent_without_variants_is_one_line_before_any_ru
     res = kdcli("bench", "quality", "--suite", "ablation", "--method", "mgd", "--out", str(tmp_path / "ev"))
     assert_one_line_error(res, "--method mgd: the ablation suite has variants of acam, fgd, pskd, samkd")
     assert not (tmp_path / "ev").exists()
+
+
+def test_ablation_suite_pair_without_the_parents_variants_is_one_line_before_any_run(tmp_path: Path):
+    res = kdcli("bench", "quality", "--suite", "ablation", "--pairs", "lraspp", "--method", "fgd",
+                "--out", str(tmp_path / "ev"))
+    assert_one_line_error(res, "no variant of fgd runs on the lraspp pair (segmentation)")
+    res = kdcli("bench", "quality", "--suite", "ablation", "--pairs", "retina", "--out", str(tmp_path / "ev"))
+    assert_one_line_error(res, "ablation suite: unknown pair retina; expected one of fcos, lraspp")
+    assert not (tmp_path / "ev").exists()

@@ -136,13 +136,32 @@ def variants_of(parents: str) -> tuple[str, ...]:
     return tuple(label(v) for v in VARIANTS if v.parent in names)
 
 
+def applicable(variants: list[Variant], task: str) -> list[Variant]:
+    """The variants that exist on ``task``: the parent has the task, and a variant that changes the start
+    (``inherit``) only where the suite's pair can inherit (the segmentation pair's LR-ASPP student has no
+    neck or head of its teacher's shape)."""
+    from ..methods import get
+
+    return [v for v in variants if task in get(v.parent).tasks and (v.inherit is None or INHERIT[task])]
+
+
+def references(task: str, parents: list[str]) -> list[str]:
+    """The runs every variant is paired with: the plain student, the inherit-only control where the pair
+    can inherit, each parent."""
+    return [BASELINE, *([INHERIT_ONLY] if INHERIT[task] else []), *parents]
+
+
 def ablation_plan(opts: AblationOptions, task: str) -> list[RunPlan]:
     """For each seed: the references (baseline, inherit-only control, each parent) then the variants."""
-    variants = select(opts.variants)
+    chosen = select(opts.variants)
+    variants = applicable(chosen, task)
+    if not variants:
+        parents = ", ".join(dict.fromkeys(v.parent for v in chosen))
+        raise ConfigError(f"ablation suite: no variant of {parents} runs on the {opts.pair} pair ({task})")
     parents = list(dict.fromkeys(v.parent for v in variants))
     out: list[RunPlan] = []
     for seed in range(opts.seeds):
-        for m in [BASELINE, INHERIT_ONLY, *parents]:
+        for m in references(task, parents):
             out.append(RunPlan(opts.pair, task, m, seed, _sets(task, m), m in INHERIT[task] or m == INHERIT_ONLY))
         for v in variants:
             inherit = v.parent in INHERIT[task] if v.inherit is None else v.inherit
@@ -229,7 +248,6 @@ def run_ablation(opts: AblationOptions, log: Any = print, suite: EvidenceOptions
         raise ConfigError(f"ablation suite: unknown pair {opts.pair}; expected one of {', '.join(PAIRS)}")
     if opts.seeds < 2:
         raise ConfigError(f"ablation suite: seeds {opts.seeds}: a paired test needs at least 2")
-    variants = select(opts.variants)
     t_start = time.time()
     ev = replace(suite or EvidenceOptions(), out=Path(opts.out), pairs=(opts.pair,), seeds=opts.seeds,
                  device=opts.device, workers=opts.workers, command=opts.command)
@@ -239,11 +257,13 @@ def run_ablation(opts: AblationOptions, log: Any = print, suite: EvidenceOptions
                            max_val_images=ev.max_val_images, device=ev.device, workers=ev.workers,
                            isolate=ev.isolate, jobs=ev.jobs, command=ev.command,
                            budget=f"{task} {ev.budgets[task]}")
+    plan = ablation_plan(opts, task)  # before anything is built: no variant on this pair is a one-line error
+    variants = applicable(select(opts.variants), task)
     backbone = standin_backbone(pair.student, ev.standin_steps, log=log)
     teacher = prepare_teacher(pair, task, qopts, log)[0]
     budget = plan_budget(ev.budgets[task], train_size(pair, task, qopts), qopts.batch_size)
     runs = []
-    for p in ablation_plan(opts, task):
+    for p in plan:
         row = train_planned(p, pair, backbone, teacher, budget, qopts, ev, log)
         row["variant"] = p.label
         row["set"] = json.dumps(p.set, sort_keys=True)
