@@ -52,8 +52,8 @@ def bench_quality(
         if suite == "ablation":
             from .bench.ablation import AblationOptions, run_ablation, variants_of
 
-            pair = "fcos" if pairs == "all" else pairs
-            files = run_ablation(AblationOptions(out=ev_out, pair=pair, device=device, workers=workers,
+            files = run_ablation(AblationOptions(out=ev_out, pair="fcos" if pairs == "all" else pairs,
+                                                 device=device, workers=workers,
                                                  variants=variants_of(methods or method), seeds=seeds,
                                                  command=_command_line()), log=_echo)
             typer.echo(f"wrote {', '.join(str(p) for p in files)}")

@@ -156,8 +156,8 @@ def ablation_plan(opts: AblationOptions, task: str) -> list[RunPlan]:
     chosen = select(opts.variants)
     variants = applicable(chosen, task)
     if not variants:
-        parents = ", ".join(dict.fromkeys(v.parent for v in chosen))
-        raise ConfigError(f"ablation suite: no variant of {parents} runs on the {opts.pair} pair ({task})")
+        which = ", ".join(dict.fromkeys(v.parent for v in chosen))
+        raise ConfigError(f"ablation suite: no variant of {which} runs on the {opts.pair} pair ({task})")
     parents = list(dict.fromkeys(v.parent for v in variants))
     out: list[RunPlan] = []
     for seed in range(opts.seeds):
