@@ -53,6 +53,11 @@ def test_method_picks_the_parents_whose_variants_run():
     assert ab.variants_of("all") == () and ab.select(ab.variants_of("all")) == list(ab.VARIANTS)
     with pytest.raises(ConfigError, match="--method mgd: the ablation suite has variants of acam, fgd"):
         ab.variants_of("mgd,acam")
+    # single variants by label, in the suite's order, each once
+    assert ab.variants_of("cankd@inherit+samkd@inherit") == ("samkd@inherit", "cankd@inherit")
+    assert ab.variants_of("cankd,cankd@inherit") == ("cankd@inherit", "cankd@weight=1")
+    with pytest.raises(ConfigError, match="--method cankd@nope: "):
+        ab.variants_of("cankd@nope")
     plan = ab.ablation_plan(ab.AblationOptions(seeds=2, variants=got), "detection")
     assert [r.name for r in plan if r.seed == 0] == ["baseline", "inherit", "samkd", "cankd", *got]
 

@@ -124,16 +124,18 @@ def _sets(task: str, method: str) -> dict[str, Any]:
 
 
 def variants_of(parents: str) -> tuple[str, ...]:
-    """The variants of some parents (``"samkd,dmkd"``; ``"all"``: every variant) as labels for
-    :attr:`AblationOptions.variants`."""
+    """The variants of some parents (``"samkd,dmkd"``; ``"all"``: every variant), or single variants by label
+    (``"cankd@inherit"``), as labels for :attr:`AblationOptions.variants`."""
     if parents in ("", "all"):
         return ()
     names = [n.strip() for n in parents.replace("+", ",").split(",") if n.strip()]
     known = list(dict.fromkeys(v.parent for v in VARIANTS))
-    bad = [n for n in names if n not in known]
+    labels = [label(v) for v in VARIANTS]
+    bad = [n for n in names if n not in known and n not in labels]
     if bad:
-        raise ConfigError(f"--method {', '.join(bad)}: the ablation suite has variants of {', '.join(known)}")
-    return tuple(label(v) for v in VARIANTS if v.parent in names)
+        raise ConfigError(f"--method {', '.join(bad)}: the ablation suite has variants of {', '.join(known)} "
+                          "(a parent, or one variant as parent@name)")
+    return tuple(lab for lab, v in zip(labels, VARIANTS, strict=True) if v.parent in names or lab in names)
 
 
 def applicable(variants: list[Variant], task: str) -> list[Variant]:
