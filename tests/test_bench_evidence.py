@@ -25,11 +25,14 @@ def test_plan_pairs_seeds_methods_budget():
     seg = {r.method for r in runs if r.task == "segmentation"}
     # the inherit-only control runs where some method inherits (detection); FreeKD/FGD: no segmentation preset
     assert det == wanted | {"inherit"} and seg == wanted - {"freekd", "fgd"}
-    for pair in opts.pairs:
+    # paired: every method of a pair on the same seeds; 5 on detection, 10 on segmentation
+    for pair, n in (("fcos", 5), ("lraspp", 10)):
         for m in {r.method for r in runs if r.pair == pair}:
             seeds = sorted(r.seed for r in runs if r.pair == pair and r.method == m)
-            assert seeds == list(range(5))
-    assert len(runs) == 5 * (11 + 8)
+            assert seeds == list(range(n))
+    assert len(runs) == 5 * 11 + 10 * 8
+    # --seeds n overrides both
+    assert {r.seed for r in ev.plan(ev.EvidenceOptions(seeds=2))} == {0, 1}
     # the papers' inheriting strategy where their detection configs use it (and its control), nowhere else
     assert {r.method for r in runs if r.inherit} == {"acam", "maskd", "fgd", "mgd", "inherit"}
     control = [r for r in runs if r.method == "inherit"]
@@ -39,12 +42,13 @@ def test_plan_pairs_seeds_methods_budget():
     assert set(ev.evidence_contrasts(ev.method_list("segmentation", ev.METHODS))) == set(CONTRASTS)
     assert all(r.task == "detection" for r in runs if r.inherit)
     est = ev.estimate_s(opts)
-    # by hand: detection 2 epochs x 5 seeds x per-epoch seconds, segmentation 1 epoch x 5 seeds
+    # by hand: detection 2 epochs x 5 seeds x per-epoch seconds, segmentation 1 epoch x 10 seeds
     fcos = ev.RUN_S_PER_EPOCH["fcos"]
     det_s = 2 * 5 * (sum(fcos.values()) + fcos["baseline"])  # the inherit-only control costs a baseline
-    seg_s = 5 * sum(ev.RUN_S_PER_EPOCH["lraspp"].values())
+    seg_s = 10 * sum(ev.RUN_S_PER_EPOCH["lraspp"].values())
     assert abs(est["runs"] - (det_s + seg_s)) < 1e-6
-    assert est["total"] == est["runs"] + est["teachers"] + est["standins"] <= 131 * 60
+    # within the 120-minute target on the machine the table was measured on
+    assert est["total"] == est["runs"] + est["teachers"] + est["standins"] <= 120 * 60
 
 
 def test_no_distilled_map_under_4x4():

@@ -41,7 +41,9 @@ from .ranking import CONTRAST_COLUMNS, QUALITY_COLUMNS, aggregate, contrasts, co
 
 # the seed methods and the methods their papers compare against (FreeKD: detection only)
 METHODS = ("acam", "samkd", "dmkd", "cankd", "maskd", "fgd", "freekd", "cwd", "mgd")
-SEEDS = 5
+# seeds per task: 5 on detection; 10 on segmentation, where the 5-seed run's paired spreads (±0.006–0.012
+# mIoU around gains of ~0.01) could not pass Holm's threshold (docs/results/evidence.md, "Seeds")
+SEEDS = {"detection": 5, "segmentation": 10}
 IMAGE_SIZE = 128  # the shapes data's size; the zoo's shapes entries preprocess to it
 MIN_MAP = 4  # no distilled map smaller than 4×4
 # teacher epochs: the demo's (the suite shares its cached teachers)
@@ -57,21 +59,21 @@ INHERIT = {"detection": frozenset({"acam", "maskd", "fgd", "mgd"}), "segmentatio
 # the control for those: the plain student that inherits the teacher's neck and head, no distillation loss;
 # each inheriting method is also tested against it (does the loss help beyond the inherited start?)
 INHERIT_ONLY = "inherit"
-# measured seconds per run per epoch on this 2-core AVX2 CPU (float32), docs/results/quality_runs.csv
-# (1-epoch runs: model building + training + evaluation); the fallback is the method mean of the pair
+# measured seconds per run per epoch on the 2-core Intel Xeon this suite last ran on (bf16 autocast with AMX;
+# model building + training + evaluation; docs/results/evidence_runs.csv): the estimate the suite prints. An
+# AVX2-only CPU without native bf16 (float32) took about twice as long per run; the fallback is the pair's mean
 RUN_S_PER_EPOCH: dict[str, dict[str, float]] = {
-    "fcos": {"baseline": 30, "acam": 37, "samkd": 42, "dmkd": 39, "cankd": 37, "maskd": 38, "fgd": 38,
-             "freekd": 37, "cwd": 35, "mgd": 37},
-    "lraspp": {"baseline": 26, "acam": 41, "samkd": 45, "dmkd": 111, "cankd": 49, "maskd": 45, "cwd": 42,
-               "mgd": 79},
+    "fcos": {"baseline": 15, "acam": 18.5, "samkd": 19, "dmkd": 18.5, "cankd": 18, "maskd": 18, "fgd": 18,
+             "freekd": 18, "cwd": 17.5, "mgd": 18},
+    "lraspp": {"baseline": 15, "acam": 19, "samkd": 19.5, "dmkd": 41.5, "cankd": 21.5, "maskd": 19, "cwd": 18.5,
+               "mgd": 32},
 }
-# one-off costs from an empty cache (seconds): teachers at the demo schedule and the stand-in pretraining
-TEACHER_S = {"fcos": 16 * 45, "lraspp": 8 * 60}
-# (measured on an idle 2-core Xeon, float32: 400 steps of R18 ~90 s, of MobileNetV3 ~70 s; about twice
-# that on the AVX2 EPYC)
-STANDIN_S = {"shapes-r18-fcos": 180, "shapes-mbv3-lraspp": 140}
-# the stand-in pretraining: a pool of object-centred crops at 64 px (convolution weights do not depend on
-# the input size; 64 px is 4x cheaper per step than 128), about 12 passes over it. 400 steps at 3e-3: the
+# one-off costs from an empty cache (seconds, same machine): the teachers at the demo schedule (the two took
+# about 12 min together) and the stand-in pretraining (400 steps: R18 89 s, MobileNetV3 80 s)
+TEACHER_S = {"fcos": 16 * 34, "lraspp": 8 * 22}
+STANDIN_S = {"shapes-r18-fcos": 90, "shapes-mbv3-lraspp": 80}
+# the stand-in pretraining: a pool of object-centred crops at 64 px (convolution weights do not depend on the
+# input size; 64 px is 4x cheaper per step than 128), about 12 passes over it. 400 steps at 3e-3: the
 # MobileNetV3 body reached 0.60 held-out accuracy after 120 steps at 1e-3, 0.81 after 240 at 3e-3, 0.91 after
 # 400 (R18: 0.94 after 120)
 STANDIN_STEPS = 400
@@ -89,7 +91,7 @@ class EvidenceOptions:
     data: str = "shapes"  # the suite is defined on shapes; another data set only for smoke tests
     pairs: tuple[str, ...] = tuple(PAIRS)
     methods: tuple[str, ...] = METHODS
-    seeds: int = SEEDS
+    seeds: int = 0  # 0: each task's SEEDS; n: n seeds everywhere
     budgets: dict[str, str] = field(default_factory=lambda: dict(BUDGETS))
     teacher_epochs: int = 0  # 0: the pair's (the demo's)
     standin_steps: int = STANDIN_STEPS
@@ -140,13 +142,18 @@ def overrides(task: str, method: str) -> dict[str, Any]:
     return {} if method in (BASELINE, INHERIT_ONLY) or TAPS[task] is None else {"taps": TAPS[task]}
 
 
+def seeds_for(opts: EvidenceOptions, task: str) -> int:
+    """How many seeds (0, 1, …) the suite runs on ``task``."""
+    return opts.seeds or SEEDS[task]
+
+
 def plan(opts: EvidenceOptions) -> list[RunPlan]:
     from ..zoo import resolve_ref
 
     out = []
     for name in opts.pairs:
         task = resolve_ref(PAIRS[name].student).spec.task
-        for seed in range(opts.seeds):
+        for seed in range(seeds_for(opts, task)):
             for m in method_list(task, opts.methods):
                 out.append(RunPlan(name, task, m, seed, overrides(task, m), m in INHERIT[task] or m == INHERIT_ONLY))
     return out
@@ -367,8 +374,8 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
     bad = [n for n in opts.pairs if n not in PAIRS]
     if bad or not opts.pairs:
         raise ConfigError(f"evidence suite: unknown pair {', '.join(bad)}; expected some of {', '.join(PAIRS)}")
-    if opts.seeds < 1:
-        raise ConfigError(f"evidence suite: seeds {opts.seeds}: expected at least 1")
+    if opts.seeds < 0:
+        raise ConfigError(f"evidence suite: seeds {opts.seeds}: expected at least 1 (0: each task's default)")
     est = estimate_s(opts)
     log(f"evidence suite: {len(plan(opts))} runs; expected {est['total'] / 60:.0f} min from an empty cache "
         f"(runs {est['runs'] / 60:.0f}, teachers {est['teachers'] / 60:.0f}, stand-ins {est['standins'] / 60:.0f}) "
@@ -379,7 +386,10 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
     out.mkdir(parents=True, exist_ok=True)
     pairs = [replace(PAIRS[n], teacher_epochs=opts.teacher_epochs or PAIRS[n].teacher_epochs) for n in opts.pairs]
     # the demo's recipe, so that the teachers are the demo's cached ones
-    qopts = QualityOptions(pairs, data=opts.data, seeds=opts.seeds, out=out, max_train_images=opts.max_train_images,
+    tasks = {resolve_ref(p.student).spec.task for p in pairs}
+    # the report's "seeds" line: the most any pair runs (each table's seeds column says its own)
+    qopts = QualityOptions(pairs, data=opts.data, seeds=max(seeds_for(opts, t) for t in tasks), out=out,
+                           max_train_images=opts.max_train_images,
                            max_val_images=opts.max_val_images, device=opts.device, workers=opts.workers,
                            isolate=opts.isolate, jobs=opts.jobs, command=opts.command,
                            budget=",".join(f"{k} {v}" for k, v in opts.budgets.items()))
@@ -394,7 +404,7 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
         budget = plan_budget(opts.budgets[task], train_size(pair, task, qopts), qopts.batch_size)
         names = method_list(task, opts.methods)
         plans[pair.name] = (task, names, budget)
-        log(f"[{pair.name}] {len(names) - 1} methods + baseline x {opts.seeds} seeds, budget {budget.text}")
+        log(f"[{pair.name}] {len(names) - 1} methods + baseline x {seeds_for(opts, task)} seeds, budget {budget.text}")
         for p in (r for r in runs if r.pair == pair.name):
             res.runs.append(train_planned(p, pair, backbone, teachers[pair.name][0], budget, qopts, opts, log))
     res.wall_s = round(time.time() - t_start, 1)
@@ -457,6 +467,7 @@ def header(opts: EvidenceOptions, est: dict[str, float]) -> str:
         f"- inputs {IMAGE_SIZE} px; detection methods distil {TAPS['detection']} (P3–P5: 16×16, 8×8, 4×4); "
         "segmentation methods their presets' taps (8×8 or finer)",
         f"- `--inherit` for {', '.join(sorted(INHERIT['detection']))} on detection (their official configs)",
+        f"- seeds: {', '.join(f'{t} 0–{seeds_for(opts, t) - 1}' for t in opts.budgets)}, paired across methods",
         f"- budgets: {', '.join(f'{k} {v}' for k, v in opts.budgets.items())}; expected "
         f"{est['total'] / 60:.0f} min from an empty cache on a 2-core CPU",
         "",
