@@ -85,7 +85,8 @@ def section(method: str, runs: list[dict[str, str]], ablation: list[dict[str, st
         score = {(r["method"], r["seed"]): r for r in rows}
         inherits = "inherit" in mine[0].get("init", "")
         cols = ["seed", method, "baseline", "gain"] + (["inherit-only", "gain over inherit-only"] if inherits else [])
-        lines += [f"**{pair}** ({mine[0]['teacher']} → {mine[0]['student']}, {a}, {mine[0]['epochs']} epochs, "
+        epochs = f"{mine[0]['epochs']} epoch" + ("" if mine[0]["epochs"] == "1" else "s")
+        lines += [f"**{pair}** ({mine[0]['teacher']} → {mine[0]['student']}, {a}, {epochs}, "
                   f"{mine[0]['image_size']} px, taps {mine[0]['taps']}, start: {mine[0]['init']})", "",
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in sorted(mine, key=lambda r: int(r["seed"])):
