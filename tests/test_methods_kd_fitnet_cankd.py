@@ -139,6 +139,57 @@ def test_kd_bernoulli_known_value() -> None:
     assert one(m(out(cls_logits=s), out(cls_logits=2 * t))).item() == pytest.approx(4 * KL_34_12, rel=1e-12)
 
 
+@pytest.mark.parametrize("cr,sr,tau", [("sum", "mean", 1.0), ("mean", "sum", 2.0), ("mean", "mean", 8.0)])
+def test_kd_bernoulli_total_equals_the_elementwise_form(monkeypatch: pytest.MonkeyPatch, cr: str, sr: str,
+                                                        tau: float) -> None:
+    """The detection preset's chunked loss (no element-wise graph) has the value and the gradient of the plain
+    expression, in float64 to round-off, over chunk boundaries that do not divide the rows."""
+    from kdcli.methods import _logits
+
+    monkeypatch.setattr(_logits, "CHUNK_ELEMENTS", 7 * 5)  # 7 rows of 5 classes per chunk; 2·9 = 18 rows
+    g = torch.Generator().manual_seed(0)
+    s = (3 * torch.randn(2, 9, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    t = 3 * torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
+    want = _logits.bernoulli_kl(s, t, tau)  # the plain expression
+    want = (want.sum(-1) if cr == "sum" else want.mean(-1))
+    want = want.mean() if sr == "mean" else want.sum()
+    (gw,) = torch.autograd.grad(want, s)
+    got = _logits.bernoulli_kl_total(s, t, tau, cr, sr)
+    (gg,) = torch.autograd.grad(got, s)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    torch.testing.assert_close(gg, gw, rtol=1e-10, atol=1e-14)
+    # by hand: ∂KL/∂s = (σ(s/τ) − σ(t/τ)) / τ, times the reductions' factors
+    k = (1 / 5 if cr == "mean" else 1.0) * (1 / 18 if sr == "mean" else 1.0)
+    torch.testing.assert_close(gg, k * (torch.sigmoid(s / tau) - torch.sigmoid(t / tau)) / tau)
+
+
+def test_kd_bernoulli_total_keeps_only_the_logits_for_backward() -> None:
+    """Memory: the KD detection loss saves the two logit tensors for the backward pass and nothing the size of
+    the logits besides (the element-wise form saved about a dozen float32 copies); bf16 logits stay bf16 and
+    give the float32 result to bf16 rounding."""
+    from kdcli.methods import _logits
+
+    m = make(KD, "detection", infos(cls_logits=91), infos(cls_logits=91))
+    s = torch.randn(2, 3000, 91, dtype=torch.bfloat16, requires_grad=True)
+    t = torch.randn(2, 3000, 91, dtype=torch.bfloat16)
+    saved: list[int] = []
+
+    def pack(x: Tensor) -> Tensor:
+        saved.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = one(m(out(cls_logits=s), out(cls_logits=t)))
+    assert sum(saved) <= 2 * s.numel() * s.element_size()
+    loss.backward()
+    assert s.grad is not None and s.grad.dtype == torch.bfloat16
+    ref = _logits.bernoulli_kl(s.detach().float(), t.float(), 1.0).sum(-1).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    s32 = s.detach().float().requires_grad_()
+    _logits.bernoulli_kl(s32, t.float(), 1.0).sum(-1).mean().backward()
+    torch.testing.assert_close(s.grad.float(), s32.grad, rtol=1e-2, atol=1e-8)
+
+
 def test_kd_detection_shape_checks() -> None:
     with pytest.raises(MethodError, match="80.*91|91.*80"):
         KD(infos(cls_logits=80), infos(cls_logits=91), "detection", **KD.resolve_hparams("detection"))

@@ -63,6 +63,7 @@ from ._logits import (
     CLASS_REDUCTIONS,
     SAMPLE_REDUCTIONS,
     bernoulli_kl,
+    bernoulli_kl_total,
     check_choice,
     location_samples,
     pixel_samples,
@@ -176,7 +177,6 @@ class KD(Method):
                 smp = location_samples(self.name, tap, s, zs, zt, targets, positives=self.mode == "positives",
                                        drop_ignored=self.drop_ignored)
             else:
-                zs, zt = upcast(zs), upcast(zt.detach())
                 if zs.shape != zt.shape:
                     raise MethodError(
                         f"method 'kd': tap '{tap}' student logits {tuple(zs.shape)} and teacher "
@@ -196,6 +196,12 @@ class KD(Method):
         return reduce_classes(per_class, self.class_reduction) * self.tau**2  # τ²: Hinton's gradient scale
 
     def _plain(self, zs: Tensor, zt: Tensor) -> Tensor:
-        """Every location of (N, L, C) logits, no assignment needed (mean or sum over N·L)."""
+        """Every location of (N, L, C) logits, no assignment needed (mean or sum over N·L). The Bernoulli form
+        (the detection preset) runs without the element-wise graph (:func:`bernoulli_kl_total`): same value
+        and gradient, a fraction of the memory over ≈ 200 k anchors × 91 classes per image."""
+        if self.mode == "bernoulli":
+            total = bernoulli_kl_total(zs, zt, self.tau, self.class_reduction, self.sample_reduction)
+            return total * self.tau**2
+        zs, zt = upcast(zs), upcast(zt.detach())
         per_row = self._per_row(zs, zt)
         return per_row.mean() if self.sample_reduction == "mean" else per_row.sum()
