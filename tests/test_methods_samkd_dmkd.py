@@ -574,9 +574,13 @@ def test_reconstruction_error_and_masked_inputs_have_exact_gradients() -> None:
         torch.testing.assert_close(got[i], want_i, rtol=1e-12, atol=1e-14)
 
 
-def test_samkd_levels_ranked_together_equal_level_by_level() -> None:
+def test_samkd_levels_ranked_together_equal_level_by_level(monkeypatch: pytest.MonkeyPatch) -> None:
     """level_masks / level_region_weights / sld_levels (all FPN levels at once) give what one call per level gives,
-    ties included (integer-valued features tie often)."""
+    ties included (integer-valued features tie often); sld_levels' chunked binary KL (chunks of 5 rows here,
+    across level and sample boundaries) has the element-wise sld_tap's values and gradients."""
+    from kdcli.methods import _logits
+
+    monkeypatch.setattr(_logits, "CHUNK_ELEMENTS", 5 * 2)
     m = det_samkd(sld_keep=0.3)
     g = torch.Generator().manual_seed(22)
     fts = [torch.randint(0, 3, (2, 4, h, w), generator=g).double() for h, w in ((6, 5), (3, 3), (1, 2))]
@@ -594,13 +598,18 @@ def test_samkd_levels_ranked_together_equal_level_by_level() -> None:
         assert w.sum((1, 2, 3)).sub(1).abs().max() < 1e-12
     # SLD over the whole cls_logits equals sld_tap on each level's slice (p3 and p4 are the head's levels here)
     s_out = out(p3=torch.zeros(2, 3, 6, 5), p4=torch.zeros(2, 3, 3, 3))
-    zs = torch.randn(2, (30 + 9) * 2, 2, generator=g, dtype=torch.float64)
+    zs = torch.randn(2, (30 + 9) * 2, 2, generator=g, dtype=torch.float64).requires_grad_()
     zt = torch.randn(2, (30 + 9) * 2, 2, generator=g, dtype=torch.float64) * 3
     omega = {"p3": weights[0], "p4": weights[1]}
     joint = m.sld_levels(zs, zt, omega, s_out)
+    ref = zs.detach().clone().requires_grad_()
+    ones = {}
     for lv in ("p3", "p4"):
-        one = m.sld_tap(lv, m.level_logits(zs, lv, s_out), m.level_logits(zt, lv, s_out), omega[lv])
-        assert joint[lv].item() == pytest.approx(one.item(), rel=1e-12)
+        ones[lv] = m.sld_tap(lv, m.level_logits(ref, lv, s_out), m.level_logits(zt, lv, s_out), omega[lv])
+        assert joint[lv].item() == pytest.approx(ones[lv].item(), rel=1e-12)
+    (joint["p3"] + 2 * joint["p4"]).backward()
+    (ones["p3"] + 2 * ones["p4"]).backward()
+    torch.testing.assert_close(zs.grad, ref.grad, rtol=1e-10, atol=1e-14)
 
 
 def test_samkd_pyramid_cache_is_bounded() -> None:

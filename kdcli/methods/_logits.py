@@ -322,50 +322,56 @@ def bernoulli_kl(s: Tensor, t: Tensor, tau: float) -> Tensor:
 CHUNK_ELEMENTS = 1 << 22
 
 
+def row_chunks(shape: torch.Size) -> list[tuple[int, slice]]:
+    """(sample, rows) index pairs covering ``(N, R, C)`` in chunks of about :data:`CHUNK_ELEMENTS`: each chunk is
+    a view (no copy) even of a slice along R; a bounded number of chunks, not one per row."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, shape[-1]))
+    return [(n, slice(i, i + rows)) for n in range(shape[0]) for i in range(0, shape[1], rows)]
+
+
 class _BernoulliKLTotal(torch.autograd.Function):
-    """Σ over every element of KL(Bern(σ(t/τ)) ‖ Bern(σ(s/τ))), times ``scale``, without keeping the
-    element-wise graph: ∂/∂s = scale · (σ(s/τ) − σ(t/τ)) / τ is recomputed from ``s`` and ``t`` in the
-    backward pass. Both passes run chunk by chunk in float32 (float64 inputs stay float64)."""
+    """Σ_{n,r} w_{n,r} · Σ_c KL(Bern(σ(t/τ)) ‖ Bern(σ(s/τ))) × ``scale`` over ``(N, R, C)`` logits, without keeping
+    the element-wise graph: ∂/∂s = scale · w · (σ(s/τ) − σ(t/τ)) / τ is recomputed from ``s`` and ``t`` in the
+    backward pass. Both passes run chunk by chunk in float32 (float64 inputs stay float64); ``w`` None is 1."""
 
     @staticmethod
-    def forward(ctx: Any, s: Tensor, t: Tensor, tau: float, scale: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(s, t)
+    def forward(ctx: Any, s: Tensor, t: Tensor, w: Tensor | None, tau: float,  # type: ignore[override]
+                scale: float) -> Tensor:
+        ctx.save_for_backward(s, t, w)
         ctx.tau, ctx.scale = tau, scale
-        fs, ft = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
-        rows = max(1, CHUNK_ELEMENTS // max(1, s.shape[-1]))
         acc = torch.float64 if s.dtype == torch.float64 else torch.float32
         total = torch.zeros((), dtype=acc, device=s.device)
-        for i in range(0, fs.shape[0], rows):  # chunks of rows, not elements: a bounded number of iterations
-            total += bernoulli_kl(upcast(fs[i:i + rows]), upcast(ft[i:i + rows]), tau).sum(dtype=acc)
+        for idx in row_chunks(s.shape):
+            per_row = bernoulli_kl(upcast(s[idx]), upcast(t[idx]), tau).sum(-1)
+            total += (per_row if w is None else per_row * w[idx]).sum(dtype=acc)
         return total * scale
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
-        s, t = ctx.saved_tensors
-        fs, ft = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
-        out = torch.empty_like(fs)
-        rows = max(1, CHUNK_ELEMENTS // max(1, s.shape[-1]))
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+        s, t, w = ctx.saved_tensors
+        out = torch.empty(s.shape, dtype=s.dtype, device=s.device)
         k = grad * (ctx.scale / ctx.tau)
-        for i in range(0, fs.shape[0], rows):
-            q = torch.sigmoid(upcast(fs[i:i + rows]) / ctx.tau)
-            p = torch.sigmoid(upcast(ft[i:i + rows]) / ctx.tau)
-            out[i:i + rows] = ((q - p) * k).to(out.dtype)
-        return out.view_as(s), None, None, None
+        for idx in row_chunks(s.shape):
+            g = (torch.sigmoid(upcast(s[idx]) / ctx.tau) - torch.sigmoid(upcast(t[idx]) / ctx.tau)) * k
+            out[idx] = (g if w is None else g * w[idx][..., None]).to(out.dtype)
+        return out, None, None, None, None
 
 
 def bernoulli_kl_total(s: Tensor, t: Tensor, tau: float, class_reduction: str = "sum",
-                       sample_reduction: str = "mean") -> Tensor:
-    """``reduce_samples(reduce_classes(bernoulli_kl(s, t, τ)))`` over every row of ``(…, C)`` logits (each row
-    weight 1; ``sample_reduction`` mean or sum), computed without the element-wise graph: the loss of
-    ``kd``'s detection preset over ≈ 200 k anchors × 91 classes per 800×1333 image would otherwise hold
-    about a dozen float32 copies of the logits until the backward pass. Equal to the plain expression up
-    to float rounding (tested, values and gradients); ``s`` and ``t`` may be bf16/fp16 (each chunk is
-    upcast). ``t`` gets no gradient (the teacher's logits)."""
-    c = s.shape[-1]
-    rows = s.numel() // max(1, c)
+                       sample_reduction: str = "mean", weight: Tensor | None = None) -> Tensor:
+    """``reduce_samples(reduce_classes(bernoulli_kl(s, t, τ)))`` over every row of ``(N, R, C)`` logits (each row
+    weight 1, or ``weight`` (N, R) summed with ``sample_reduction=sum``; mean divides by N·R), computed without
+    the element-wise graph: over ≈ 200 k anchors × 91 classes per 800×1333 image the plain expression
+    would hold about a dozen float32 copies of the logits until the backward pass. Equal to it up to float
+    rounding (tested, values and gradients); ``s`` and ``t`` may be bf16/fp16 (each chunk is upcast).
+    ``t`` and ``weight`` get no gradient."""
+    if s.dim() != 3:
+        raise ValueError(f"bernoulli_kl_total: expected (N, R, C) logits, got {tuple(s.shape)}")
+    c, rows = s.shape[-1], s.shape[0] * s.shape[1]
     scale = (1.0 / c if class_reduction == "mean" else 1.0) * (1.0 / max(1, rows) if sample_reduction == "mean"
                                                                else 1.0)
-    return _BernoulliKLTotal.apply(s, t.detach(), float(tau), scale)
+    w = None if weight is None else weight.detach()
+    return _BernoulliKLTotal.apply(s, t.detach(), w, float(tau), scale)
 
 
 # ------------------------------------------------------------------------------------ DKD / NKD

@@ -81,8 +81,10 @@ channel ranking (:class:`_grid.Pyramid` numbers the cells of all grids consecuti
 them per level; a cell never spans two levels); the G masked inputs of a tap go through the generators in
 one call (stacked along the batch, channels-last, :meth:`DualReconstruction.reconstruct`, whose second
 convolutions and fusion are one convolution); S̃ is computed once per tap for SFD and SLD; SLD's region
-weights are ranked for all levels at once and its binary KL (two log-sigmoids, :func:`binary_kl`) runs once
-over the whole ``cls_logits`` (:meth:`sld_levels`).
+weights are ranked for all levels at once; on ``cls_logits`` (:meth:`sld_levels`) its binary KL is summed per
+level chunk by chunk with its gradient recomputed in the backward pass
+(:func:`kdcli.methods._logits.bernoulli_kl_total`), so that ≈ 200 k anchors × 91 classes per 800×1333 image
+do not keep an element-wise graph (:func:`binary_kl` is the element-wise form, used for segmentation).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo, fpn_taps
 from . import register
 from ._grid import Pyramid, cell_index
+from ._logits import bernoulli_kl_total
 from .base import Method
 from .common import autocast_dtype, check_pair, float32_region, match_spatial, upcast
 from .dmkd import (
@@ -478,15 +481,19 @@ class SAMKD(Method):
         KL, summed over classes and anchors, then each level's ω-weighted sum (the same as one call per
         :meth:`level_logits` slice)."""
         names, sizes, a = self.head_layout(zs, s)
-        n, positions = zs.shape[0], [h * w for h, w in sizes]
+        n, starts = zs.shape[0], [0]
+        for h, w in sizes:  # rows of the (N, L, K) logits: level by level, A anchors per position
+            starts.append(starts[-1] + h * w * a)
+        out: dict[str, Tensor] = {}
         with float32_region(zs):
-            zs, zt = upcast(zs), upcast(zt.detach())
-            kl = binary_kl(zs, zt, self.sld_tau).sum(2).view(n, sum(positions), a).sum(2)  # (N, Σ H·W)
-            omega = torch.cat([upcast(weights[lv].detach()).flatten(1) if lv in weights else kl.new_zeros(n, p)
-                               for lv, p in zip(names, positions, strict=True)], 1)
-            per_level = (omega * kl).split(positions, 1)
-            return {lv: self.sld_weight * part.sum(1).mean()
-                    for lv, part in zip(names, per_level, strict=True) if lv in weights}
+            for lv, lo, hi in zip(names, starts[:-1], starts[1:], strict=True):
+                if lv in weights:
+                    # ω of a position on each of its A anchor rows; the sum over rows, ÷ N (mean over n), chunked
+                    # without the element-wise graph (kdcli.methods._logits.bernoulli_kl_total)
+                    omega = upcast(weights[lv].detach()).flatten(1).repeat_interleave(a, dim=1)
+                    total = bernoulli_kl_total(zs[:, lo:hi], zt[:, lo:hi], self.sld_tau, "sum", "sum", omega)
+                    out[lv] = self.sld_weight * total / n
+        return out
 
     def sld_tap(self, tap: str, zs: Tensor, zt: Tensor, weights: Tensor) -> Tensor:
         """γ · mean_n Σ_p ω · kl. Detection: zs, zt (N, H, W, A, K) sigmoid logits; segmentation: (N, K, h, w).
