@@ -496,9 +496,9 @@ def test_bckd_chunked_binary_kd_equals_the_elementwise_form(monkeypatch: pytest.
     """BCKD's chunked binary KD (no element-wise graph) has the value and gradient of
     ``(binary_kd(z_s, z_t, β).sum(-1) * v).sum()`` in float64, over chunks that do not divide the rows, for the
     preset's β = 1 and others (the modulating factor's own gradient); a zero gap gives a finite gradient."""
-    from kdcli.methods import bckd
+    from kdcli.methods import _logits, bckd
 
-    monkeypatch.setattr(bckd, "CHUNK_ELEMENTS", 4 * 6)  # 4 rows of 6 classes per chunk; 2·7 = 14 rows
+    monkeypatch.setattr(_logits, "CHUNK_ELEMENTS", 4 * 6)  # 4 rows of 6 classes per chunk; 7 rows per sample
     g = torch.Generator().manual_seed(1)
     zs = (2 * torch.randn(2, 7, 6, generator=g, dtype=torch.float64)).requires_grad_()
     zt = 2 * torch.randn(2, 7, 6, generator=g, dtype=torch.float64)

@@ -476,6 +476,7 @@ __all__ = [
     "nontarget_probs",
     "pixel_samples",
     "reduce_classes",
+    "row_chunks",
     "reduce_samples",
     "softmax_kl",
     "target_split",

@@ -62,7 +62,7 @@ from ..errors import ConfigError, MethodError
 from ..hparams import opt
 from ..models.taps import ModelOutput, TapInfo
 from . import register
-from ._logits import CHUNK_ELEMENTS, avg_factor_divisor, level_index, matched_locations
+from ._logits import avg_factor_divisor, level_index, matched_locations, row_chunks
 from .base import Method
 from .common import float32_region, upcast
 
@@ -87,24 +87,19 @@ class _BinaryKDTotal(torch.autograd.Function):
     def forward(ctx: Any, zs: Tensor, zt: Tensor, v: Tensor, beta: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(zs, zt, v)
         ctx.beta = beta
-        fs, ft, fv = zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]), v.reshape(-1)
-        rows = max(1, CHUNK_ELEMENTS // max(1, zs.shape[-1]))
         acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
         total = torch.zeros((), dtype=acc, device=zs.device)
-        for i in range(0, fs.shape[0], rows):  # chunks of rows: a bounded number of iterations
-            per_row = binary_kd(upcast(fs[i:i + rows]), upcast(ft[i:i + rows]), beta).sum(-1)
-            total += (per_row * fv[i:i + rows]).sum(dtype=acc)
+        for idx in row_chunks(zs.shape):
+            total += (binary_kd(upcast(zs[idx]), upcast(zt[idx]), beta).sum(-1) * v[idx]).sum(dtype=acc)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         zs, zt, v = ctx.saved_tensors
         beta = ctx.beta
-        fs, ft, fv = zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]), v.reshape(-1)
-        out = torch.empty_like(fs)
-        rows = max(1, CHUNK_ELEMENTS // max(1, zs.shape[-1]))
-        for i in range(0, fs.shape[0], rows):
-            s_, t_ = upcast(fs[i:i + rows]), upcast(ft[i:i + rows])
+        out = torch.empty(zs.shape, dtype=zs.dtype, device=zs.device)
+        for idx in row_chunks(zs.shape):
+            s_, t_ = upcast(zs[idx]), upcast(zt[idx])
             p, q = torch.sigmoid(t_), torch.sigmoid(s_)
             gap = (p - q).abs()
             bce = F.binary_cross_entropy_with_logits(s_, p, reduction="none")
@@ -112,9 +107,8 @@ class _BinaryKDTotal(torch.autograd.Function):
             dmod = torch.sign(q - p) * q * (1 - q)  # ∂gap/∂z_s
             if beta != 1:
                 dmod = torch.where(gap > 0, beta * gap.pow(beta - 1) * dmod, torch.zeros_like(dmod))
-            g = ((q - p) * mod + bce * dmod) * (fv[i:i + rows, None] * grad)
-            out[i:i + rows] = g.to(out.dtype)
-        return out.view_as(zs), None, None, None
+            out[idx] = (((q - p) * mod + bce * dmod) * (v[idx][..., None] * grad)).to(out.dtype)
+        return out, None, None, None
 
 
 def binary_kd_total(zs: Tensor, zt: Tensor, v: Tensor, beta: float) -> Tensor:
@@ -188,6 +182,7 @@ class BCKD(Method):
                 "BCKD needs the same anchors per location, FPN levels and classes (use a feature method instead)"
             )
         with float32_region(zs):
+            # v and the divisor in the dtype upcast gives (float32; float64 in the tests)
             v, divisor = self._location_weights(s, targets, zs, upcast(zs[:0]).dtype)
             # the raw (possibly bf16) logits: the chunked loss upcasts chunk by chunk
             out = {f"{self.name}.cls_logits": self.weight * binary_kd_total(zs, zt, v, self.beta) / divisor}
