@@ -375,7 +375,7 @@ def run_evidence(opts: EvidenceOptions, log: Any = print) -> SuiteResult:
     if bad or not opts.pairs:
         raise ConfigError(f"evidence suite: unknown pair {', '.join(bad)}; expected some of {', '.join(PAIRS)}")
     if opts.seeds < 0:
-        raise ConfigError(f"evidence suite: seeds {opts.seeds}: expected at least 1 (0: each task's default)")
+        raise ConfigError(f"evidence suite: seeds {opts.seeds}: expected 1 or more (0: each task's default)")
     est = estimate_s(opts)
     log(f"evidence suite: {len(plan(opts))} runs; expected {est['total'] / 60:.0f} min from an empty cache "
         f"(runs {est['runs'] / 60:.0f}, teachers {est['teachers'] / 60:.0f}, stand-ins {est['standins'] / 60:.0f}) "

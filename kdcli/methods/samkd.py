@@ -84,7 +84,9 @@ convolutions and fusion are one convolution); S̃ is computed once per tap for S
 weights are ranked for all levels at once; on ``cls_logits`` (:meth:`sld_levels`) its binary KL is summed per
 level chunk by chunk with its gradient recomputed in the backward pass
 (:func:`kdcli.methods._logits.bernoulli_kl_total`), so that ≈ 200 k anchors × 91 classes per 800×1333 image
-do not keep an element-wise graph (:func:`binary_kl` is the element-wise form, used for segmentation).
+do not keep an element-wise graph. :func:`binary_kl` is the element-wise form, written independently (two
+log-sigmoids): :meth:`sld_tap` on one level's :meth:`level_logits` slice uses it, and the tests use that as
+the reference for :meth:`sld_levels` (segmentation's SLD is a softmax KL).
 """
 
 from __future__ import annotations
